@@ -1,0 +1,123 @@
+"""torch.library custom ops behind ``fused_linear_kl`` and the backend contract every implementation meets.
+
+Two ops, both in namespace ``atesd`` (``torch.ops.atesd.*``), with fake (meta) implementations so that
+``torch.compile`` traces through them:
+
+``linear_kl_fwd(hs, ht, w, wt, bs, bt, temperature, clip, beta) -> (loss, kl, lse_s, lse_t, g, agree, maxp, ent)``
+    hs, ht [N, H] and w [V, H] (wt [V, H] or None: teacher uses w) in one float dtype; bs, bt [V] or None
+    (None: no bias on that side). ``clip`` is a float, +inf meaning no clipping. All eight outputs are [N] fp32:
+    loss  = sum_v min(l, clip)          (per-token clipped divergence, unmasked; see reference.py for l)
+    kl    = sum_v l                     (unclipped)
+    lse_s, lse_t = log-sum-exp of zs, zt (zs = (hs w^T + bs) / T)
+    g     = sum_v c_v * dl_v/dlog ps_v, c_v = [l_v <= clip]; the one extra per-token scalar the backward needs
+    agree = [argmax zs == argmax zt] (first index on ties), maxp = max_v ps, ent = -sum_v ps log ps.
+
+``linear_kl_bwd(grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature, clip, beta, need_grad_w, need_grad_b)
+-> (grad_hs, grad_w, grad_b)``
+    grad [N] fp32 is dLoss/dloss[n]. With dl_v/dlog ps_v =: gp_v (forward KL: -pt_v; reverse KL:
+    ps_v (log ps_v - log pt_v + 1); JSD: (1 - beta) ps_v (log ps_v - log m_v)) the logit gradient is
+        dz[n, v] = grad[n] * (c_v gp_v - ps_v g[n]) / T
+    and grad_hs = dz w  ([N, H], dtype of hs), grad_w = dz^T hs ([V, H] fp32, or a 0-element tensor unless
+    need_grad_w), grad_b = sum_n dz ([V] fp32, or 0-element unless need_grad_b).
+    No backend may allocate an N x V (or chunk x V on GPU) tensor, nor synchronise with the host.
+
+Backends: CUDA tensors go to the Triton kernels (``triton_kl``); CPU tensors go to the native C++ kernel when the
+extension ``kernels._native`` is built, else to the tiled torch path (``cpu_tiled``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import cpu_tiled
+
+_NATIVE = None  # the loaded native extension module, or False when unavailable
+
+
+def native_cpu_available() -> bool:
+    """Whether the C++ CPU kernel is built and loaded (set ATESD_DISABLE_NATIVE=1 to force the torch path)."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = False
+        if os.environ.get("ATESD_DISABLE_NATIVE", "0") != "1":
+            try:
+                from . import _native  # noqa: F401  (registers torch.ops.atesd_native.*)
+
+                _NATIVE = _native
+            except ImportError:
+                _NATIVE = False
+    return bool(_NATIVE)
+
+
+def backend_for(device: torch.device | str) -> str:
+    """Name of the backend that serves tensors on ``device``: 'triton', 'native' or 'torch'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "triton"
+    return "native" if native_cpu_available() else "torch"
+
+
+@torch.library.custom_op("atesd::linear_kl_fwd", mutates_args=())
+def linear_kl_fwd(
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    w: torch.Tensor,
+    wt: torch.Tensor | None,
+    bs: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    temperature: float,
+    clip: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = backend_for(hs.device)
+    if backend == "triton":
+        from . import triton_kl
+
+        return triton_kl.forward(hs, ht, w, wt, bs, bt, temperature, clip, beta)
+    if backend == "native":
+        return tuple(torch.ops.atesd_native.linear_kl_fwd(hs, ht, w, wt, bs, bt, temperature, clip, beta))
+    return cpu_tiled.forward(hs, ht, w, wt, bs, bt, temperature, clip, beta)
+
+
+@linear_kl_fwd.register_fake
+def _(hs, ht, w, wt, bs, bt, temperature, clip, beta):
+    n = hs.shape[0]
+    return tuple(hs.new_empty((n,), dtype=torch.float32) for _ in range(8))
+
+
+@torch.library.custom_op("atesd::linear_kl_bwd", mutates_args=())
+def linear_kl_bwd(
+    grad: torch.Tensor,
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    w: torch.Tensor,
+    wt: torch.Tensor | None,
+    bs: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    g: torch.Tensor,
+    temperature: float,
+    clip: float,
+    beta: float,
+    need_grad_w: bool,
+    need_grad_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = backend_for(hs.device)
+    args = (grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature, clip, beta, need_grad_w, need_grad_b)
+    if backend == "triton":
+        from . import triton_kl
+
+        return triton_kl.backward(*args)
+    if backend == "native":
+        return tuple(torch.ops.atesd_native.linear_kl_bwd(*args))
+    return cpu_tiled.backward(*args)
+
+
+@linear_kl_bwd.register_fake
+def _(grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature, clip, beta, need_grad_w, need_grad_b):
+    gw = w.new_empty(tuple(w.shape) if need_grad_w else (0,), dtype=torch.float32)
+    gb = w.new_empty((w.shape[0],) if need_grad_b else (0,), dtype=torch.float32)
+    return hs.new_empty(hs.shape), gw, gb

@@ -51,9 +51,9 @@ def grad_wrt_log_ps(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> 
 def _lse_and_argmax(h32: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float):
     """Online log-sum-exp and first-index argmax of the logits of rows h32 [n, H] over the whole vocabulary."""
     n = h32.shape[0]
-    run_max = torch.full((n,), -math.inf, dtype=torch.float32)
-    run_sum = torch.zeros(n, dtype=torch.float32)
-    arg = torch.zeros(n, dtype=torch.long)
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=h32.device)
+    run_sum = torch.zeros(n, dtype=torch.float32, device=h32.device)
+    arg = torch.zeros(n, dtype=torch.long, device=h32.device)
     for lo, hi in _blocks(w.shape[0], COLS):
         z = _logits(h32, w, b, lo, hi, temperature)
         tile_arg = z.argmax(dim=1)

@@ -1,4 +1,4 @@
-"""Triton (GPU) backend of the fused linear clipped-KL op: ``forward`` / ``backward`` of the contract in ``_ops.py``.
+"""Triton (GPU) backend of the fused linear clipped-KL op: ``forward``/``backward`` of the _ops.py contract.
 
 Logits are computed tile by tile with ``tl.dot`` (fp32 accumulation, K loop over H) and never stored: no N x V
 or chunk x V tensor exists; the extra memory is [k, N, n_splits] fp32 partials plus, in the backward, the fp32
@@ -6,38 +6,39 @@ or chunk x V tensor exists; the extra memory is [k, N, n_splits] fp32 partials p
 
 Layout. Every kernel runs a 1D grid over (token tile of BLOCK_N rows) x (vocab split). A split is a contiguous
 vocab range of ``split_len`` columns (a multiple of every BLOCK_V in use, so tiles never straddle splits) that
-one program walks BLOCK_V columns at a time. Programs are ordered in groups of GROUP_N token tiles with the token
-tile varying fastest, so programs resident together read the same W tiles and a few hs tiles (L2 reuse).
+one program walks BLOCK_V columns at a time. Programs come in groups of GROUP_N token tiles (token tile
+fastest), so programs resident together read the same W tiles and only a few hs tiles (L2 reuse).
 
-    pass 1 (_stats_kernel): per (row, split) online max / sum-exp / sum exp(z-m)(z-m) for both sides, online
+    pass 1 (_stats_kernel): per (row, split) online max, sum-exp and sum exp(z-m)(z-m) for both sides, online
         argmax (first index on ties) for both, and - when pass 2 is not needed - the cross term that gives the
-        unclipped KL: sum exp(zt-mt)(zs-ms) (beta=0) or sum exp(zs-ms)(zt-mt) (beta=1). When W is shared,
+        unclipped KL: sum exp(zt-mt)(zs-ms) (beta=0) or sum exp(zs-ms)(zt-mt) (beta=1). With a shared head,
         each W tile is loaded once and multiplied by both the hs and ht tiles. A few torch ops on [N, S] merge
         the splits: lse, entropy = log d - e/d, max prob = 1/d, argmax agreement, KL.
-    pass 2 (_loss_kernel): only when clip is finite or 0 < beta < 1. With the final lse, recompute the logits and
-        sum the pointwise l, min(l, clip) and c * dl/dlog ps per (row, split). Otherwise loss = kl and
-        g = -1 (beta=0) or kl + 1 (beta=1) come for free.
-    backward (_bwd_kernel): recompute both logit tiles, dz = grad[n] (c gp - ps g[n]) / T, then loop over H in
-        BLOCK_K chunks: grad_hs[rows] += dz @ W[tile] and, if needed, grad_w[tile] += dz^T @ hs[rows], with fp32
-        atomics (so the summation order, hence the last bits, vary from run to run); grad_b gets exact column
-        sums of dz (also atomics). dz is cast to the input dtype for the tensor-core dot, as Cut Cross-Entropy.
+    pass 2 (_loss_kernel): only when clip is finite or 0 < beta < 1. With the final lse, recompute the logits
+        and sum l, min(l, clip) and c * dl/dlog ps per (row, split). Otherwise loss = kl and g = -1 (beta=0)
+        or kl + 1 (beta=1) come for free.
+    backward (_bwd_kernel): recompute both logit tiles, dz = grad[n] (c gp - ps g[n]) / T, then loop over H
+        in BLOCK_K chunks: grad_hs[rows] += dz @ W[tile] and, if needed, grad_w[tile] += dz^T @ hs[rows], by
+        fp32 atomics (so the last bits vary from run to run); grad_b gets exact column sums of dz (atomics
+        too). dz is cast to the input dtype for the tensor-core dot, as in Cut Cross-Entropy.
 
-Gradient filtering. A backward tile whose dz is negligible skips both H loops (and their atomics). The test is an
-L1 budget, which bounds the error whatever the vocabulary size: per row, the skipped sum_v |c gp - ps g| (the
-logit gradient before the grad[n]/T scale) over all skipped tiles of all splits is <= eps, so the error of a
-grad_hs row is <= eps * grad[n] / T * max|W| per coordinate (grad_w: the same per row, summed over rows).
-Rows with grad[n] == 0 (masked tokens) cost nothing. Defaults: eps = 0 for fp32 (skips only exact zeros: the
-result is exact), eps = 2^-20 for bf16/fp16: well below bf16 rounding (2^-9 relative) of any row whose logit
-gradient has L1 mass above ~1e-3. Override with ATESD_GRAD_FILTER_EPS (a float; 0 disables lossy filtering).
+Gradient filtering. A backward tile whose dz is negligible skips both H loops and their atomics. The test is
+an L1 budget, which bounds the error whatever the vocabulary size: per row, the skipped sum_v |c gp - ps g|
+(the logit gradient before the grad[n]/T scale) over all skipped tiles of all splits is <= eps, so each
+coordinate of a grad_hs row is off by <= eps * |grad[n]| / T * max|W| (grad_w: the same per row, summed over
+rows).
+Rows with grad[n] == 0 (masked tokens) cost nothing. Defaults: eps = 0 for fp32 (skips exact zeros only: the
+result is exact); eps = 2^-20 for bf16/fp16, far below the bf16 rounding (2^-9 relative) of any row whose
+logit gradient has an L1 mass above ~1e-3. ATESD_GRAD_FILTER_EPS overrides it (0 disables lossy filtering).
 
-Knobs (environment, read at call time unless noted):
-    ATESD_GRAD_FILTER_EPS   per-row L1 filtering budget (see above).
-    ATESD_TRITON_VSPLITS    force the number of vocab splits (default: enough programs for ~4 per SM).
-    ATESD_TRITON_TF32=1     let fp32 inputs use TF32 tensor cores (default IEEE fp32, exact to ~1e-6).
-    ATESD_TRITON_CONFIG     "BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages" pins one config and skips
-                            autotuning (read at import).
-Autotuning keys on (H, V, mode, shared W[, need_grad_w]); the first call per key benchmarks every config. Under
-TRITON_INTERPRET=1 a single small config is used.
+Knobs (environment, read at each call unless noted):
+    ATESD_GRAD_FILTER_EPS   per-row L1 filtering budget (above).
+    ATESD_TRITON_VSPLITS    force the number of vocab splits (default: ~4 programs per SM).
+    ATESD_TRITON_TF32=1     let fp32 inputs use TF32 tensor cores (default IEEE fp32).
+    ATESD_TRITON_CONFIG     "BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages": one config, no autotuning
+                            (read at import).
+Autotuning keys on H, V, the divergence mode, shared head (and need_grad_w in the backward); the first call
+per key benchmarks every config. Under TRITON_INTERPRET=1 a single small config is used.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton 3.9's interpreter gets tl.dot wrong on bf16 operands (garbage ~1e10), so when interpreting every dot
+# runs on fp32 copies: exact for bf16/fp16 products, and the compiled GPU path is untouched.
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - m) == 0 and no inf - inf NaNs
 _GROUP_N = 8
 _NUM_STATS = 9  # ms, ds, es, mt, dt, et, cross, idx_s, idx_t
@@ -58,14 +62,15 @@ _DEFAULT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-20, torch.float16: 2.0
 
 def _configs() -> list[triton.Config]:
     def cfg(bn, bv, bk, warps, stages):
-        return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
 
     pinned = os.environ.get("ATESD_TRITON_CONFIG")
     if pinned:
         bn, bv, bk, warps, stages = (int(x) for x in pinned.split(","))
         return [cfg(bn, bv, bk, warps, stages)]
     if _INTERPRET:
-        return [cfg(16, 32, 16, 4, 1)]
+        return [cfg(32, 64, 32, 4, 1)]
     # Two fp32 [BLOCK_N, BLOCK_V] accumulators live at once, so BLOCK_N * BLOCK_V stays <= 128 * 128 (16k).
     return [
         cfg(64, 64, 64, 4, 3),
@@ -85,7 +90,7 @@ _SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # device helpers
 
 
@@ -100,6 +105,15 @@ def _tile_ids(N, n_splits, split_len, BLOCK_N: tl.constexpr, GROUP_N: tl.constex
     pid_n = first_n + (pid % width) % group
     pid_s = (pid % width) // group
     return pid_n, pid_s
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -122,12 +136,12 @@ def _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V
         a_t = tl.load(ht_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
         bmask = kmask[:, None] & cmask[None, :]
         b_s = tl.load(w_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)  # [BLOCK_K, BLOCK_V]
-        acc_s = tl.dot(a_s, b_s, acc_s, input_precision=DOT_PREC)
+        acc_s = _dot(a_s, b_s, acc_s, DOT_PREC)
         if SHARED_W:
-            acc_t = tl.dot(a_t, b_s, acc_t, input_precision=DOT_PREC)
+            acc_t = _dot(a_t, b_s, acc_t, DOT_PREC)
         else:
             b_t = tl.load(wt_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)
-            acc_t = tl.dot(a_t, b_t, acc_t, input_precision=DOT_PREC)
+            acc_t = _dot(a_t, b_t, acc_t, DOT_PREC)
     if HAS_BS:
         acc_s += tl.load(bs_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BT:
@@ -145,28 +159,29 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
     ps = tl.where(valid, tl.exp(lps), 0.0)
     pt = tl.where(valid, tl.exp(lpt), 0.0)
     if MODE == 0:
-        l = pt * (lpt - lps)
+        lv = pt * (lpt - lps)
         gp = -pt
     elif MODE == 1:
-        l = ps * (lps - lpt)
-        gp = l + ps
+        lv = ps * (lps - lpt)
+        gp = lv + ps
     else:
         a = lps + log_1mbeta
         b = lpt + log_beta
         hi = tl.maximum(a, b)
         lm = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
         gp = (1.0 - beta) * ps * (lps - lm)
-        l = beta * pt * (lpt - lm) + gp
-    return l, gp, ps
+        lv = beta * pt * (lpt - lm) + gp
+    return lv, gp, ps
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # kernels
 
 
 @triton.autotune(configs=_CONFIGS, key=["H", "V", "CROSS", "SHARED_W"])
 @triton.jit
-def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, n_splits, split_len, inv_t,
+def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, n_splits, split_len,
+                  inv_t,
                   CROSS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr,
                   DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -248,14 +263,14 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
         zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
                               HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
         valid = (cols < V)[None, :]
-        l, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
-        kl += tl.sum(l, 1)
+        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+        kl += tl.sum(lv, 1)
         if HAS_CLIP:
-            keep = l <= clip
-            loss += tl.sum(tl.where(keep, l, clip), 1)
+            keep = lv <= clip
+            loss += tl.sum(tl.where(keep, lv, clip), 1)
             g += tl.sum(tl.where(keep, gp, 0.0), 1)
         else:
-            loss += tl.sum(l, 1)
+            loss += tl.sum(lv, 1)
             g += tl.sum(gp, 1)
     stride = N * n_splits
     base = part_ptr + rows.to(tl.int64) * n_splits + pid_s
@@ -268,8 +283,9 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
                  reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
 @triton.jit
 def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr,
-                ghs_ptr, gw_ptr, gb_ptr, N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
-                budget, MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                ghs_ptr, gw_ptr, gb_ptr, N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta,
+                log_1mbeta, budget,
+                MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                 SHARED_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PREC: tl.constexpr,
                 GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
@@ -292,9 +308,9 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
         zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
                               HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
         valid = live[:, None] & cmask[None, :]
-        l, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
         if HAS_CLIP:
-            gp = tl.where(l <= clip, gp, 0.0)
+            gp = tl.where(lv <= clip, gp, 0.0)
         dzu = tl.where(valid, gp - ps * gn[:, None], 0.0)
         dz = dzu * scale[:, None]
         if NEED_B:
@@ -310,17 +326,19 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
                 w_tile = tl.load(w_ptr + col_off[:, None] + kk[None, :],
                                  mask=cmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
                 hmask = rmask[:, None] & kmask[None, :]
-                tl.atomic_add(ghs_ptr + row_off[:, None] + kk[None, :],
-                              tl.dot(dzc, w_tile, input_precision=DOT_PREC), mask=hmask)
+                zero_hs = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                tl.atomic_add(ghs_ptr + row_off[:, None] + kk[None, :], _dot(dzc, w_tile, zero_hs, DOT_PREC),
+                              mask=hmask)
                 if NEED_W:
+                    zero_w = tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32)
                     h_tile = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=hmask, other=0.0)
                     tl.atomic_add(gw_ptr + col_off[:, None] + kk[None, :],
-                                  tl.dot(tl.trans(dzc), h_tile, input_precision=DOT_PREC),
+                                  _dot(tl.trans(dzc), h_tile, zero_w, DOT_PREC),
                                   mask=cmask[:, None] & kmask[None, :])
         skipped = tl.where(over, skipped, new_skipped)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # host wrappers
 
 
@@ -333,14 +351,15 @@ def _check(hs, ht, w, wt, bs, bt) -> None:
         raise ValueError(f"wt {tuple(wt.shape)} must match w {tuple(w.shape)}")
     dtypes = {t.dtype for t in (hs, ht, w, wt) if t is not None}
     if len(dtypes) != 1 or hs.dtype not in _DEFAULT_EPS:
-        raise TypeError(f"hs, ht, w, wt must share one float dtype (fp32/bf16/fp16), got {sorted(map(str, dtypes))}")
+        got = sorted(map(str, dtypes))
+        raise TypeError(f"hs, ht, w, wt must share one float dtype (fp32/bf16/fp16), got {got}")
     for name, b in (("bs", bs), ("bt", bt)):
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"{name} must be [V]=[{w.shape[0]}], got {tuple(b.shape)}")
 
 
 def _splits(n: int, v: int, device: torch.device) -> tuple[int, int]:
-    """(n_splits, split_len): enough (token tile, split) programs for ~4 per SM; split_len a BLOCK_V multiple."""
+    """(n_splits, split_len): ~4 (token tile, split) programs per SM; split_len is a multiple of BLOCK_V."""
     forced = os.environ.get("ATESD_TRITON_VSPLITS")
     max_splits = triton.cdiv(v, _SPLIT_ALIGN)
     if forced:
@@ -358,7 +377,7 @@ def _mode(beta: float) -> int:
 
 
 def _common(hs, ht, w, wt, bs, bt, temperature, clip, beta):
-    """Contiguous tensors, dummy pointers for absent ones, and the scalar/constexpr arguments shared by kernels."""
+    """Contiguous tensors (dummy pointers for absent ones) and the scalar/constexpr kernel arguments."""
     hs, ht, w = hs.contiguous(), ht.contiguous(), w.contiguous()
     wt = None if wt is None else wt.contiguous()
     bs = None if bs is None else bs.contiguous()
@@ -385,7 +404,7 @@ def _common(hs, ht, w, wt, bs, bt, temperature, clip, beta):
 
 def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None,
             bs: torch.Tensor | None, bt: torch.Tensor | None, temperature: float, clip: float, beta: float):
-    """Contract forward (see ``_ops.py``): 8 [N] fp32 tensors (loss, kl, lse_s, lse_t, g, agree, maxp, ent)."""
+    """Contract forward (``_ops.py``): 8 [N] fp32 tensors (loss, kl, lse_s, lse_t, g, agree, maxp, ent)."""
     _check(hs, ht, w, wt, bs, bt)
     n, h = hs.shape
     v = w.shape[0]
@@ -398,8 +417,9 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
     cross = 2 if need_pass2 else sc["MODE"]
 
     part = torch.empty((_NUM_STATS, n, n_splits), device=hs.device, dtype=torch.float32)
-    _stats_kernel[grid](*ptrs, part, n, v, h, n_splits, split_len, sc["inv_t"], CROSS=cross, HAS_BS=sc["HAS_BS"],
-                        HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"], DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
+    _stats_kernel[grid](*ptrs, part, n, v, h, n_splits, split_len, sc["inv_t"], CROSS=cross,
+                        HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
+                        DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
     ms, ds, es, mt, dt, et, cr, idx_s, idx_t = part.unbind(0)
     max_s = ms.amax(1, keepdim=True)
     max_t = mt.amax(1, keepdim=True)
@@ -422,8 +442,9 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
     if need_pass2:
         part2 = torch.empty((3, n, n_splits), device=hs.device, dtype=torch.float32)
         _loss_kernel[grid](*ptrs, lse_s, lse_t, part2, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
-                           sc["beta"], sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"], HAS_CLIP=sc["HAS_CLIP"],
-                           HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
+                           sc["beta"], sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"],
+                           HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
+                      SHARED_W=sc["SHARED_W"],
                            DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
         loss, kl, g = part2.sum(2).unbind(0)
     elif cross == 0:  # KL(t||s) = sum pt (zt - mt) - log dt - sum pt (zs - ms) + log ds
@@ -438,14 +459,15 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
 
 
 def filter_eps(dtype: torch.dtype) -> float:
-    """Per-row L1 budget of skipped logit gradient (ATESD_GRAD_FILTER_EPS, else 0 for fp32, 2^-20 otherwise)."""
+    """Per-row L1 budget of skipped logit gradient: ATESD_GRAD_FILTER_EPS, else 0 (fp32) or 2^-20."""
     env = os.environ.get("ATESD_GRAD_FILTER_EPS")
     return float(env) if env else _DEFAULT_EPS[dtype]
 
 
 def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None,
              bs: torch.Tensor | None, bt: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor,
-             g: torch.Tensor, temperature: float, clip: float, beta: float, need_grad_w: bool, need_grad_b: bool):
+             g: torch.Tensor, temperature: float, clip: float, beta: float, need_grad_w: bool,
+             need_grad_b: bool):
     """Contract backward (see ``_ops.py``): grad_hs [N, H] (hs dtype), grad_w [V, H] fp32, grad_b [V] fp32."""
     _check(hs, ht, w, wt, bs, bt)
     n, h = hs.shape
@@ -463,7 +485,8 @@ def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Te
     _bwd_kernel[grid](grad.contiguous().float(), *ptrs, lse_s.contiguous(), lse_t.contiguous(),
                       g.contiguous(), ghs, gw, gb, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
                       sc["beta"], sc["log_beta"], sc["log_1mbeta"], budget, MODE=sc["MODE"],
-                      HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
+                      HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
+                      SHARED_W=sc["SHARED_W"],
                       NEED_W=bool(need_grad_w), NEED_B=bool(need_grad_b), DOT_PREC=sc["DOT_PREC"],
                       GROUP_N=_GROUP_N)
     return (ghs if hs.dtype == torch.float32 else ghs.to(hs.dtype)), gw, gb

@@ -1,0 +1,492 @@
+"""Triton (GPU) backend of the fused linear clipped-KL op: ``forward``/``backward`` of the _ops.py contract.
+
+Logits are computed tile by tile with ``tl.dot`` (fp32 accumulation, K loop over H) and never stored: no N x V
+or chunk x V tensor exists; the extra memory is [k, N, n_splits] fp32 partials plus, in the backward, the fp32
+[N, H] grad_hs accumulator (and the [V, H] / [V] weight/bias gradients the contract returns).
+
+Layout. Every kernel runs a 1D grid over (token tile of BLOCK_N rows) x (vocab split). A split is a contiguous
+vocab range of ``split_len`` columns (a multiple of every BLOCK_V in use, so tiles never straddle splits) that
+one program walks BLOCK_V columns at a time. Programs come in groups of GROUP_N token tiles (token tile
+fastest), so programs resident together read the same W tiles and only a few hs tiles (L2 reuse).
+
+    pass 1 (_stats_kernel): per (row, split) online max, sum-exp and sum exp(z-m)(z-m) for both sides, online
+        argmax (first index on ties) for both, and - when pass 2 is not needed - the cross term that gives the
+        unclipped KL: sum exp(zt-mt)(zs-ms) (beta=0) or sum exp(zs-ms)(zt-mt) (beta=1). With a shared head,
+        each W tile is loaded once and multiplied by both the hs and ht tiles. A few torch ops on [N, S] merge
+        the splits: lse, entropy = log d - e/d, max prob = 1/d, argmax agreement, KL.
+    pass 2 (_loss_kernel): only when clip is finite or 0 < beta < 1. With the final lse, recompute the logits
+        and sum l, min(l, clip) and c * dl/dlog ps per (row, split). Otherwise loss = kl and g = -1 (beta=0)
+        or kl + 1 (beta=1) come for free.
+    backward (_bwd_kernel): recompute both logit tiles, dz = grad[n] (c gp - ps g[n]) / T, then loop over H
+        in BLOCK_K chunks: grad_hs[rows] += dz @ W[tile] and, if needed, grad_w[tile] += dz^T @ hs[rows], by
+        fp32 atomics (so the last bits vary from run to run); grad_b gets exact column sums of dz (atomics
+        too). dz is cast to the input dtype for the tensor-core dot, as in Cut Cross-Entropy.
+
+Gradient filtering. A backward tile whose dz is negligible skips both H loops and their atomics. The test is
+an L1 budget, which bounds the error whatever the vocabulary size: per row, the skipped sum_v |c gp - ps g|
+(the logit gradient before the grad[n]/T scale) over all skipped tiles of all splits is <= eps, so each
+coordinate of a grad_hs row is off by <= eps * |grad[n]| / T * max|W| (grad_w: the same per row, summed over
+rows).
+Rows with grad[n] == 0 (masked tokens) cost nothing. Defaults: eps = 0 for fp32 (skips exact zeros only: the
+result is exact); eps = 2^-20 for bf16/fp16, far below the bf16 rounding (2^-9 relative) of any row whose
+logit gradient has an L1 mass above ~1e-3. ATESD_GRAD_FILTER_EPS overrides it (0 disables lossy filtering).
+
+Knobs (environment, read at each call unless noted):
+    ATESD_GRAD_FILTER_EPS   per-row L1 filtering budget (above).
+    ATESD_TRITON_VSPLITS    force the number of vocab splits (default: ~4 programs per SM).
+    ATESD_TRITON_TF32=1     let fp32 inputs use TF32 tensor cores (default IEEE fp32).
+    ATESD_TRITON_CONFIG     "BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages": one config, no autotuning
+                            (read at import).
+Autotuning keys on H, V, the divergence mode, shared head (and need_grad_w in the backward); the first call
+per key benchmarks every config. Under TRITON_INTERPRET=1 a single small config is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton 3.9's interpreter gets tl.dot wrong on bf16 operands (garbage ~1e10), so when interpreting every dot
+# runs on fp32 copies: exact for bf16/fp16 products, and the compiled GPU path is untouched.
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - m) == 0 and no inf - inf NaNs
+_GROUP_N = 8
+_NUM_STATS = 9  # ms, ds, es, mt, dt, et, cross, idx_s, idx_t
+_DEFAULT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}
+
+
+def _configs() -> list[triton.Config]:
+    def cfg(bn, bv, bk, warps, stages):
+        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+    pinned = os.environ.get("ATESD_TRITON_CONFIG")
+    if pinned:
+        bn, bv, bk, warps, stages = (int(x) for x in pinned.split(","))
+        return [cfg(bn, bv, bk, warps, stages)]
+    if _INTERPRET:
+        return [cfg(32, 64, 32, 4, 1)]
+    # Two fp32 [BLOCK_N, BLOCK_V] accumulators live at once, so BLOCK_N * BLOCK_V stays <= 128 * 128 (16k).
+    return [
+        cfg(64, 64, 64, 4, 3),
+        cfg(64, 128, 64, 4, 3),
+        cfg(64, 128, 64, 8, 4),
+        cfg(64, 128, 128, 8, 3),
+        cfg(64, 256, 64, 8, 3),
+        cfg(128, 64, 64, 8, 3),
+        cfg(128, 128, 64, 8, 3),
+        cfg(128, 128, 64, 8, 4),
+        cfg(128, 128, 32, 8, 4),
+    ]
+
+
+_CONFIGS = _configs()
+_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _tile_ids(N, n_splits, split_len, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """Grouped program order: GROUP_N token tiles x all splits, token tile fastest."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_N * n_splits
+    first_n = (pid // width) * GROUP_N
+    group = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % group
+    pid_s = (pid % width) // group
+    return pid_n, pid_s
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
+                 HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] zs, zt (temperature applied); padding columns are -inf."""
+    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    rmask = rows < N
+    cmask = cols < V
+    row_off = rows.to(tl.int64) * H
+    col_off = cols.to(tl.int64) * H
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < H
+        amask = rmask[:, None] & kmask[None, :]
+        a_s = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
+        a_t = tl.load(ht_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
+        bmask = kmask[:, None] & cmask[None, :]
+        b_s = tl.load(w_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)  # [BLOCK_K, BLOCK_V]
+        acc_s = _dot(a_s, b_s, acc_s, DOT_PREC)
+        if SHARED_W:
+            acc_t = _dot(a_t, b_s, acc_t, DOT_PREC)
+        else:
+            b_t = tl.load(wt_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)
+            acc_t = _dot(a_t, b_t, acc_t, DOT_PREC)
+    if HAS_BS:
+        acc_s += tl.load(bs_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BT:
+        acc_t += tl.load(bt_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    zs = tl.where(cmask[None, :], acc_s * inv_t, float("-inf"))
+    zt = tl.where(cmask[None, :], acc_t * inv_t, float("-inf"))
+    return zs, zt
+
+
+@triton.jit
+def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl.constexpr):
+    """l, gp = dl/dlog ps, ps on a tile; all exactly 0 where not valid. MODE 0 fwd KL, 1 rev KL, 2 JSD."""
+    lps = tl.where(valid, zs - lse_s[:, None], 0.0)
+    lpt = tl.where(valid, zt - lse_t[:, None], 0.0)
+    ps = tl.where(valid, tl.exp(lps), 0.0)
+    pt = tl.where(valid, tl.exp(lpt), 0.0)
+    if MODE == 0:
+        lv = pt * (lpt - lps)
+        gp = -pt
+    elif MODE == 1:
+        lv = ps * (lps - lpt)
+        gp = lv + ps
+    else:
+        a = lps + log_1mbeta
+        b = lpt + log_beta
+        hi = tl.maximum(a, b)
+        lm = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
+        gp = (1.0 - beta) * ps * (lps - lm)
+        lv = beta * pt * (lpt - lm) + gp
+    return lv, gp, ps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.autotune(configs=_CONFIGS, key=["H", "V", "CROSS", "SHARED_W"])
+@triton.jit
+def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, n_splits, split_len,
+                  inv_t,
+                  CROSS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr,
+                  DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    v_lo = pid_s * split_len
+    v_hi = tl.minimum(v_lo + split_len, V)
+    ms = tl.full((BLOCK_N,), _NEG, tl.float32)
+    mt = tl.full((BLOCK_N,), _NEG, tl.float32)
+    ds = tl.zeros((BLOCK_N,), tl.float32)
+    dt = tl.zeros((BLOCK_N,), tl.float32)
+    es = tl.zeros((BLOCK_N,), tl.float32)
+    et = tl.zeros((BLOCK_N,), tl.float32)
+    cr = tl.zeros((BLOCK_N,), tl.float32)
+    idx_s = tl.zeros((BLOCK_N,), tl.int32)
+    idx_t = tl.zeros((BLOCK_N,), tl.int32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        valid = (cols < V)[None, :]
+        tmax_s = tl.max(zs, 1)
+        tmax_t = tl.max(zt, 1)
+        # strict '>' keeps the earlier (lower) index on ties across tiles; tl.argmax breaks ties to the left
+        idx_s = tl.where(tmax_s > ms, tl.argmax(zs, 1) + v0, idx_s)
+        idx_t = tl.where(tmax_t > mt, tl.argmax(zt, 1) + v0, idx_t)
+        ms_new = tl.maximum(ms, tmax_s)
+        mt_new = tl.maximum(mt, tmax_t)
+        a_s = tl.exp(ms - ms_new)
+        a_t = tl.exp(mt - mt_new)
+        xs = tl.where(valid, zs - ms_new[:, None], 0.0)  # z - m, finite even at padding
+        xt = tl.where(valid, zt - mt_new[:, None], 0.0)
+        us = tl.where(valid, tl.exp(xs), 0.0)
+        ut = tl.where(valid, tl.exp(xt), 0.0)
+        # sum exp(z-m)(z-m) re-based to the new max: (z-m') = (z-m) + (m-m')
+        if CROSS == 0:
+            cr = a_t * (cr + (ms - ms_new) * dt) + tl.sum(ut * xs, 1)
+        elif CROSS == 1:
+            cr = a_s * (cr + (mt - mt_new) * ds) + tl.sum(us * xt, 1)
+        es = a_s * (es + (ms - ms_new) * ds) + tl.sum(us * xs, 1)
+        et = a_t * (et + (mt - mt_new) * dt) + tl.sum(ut * xt, 1)
+        ds = a_s * ds + tl.sum(us, 1)
+        dt = a_t * dt + tl.sum(ut, 1)
+        ms = ms_new
+        mt = mt_new
+    rmask = rows < N
+    stride = N * n_splits
+    base = part_ptr + rows.to(tl.int64) * n_splits + pid_s
+    tl.store(base, ms, mask=rmask)
+    tl.store(base + stride, ds, mask=rmask)
+    tl.store(base + 2 * stride, es, mask=rmask)
+    tl.store(base + 3 * stride, mt, mask=rmask)
+    tl.store(base + 4 * stride, dt, mask=rmask)
+    tl.store(base + 5 * stride, et, mask=rmask)
+    tl.store(base + 6 * stride, cr, mask=rmask)
+    tl.store(base + 7 * stride, idx_s.to(tl.float32), mask=rmask)
+    tl.store(base + 8 * stride, idx_t.to(tl.float32), mask=rmask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["H", "V", "MODE", "SHARED_W"])
+@triton.jit
+def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
+                 N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
+                 MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                 SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v_lo = pid_s * split_len
+    v_hi = tl.minimum(v_lo + split_len, V)
+    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
+    loss = tl.zeros((BLOCK_N,), tl.float32)
+    kl = tl.zeros((BLOCK_N,), tl.float32)
+    g = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        valid = (cols < V)[None, :]
+        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+        kl += tl.sum(lv, 1)
+        if HAS_CLIP:
+            keep = lv <= clip
+            loss += tl.sum(tl.where(keep, lv, clip), 1)
+            g += tl.sum(tl.where(keep, gp, 0.0), 1)
+        else:
+            loss += tl.sum(lv, 1)
+            g += tl.sum(gp, 1)
+    stride = N * n_splits
+    base = part_ptr + rows.to(tl.int64) * n_splits + pid_s
+    tl.store(base, loss, mask=rmask)
+    tl.store(base + stride, kl, mask=rmask)
+    tl.store(base + 2 * stride, g, mask=rmask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["H", "V", "MODE", "SHARED_W", "NEED_W"],
+                 reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
+@triton.jit
+def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr,
+                ghs_ptr, gw_ptr, gb_ptr, N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta,
+                log_1mbeta, budget,
+                MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                SHARED_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PREC: tl.constexpr,
+                GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v_lo = pid_s * split_len
+    v_hi = tl.minimum(v_lo + split_len, V)
+    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
+    gn = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=rmask, other=0.0)
+    live = rmask & (grad != 0.0)
+    scale = grad * inv_t
+    skipped = tl.zeros((BLOCK_N,), tl.float32)
+    row_off = rows.to(tl.int64) * H
+    offs_k = tl.arange(0, BLOCK_K)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        valid = live[:, None] & cmask[None, :]
+        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+        if HAS_CLIP:
+            gp = tl.where(lv <= clip, gp, 0.0)
+        dzu = tl.where(valid, gp - ps * gn[:, None], 0.0)
+        dz = dzu * scale[:, None]
+        if NEED_B:
+            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask)
+        new_skipped = skipped + tl.sum(tl.abs(dzu), 1)
+        over = tl.max(new_skipped, 0) > budget
+        if over:
+            dzc = dz.to(w_ptr.dtype.element_ty)
+            col_off = cols.to(tl.int64) * H
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + offs_k
+                kmask = kk < H
+                w_tile = tl.load(w_ptr + col_off[:, None] + kk[None, :],
+                                 mask=cmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
+                hmask = rmask[:, None] & kmask[None, :]
+                zero_hs = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                tl.atomic_add(ghs_ptr + row_off[:, None] + kk[None, :], _dot(dzc, w_tile, zero_hs, DOT_PREC),
+                              mask=hmask)
+                if NEED_W:
+                    zero_w = tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32)
+                    h_tile = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=hmask, other=0.0)
+                    tl.atomic_add(gw_ptr + col_off[:, None] + kk[None, :],
+                                  _dot(tl.trans(dzc), h_tile, zero_w, DOT_PREC),
+                                  mask=cmask[:, None] & kmask[None, :])
+        skipped = tl.where(over, skipped, new_skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host wrappers
+
+
+def _check(hs, ht, w, wt, bs, bt) -> None:
+    if hs.dim() != 2 or ht.shape != hs.shape:
+        raise ValueError(f"hs {tuple(hs.shape)} and ht {tuple(ht.shape)} must both be [N, H]")
+    if w.dim() != 2 or w.shape[1] != hs.shape[1] or w.shape[0] == 0:
+        raise ValueError(f"w must be [V>0, H={hs.shape[1]}], got {tuple(w.shape)}")
+    if wt is not None and wt.shape != w.shape:
+        raise ValueError(f"wt {tuple(wt.shape)} must match w {tuple(w.shape)}")
+    dtypes = {t.dtype for t in (hs, ht, w, wt) if t is not None}
+    if len(dtypes) != 1 or hs.dtype not in _DEFAULT_EPS:
+        got = sorted(map(str, dtypes))
+        raise TypeError(f"hs, ht, w, wt must share one float dtype (fp32/bf16/fp16), got {got}")
+    for name, b in (("bs", bs), ("bt", bt)):
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"{name} must be [V]=[{w.shape[0]}], got {tuple(b.shape)}")
+
+
+def _splits(n: int, v: int, device: torch.device) -> tuple[int, int]:
+    """(n_splits, split_len): ~4 (token tile, split) programs per SM; split_len is a multiple of BLOCK_V."""
+    forced = os.environ.get("ATESD_TRITON_VSPLITS")
+    max_splits = triton.cdiv(v, _SPLIT_ALIGN)
+    if forced:
+        want = int(forced)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        want = triton.cdiv(4 * sms, triton.cdiv(n, 2 * _MIN_BLOCK_N))
+    want = max(1, min(want, max_splits))
+    split_len = triton.cdiv(triton.cdiv(v, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return triton.cdiv(v, split_len), split_len
+
+
+def _mode(beta: float) -> int:
+    return 0 if beta == 0.0 else 1 if beta == 1.0 else 2
+
+
+def _common(hs, ht, w, wt, bs, bt, temperature, clip, beta):
+    """Contiguous tensors (dummy pointers for absent ones) and the scalar/constexpr kernel arguments."""
+    hs, ht, w = hs.contiguous(), ht.contiguous(), w.contiguous()
+    wt = None if wt is None else wt.contiguous()
+    bs = None if bs is None else bs.contiguous()
+    bt = None if bt is None else bt.contiguous()
+    mode = _mode(beta)
+    tf32 = os.environ.get("ATESD_TRITON_TF32", "0") == "1"
+    scalars = dict(
+        inv_t=1.0 / temperature,
+        clip=float(clip) if math.isfinite(clip) else 0.0,
+        beta=float(beta),
+        log_beta=math.log(beta) if mode == 2 else 0.0,
+        log_1mbeta=math.log1p(-beta) if mode == 2 else 0.0,
+        MODE=mode,
+        HAS_CLIP=math.isfinite(clip),
+        HAS_BS=bs is not None,
+        HAS_BT=bt is not None,
+        SHARED_W=wt is None,
+        DOT_PREC="ieee" if hs.dtype == torch.float32 and not tf32 else "tf32",
+        GROUP_N=_GROUP_N,
+    )
+    ptrs = (hs, ht, w, w if wt is None else wt, hs if bs is None else bs, hs if bt is None else bt)
+    return ptrs, scalars
+
+
+def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None,
+            bs: torch.Tensor | None, bt: torch.Tensor | None, temperature: float, clip: float, beta: float):
+    """Contract forward (``_ops.py``): 8 [N] fp32 tensors (loss, kl, lse_s, lse_t, g, agree, maxp, ent)."""
+    _check(hs, ht, w, wt, bs, bt)
+    n, h = hs.shape
+    v = w.shape[0]
+    if n == 0:
+        return tuple(torch.zeros(0, device=hs.device, dtype=torch.float32) for _ in range(8))
+    ptrs, sc = _common(hs, ht, w, wt, bs, bt, temperature, clip, beta)
+    n_splits, split_len = _splits(n, v, hs.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)
+    need_pass2 = sc["HAS_CLIP"] or sc["MODE"] == 2
+    cross = 2 if need_pass2 else sc["MODE"]
+
+    part = torch.empty((_NUM_STATS, n, n_splits), device=hs.device, dtype=torch.float32)
+    _stats_kernel[grid](*ptrs, part, n, v, h, n_splits, split_len, sc["inv_t"], CROSS=cross,
+                        HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
+                        DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
+    ms, ds, es, mt, dt, et, cr, idx_s, idx_t = part.unbind(0)
+    max_s = ms.amax(1, keepdim=True)
+    max_t = mt.amax(1, keepdim=True)
+    a_s = torch.exp(ms - max_s)
+    a_t = torch.exp(mt - max_t)
+    d_s = (a_s * ds).sum(1)
+    d_t = (a_t * dt).sum(1)
+    e_s = (a_s * (es + (ms - max_s) * ds)).sum(1)
+    e_t = (a_t * (et + (mt - max_t) * dt)).sum(1)
+    log_ds, log_dt = d_s.log(), d_t.log()
+    lse_s = max_s.squeeze(1) + log_ds
+    lse_t = max_t.squeeze(1) + log_dt
+    ent = log_ds - e_s / d_s
+    maxp = d_s.reciprocal()
+    big = torch.full_like(idx_s, float(v))
+    first_s = torch.where(ms == max_s, idx_s, big).amin(1)
+    first_t = torch.where(mt == max_t, idx_t, big).amin(1)
+    agree = (first_s == first_t).to(torch.float32)
+
+    if need_pass2:
+        part2 = torch.empty((3, n, n_splits), device=hs.device, dtype=torch.float32)
+        _loss_kernel[grid](*ptrs, lse_s, lse_t, part2, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
+                           sc["beta"], sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"],
+                           HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
+                      SHARED_W=sc["SHARED_W"],
+                           DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
+        loss, kl, g = part2.sum(2).unbind(0)
+    elif cross == 0:  # KL(t||s) = sum pt (zt - mt) - log dt - sum pt (zs - ms) + log ds
+        c = (a_t * (cr + (ms - max_s) * dt)).sum(1)
+        kl = (e_t - c) / d_t - log_dt + log_ds
+        loss, g = kl.clone(), torch.full_like(kl, -1.0)
+    else:  # KL(s||t), symmetric; g = sum ps (log ps - log pt + 1) = kl + 1
+        c = (a_s * (cr + (mt - max_t) * ds)).sum(1)
+        kl = (e_s - c) / d_s - log_ds + log_dt
+        loss, g = kl.clone(), kl + 1.0
+    return loss, kl, lse_s, lse_t, g, agree, maxp, ent
+
+
+def filter_eps(dtype: torch.dtype) -> float:
+    """Per-row L1 budget of skipped logit gradient: ATESD_GRAD_FILTER_EPS, else 0 (fp32) or 2^-20."""
+    env = os.environ.get("ATESD_GRAD_FILTER_EPS")
+    return float(env) if env else _DEFAULT_EPS[dtype]
+
+
+def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None,
+             bs: torch.Tensor | None, bt: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor,
+             g: torch.Tensor, temperature: float, clip: float, beta: float, need_grad_w: bool,
+             need_grad_b: bool):
+    """Contract backward (see ``_ops.py``): grad_hs [N, H] (hs dtype), grad_w [V, H] fp32, grad_b [V] fp32."""
+    _check(hs, ht, w, wt, bs, bt)
+    n, h = hs.shape
+    v = w.shape[0]
+    dev = hs.device
+    ghs = torch.zeros((n, h), device=dev, dtype=torch.float32)
+    gw = torch.zeros((v, h) if need_grad_w else (0,), device=dev, dtype=torch.float32)
+    gb = torch.zeros((v,) if need_grad_b else (0,), device=dev, dtype=torch.float32)
+    if n == 0:
+        return ghs.to(hs.dtype), gw, gb
+    ptrs, sc = _common(hs, ht, w, wt, bs, bt, temperature, clip, beta)
+    n_splits, split_len = _splits(n, v, dev)
+    budget = filter_eps(hs.dtype) / n_splits
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)
+    _bwd_kernel[grid](grad.contiguous().float(), *ptrs, lse_s.contiguous(), lse_t.contiguous(),
+                      g.contiguous(), ghs, gw, gb, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
+                      sc["beta"], sc["log_beta"], sc["log_1mbeta"], budget, MODE=sc["MODE"],
+                      HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
+                      SHARED_W=sc["SHARED_W"],
+                      NEED_W=bool(need_grad_w), NEED_B=bool(need_grad_b), DOT_PREC=sc["DOT_PREC"],
+                      GROUP_N=_GROUP_N)
+    return (ghs if hs.dtype == torch.float32 else ghs.to(hs.dtype)), gw, gb

@@ -1,0 +1,224 @@
+"""Triton backend (kernels.triton_kl) against materialised-logit torch built on kernels.reference.
+
+Without CUDA the root conftest sets TRITON_INTERPRET=1, so these run in Triton's interpreter on CPU tensors
+(small shapes); on a CUDA machine the same tests run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import reference
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+triton_kl = pytest.importorskip("kernels.triton_kl")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INF = math.inf
+OUT_NAMES = ("loss", "kl", "lse_s", "lse_t", "g", "agree", "maxp", "ent")
+
+
+def make(n=37, h=40, v=291, dtype=torch.float32, teacher_noise=0.5, wscale=0.4, seed=0, sep_w=False,
+         bias=False, sep_bias=False):
+    """Random inputs; V=291 and N=37, H=40 are multiples of no tile size."""
+    gen = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=gen)
+    ht = hs + teacher_noise * torch.randn(n, h, generator=gen)
+    w = wscale * torch.randn(v, h, generator=gen)
+    wt = w + 0.1 * torch.randn(v, h, generator=gen) if sep_w else None
+    bs = torch.randn(v, generator=gen) if bias else None
+    bt = (torch.randn(v, generator=gen) if sep_bias else bs) if bias else None
+    cast = lambda t: None if t is None else t.to(DEV, dtype)
+    return cast(hs), cast(ht), cast(w), cast(wt), cast(bs), cast(bt)
+
+
+def expected(hs, ht, w, wt, bs, bt, temperature, clip, beta, grad=None, need_w=False, need_b=False):
+    """Contract outputs from materialised fp32 logits; gp = dl/dlog ps by autograd (not kernel formulas)."""
+    f = lambda t: None if t is None else t.detach().float().cpu()
+    hs32, ht32, w32, wt32, bs32, bt32 = map(f, (hs, ht, w, wt, bs, bt))
+    zs = hs32 @ w32.T + (0 if bs32 is None else bs32)
+    zt = ht32 @ (w32 if wt32 is None else wt32).T + (0 if bt32 is None else bt32)
+    zs, zt = zs / temperature, zt / temperature
+    lps, lpt = zs.log_softmax(-1), zt.log_softmax(-1)
+    lps_leaf = lps.clone().requires_grad_()
+    lv = reference.pointwise_divergence(lps_leaf, lpt, beta)
+    (gp,) = torch.autograd.grad(lv.sum(), lps_leaf)
+    lv = lv.detach()
+    keep = lv <= clip
+    out = {
+        "loss": torch.where(keep, lv, torch.full_like(lv, clip)).sum(-1),
+        "kl": lv.sum(-1),
+        "lse_s": zs.logsumexp(-1),
+        "lse_t": zt.logsumexp(-1),
+        "g": (keep * gp).sum(-1),
+        "agree": (zs.argmax(-1) == zt.argmax(-1)).float(),
+        "maxp": lps.max(-1).values.exp(),
+        "ent": -(lps.exp() * lps).sum(-1),
+    }
+    if grad is None:
+        return out
+    # gradients through the public reference (autograd), teacher bias passed explicitly
+    hs_l = hs32.clone().requires_grad_()
+    w_l = w32.clone().requires_grad_(need_w)
+    b_l = None if bs32 is None else bs32.clone().requires_grad_(need_b)
+    t_bias = bt32
+    if bt32 is None and wt32 is None and bs32 is not None:  # contract: bt None means no teacher bias
+        t_bias = torch.zeros(w32.shape[0])
+    per_token = reference.linear_kl(hs_l, ht32, w_l, teacher_weight=wt32, bias=b_l, teacher_bias=t_bias,
+                                    temperature=temperature, clip=None if clip == INF else clip, beta=beta,
+                                    reduction="none")
+    per_token.backward(grad.float().cpu())
+    torch.testing.assert_close(per_token.detach(), out["loss"], rtol=1e-5, atol=1e-5)  # references agree
+    out["grad_hs"] = hs_l.grad
+    out["grad_w"] = w_l.grad
+    out["grad_b"] = None if b_l is None else b_l.grad
+    return out
+
+
+def assert_near(got, want, rtol, name):
+    """Elementwise |got - want| <= rtol * (|want| + 0.1 max|want| + 1e-6): relative, floored near zero."""
+    got = got.detach().float().cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    tol = rtol * (want.abs() + 0.1 * want.abs().max() + 1e-6)
+    err = (got - want).abs()
+    worst = (err / tol).max().item()
+    assert (err <= tol).all(), f"{name}: max err {err.max().item():.3g}, worst err/tol {worst:.3g}"
+
+
+def run_both(args, temperature, clip, beta, grad, need_w, need_b):
+    fwd = triton_kl.forward(*args, temperature, clip, beta)
+    assert len(fwd) == 8 and all(t.dtype == torch.float32 and t.shape == (args[0].shape[0],) for t in fwd)
+    bwd = triton_kl.backward(grad, *args, fwd[2], fwd[3], fwd[4], temperature, clip, beta, need_w, need_b)
+    return dict(zip(OUT_NAMES, fwd)), bwd
+
+
+def check_all(args, temperature, clip, beta, need_w=True, need_b=True, rtol=1e-4, grad_rtol=1e-4, seed=1):
+    n = args[0].shape[0]
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(DEV)
+    need_b = need_b and args[4] is not None
+    fwd, (ghs, gw, gb) = run_both(args, temperature, clip, beta, grad, need_w, need_b)
+    want = expected(*args, temperature, clip, beta, grad=grad, need_w=need_w, need_b=need_b)
+    for name in OUT_NAMES:
+        assert_near(fwd[name], want[name], rtol, name)
+    assert ghs.dtype == args[0].dtype and ghs.shape == args[0].shape
+    assert_near(ghs, want["grad_hs"], grad_rtol, "grad_hs")
+    if need_w:
+        assert gw.dtype == torch.float32
+        assert_near(gw, want["grad_w"], grad_rtol, "grad_w")
+    else:
+        assert gw.numel() == 0
+    if need_b:
+        assert_near(gb, want["grad_b"], grad_rtol, "grad_b")
+    else:
+        assert gb.numel() == 0
+    return fwd, want
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.1])
+@pytest.mark.parametrize("clip", [INF, 0.05])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fp32_matches_reference(beta, clip, temperature):
+    check_all(make(bias=True), temperature, clip, beta)
+
+
+@pytest.mark.parametrize("beta,clip,need_w,need_b",
+                         [(0.0, INF, False, True), (0.5, 0.05, True, False), (1.0, 0.05, False, False)])
+def test_separate_teacher_head_and_bias(beta, clip, need_w, need_b):
+    check_all(make(n=21, sep_w=True, bias=True, sep_bias=True, seed=3), 1.1, clip, beta, need_w, need_b)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_peaked_teacher_clipping_changes_loss(beta):
+    # an independent, sharp teacher puts mass where the student has little: some l[n, v] exceed the clip
+    hs, _, w, *_ = make(n=24, seed=5)
+    ht = 6.0 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(6)).to(DEV)
+    fwd, want = check_all((hs, ht, w, None, None, None), 1.0, 0.05, beta)
+    assert (want["kl"] - want["loss"]).min() > 0.05  # clipping bites on every token
+    assert (fwd["kl"] - fwd["loss"]).min() > 0.05
+
+
+@pytest.mark.parametrize("beta,clip", [(0.0, INF), (0.5, 0.05), (1.0, INF)])
+def test_extreme_logits_stay_finite(beta, clip):
+    # |z| ~ 1e4: every distribution is (nearly) one-hot and the KL is in the thousands
+    args = make(n=19, h=32, v=150, wscale=1e4 / math.sqrt(32), seed=7)
+    # logits of 1e4 carry fp32 rounding of ~1e-3, so any implementation's probabilities are good to ~1e-3
+    fwd, want = check_all(args, 1.0, clip, beta, rtol=1e-3, grad_rtol=1e-3)
+    assert want["lse_s"].abs().max() > 1e3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta,clip,temperature", [(0.0, INF, 1.0), (0.5, 0.05, 1.1), (1.0, 0.05, 1.1)])
+def test_half_precision(dtype, beta, clip, temperature):
+    # bf16/fp16 operands, fp32 accumulation: the forward matches fp32 math on the same rounded inputs closely;
+    # the backward rounds dz to the input dtype before the W/hs products and returns grad_hs in that dtype.
+    check_all(make(dtype=dtype, bias=True, seed=11), temperature, clip, beta, rtol=1e-3, grad_rtol=2e-2)
+
+
+def test_gradient_filter(monkeypatch):
+    # a peaked teacher/student pair leaves most of the vocabulary with a negligible logit gradient
+    args = make(n=33, dtype=torch.bfloat16, wscale=1.5, teacher_noise=0.3, seed=13)
+    grad = torch.randn(33, generator=torch.Generator().manual_seed(2)).to(DEV)
+    fwd, _ = run_both(args, 1.0, INF, 0.0, grad, False, False)
+
+    def bwd(eps):
+        monkeypatch.setenv("ATESD_GRAD_FILTER_EPS", str(eps))
+        saved = (fwd["lse_s"], fwd["lse_t"], fwd["g"])
+        return triton_kl.backward(grad, *args, *saved, 1.0, INF, 0.0, True, False)
+
+    exact_hs, exact_w, _ = bwd(0.0)
+    default_hs, default_w, _ = bwd(2.0**-20)
+    scale = exact_hs.float().abs().max()
+    assert (default_hs.float() - exact_hs.float()).abs().max() <= 2.0**-8 * scale
+    assert (default_w - exact_w).abs().max() <= 1e-3 * exact_w.abs().max()
+    eps = 1e-2  # a large budget drops tiles; per row the error stays within eps |grad[n]| max|W| (+ rounding)
+    some_hs, _, _ = bwd(eps)
+    diff = (some_hs.float() - exact_hs.float()).abs().amax(1)
+    assert diff.max() > 0
+    bound = eps * grad.abs().float() * args[2].float().abs().max() + 2.0**-7 * exact_hs.float().abs().amax(1)
+    assert (diff <= bound).all()
+    none_hs, none_w, _ = bwd(1e9)  # everything skipped
+    assert none_hs.abs().max() == 0 and none_w.abs().max() == 0
+
+
+def test_masked_tokens_get_exactly_zero_gradient():
+    args = make(n=29, bias=True, seed=17)
+    grad = torch.randn(29, generator=torch.Generator().manual_seed(3))
+    grad[::3] = 0.0
+    grad = grad.to(DEV)
+    fwd, (ghs, gw, gb) = run_both(args, 1.0, 0.05, 0.0, grad, True, True)
+    want = expected(*args, 1.0, 0.05, 0.0, grad=grad, need_w=True, need_b=True)
+    assert (ghs[::3] == 0).all()
+    assert_near(ghs, want["grad_hs"], 1e-4, "grad_hs")
+    assert_near(gw, want["grad_w"], 1e-4, "grad_w")
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_vocab_split_count_does_not_change_results(monkeypatch, splits):
+    monkeypatch.setenv("ATESD_TRITON_VSPLITS", splits)
+    check_all(make(n=17, bias=True, seed=19), 1.1, 0.05, 0.5)
+
+
+def test_empty_batch():
+    hs, ht, w, *_ = make(n=0)
+    fwd = triton_kl.forward(hs, ht, w, None, None, None, 1.0, INF, 0.0)
+    assert len(fwd) == 8 and all(t.shape == (0,) and t.dtype == torch.float32 for t in fwd)
+    empty = torch.zeros(0, device=DEV)
+    ghs, gw, gb = triton_kl.backward(empty, hs, ht, w, None, None, None, empty, empty, empty,
+                                     1.0, INF, 0.0, True, False)
+    assert ghs.shape == hs.shape and gw.shape == w.shape and gw.abs().max() == 0 and gb.numel() == 0
+
+
+def test_bad_inputs_are_named():
+    hs, ht, w, *_ = make(n=4)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_kl.forward(hs, ht, w.double(), None, None, None, 1.0, INF, 0.0)
+    with pytest.raises(ValueError, match="w must be"):
+        triton_kl.forward(hs, ht, w[:, :-1], None, None, None, 1.0, INF, 0.0)
+    with pytest.raises(ValueError, match="bs must be"):
+        triton_kl.forward(hs, ht, w, None, w[0], None, 1.0, INF, 0.0)

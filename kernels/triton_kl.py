@@ -54,7 +54,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton 3.9's interpreter gets tl.dot wrong on bf16 operands (garbage ~1e10), so when interpreting every dot
 # runs on fp32 copies: exact for bf16/fp16 products, and the compiled GPU path is untouched.
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
-_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp(_NEG - m) == 0 and no inf - inf NaNs
+_NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp(_NEG - m) == 0, no inf - inf NaNs
 _GROUP_N = 8
 _NUM_STATS = 9  # ms, ds, es, mt, dt, et, cross, idx_s, idx_t
 _DEFAULT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}

@@ -54,7 +54,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton 3.9's interpreter gets tl.dot wrong on bf16 operands (garbage ~1e10), so when interpreting every dot
 # runs on fp32 copies: exact for bf16/fp16 products, and the compiled GPU path is untouched.
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
-_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - m) == 0 and no inf - inf NaNs
+_NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp(_NEG - m) == 0, no inf - inf NaNs
 _GROUP_N = 8
 _NUM_STATS = 9  # ms, ds, es, mt, dt, et, cross, idx_s, idx_t
 _DEFAULT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}
@@ -86,6 +86,11 @@ def _configs() -> list[triton.Config]:
 
 
 _CONFIGS = _configs()
+# The backward also stages W / hs tiles for dz @ W and dz^T @ hs: drop the configs whose shared memory exceeds
+# H100's 227 KB (sm_90 ptxas: 240-290 KB for (BLOCK_N + BLOCK_V) * BLOCK_K * stages > 48k elements).
+_BWD_CONFIGS = [c for c in _CONFIGS
+                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"] * c.num_stages <= 49152]
+_BWD_CONFIGS = _BWD_CONFIGS or _CONFIGS
 _SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
 
@@ -279,7 +284,7 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
     tl.store(base + 2 * stride, g, mask=rmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V", "MODE", "SHARED_W", "NEED_W"],
+@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "MODE", "SHARED_W", "NEED_W"],
                  reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
 @triton.jit
 def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr,

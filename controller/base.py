@@ -1,8 +1,8 @@
 """The interface every exposure policy implements; the engine calls exactly these methods.
 
     alpha = policy.exposure()   # float in [0, 1] for the next student step (idempotent until observe)
-    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, credit, progress
-                                # (floats), probe_nll optional
+    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, credit,
+                                # progress (floats), probe_nll optional
     policy.finish()             # end of training: score/flush whatever is still pending
     policy.state_dict() / policy.load_state_dict(d)
     policy.metrics()            # latest diagnostics for logging

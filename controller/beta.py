@@ -44,20 +44,22 @@ _EPS = 1e-6
 
 
 class BetaExposureController(ExposurePolicy):
-    """Adaptive exposure (ATESD). Defaults (K=4, L=12, gamma=0.9, 8 decisions per update) suit runs of a
-    few hundred to a few thousand student steps; see docs/controller.md.
+    """Adaptive exposure (ATESD). Defaults (K=4, L=12, gamma=0.97, 8 decisions per update) suit runs of a
+    few hundred to a few thousand student steps; see docs/controller.md. gamma near 1 matters: with
+    gamma=0.9 the end of the lookahead weighs 0.31 and the reward turns myopic again.
 
     Args:
         hold: K, steps one alpha is held.
         lookahead: L > K, steps after a decision's first step that its reward looks at.
         gamma: discount of the learning-progress sum.
         lambda_gt: weight of the teacher-grounded credit term.
-        clip: progress term is clipped to [-clip, clip] (units: relative loss decrease).
+        clip: the standardised progress term is clipped to [-clip, clip] (standard deviations).
         lr: Adam learning rate of the policy.
         batch_decisions: scored decisions per REINFORCE step (>= 2, rewards are normalised in the batch).
         entropy_coef, entropy_cap: capped entropy bonus (see module docstring).
         hidden: MLP width.
         ema: decay of the loss / mismatch / probe-NLL EMAs.
+        reward_ema: decay of the running mean / variance that standardise progress and credit.
         grad_clip: max grad norm of a policy step.
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
@@ -67,36 +69,39 @@ class BetaExposureController(ExposurePolicy):
         self,
         hold: int = 4,
         lookahead: int = 12,
-        gamma: float = 0.9,
+        gamma: float = 0.97,
         lambda_gt: float = 0.1,
-        clip: float = 1.0,
+        clip: float = 3.0,
         lr: float = 1e-2,
         batch_decisions: int = 8,
         entropy_coef: float = 0.01,
         entropy_cap: float = -1.0,
         hidden: int = 32,
         ema: float = 0.9,
+        reward_ema: float = 0.95,
         grad_clip: float = 1.0,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         if hold < 2:
-            raise ValueError(f"hold (K) must be >= 2 (progress is measured between steps of one window), got {hold}")
+            raise ValueError(f"hold (K) must be >= 2 (progress is measured inside a window), got {hold}")
         if lookahead <= hold:
             raise ValueError(f"lookahead (L) must be > hold (K), got L={lookahead}, K={hold}")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         if clip <= 0 or lr <= 0 or hidden < 1 or grad_clip <= 0:
-            raise ValueError(f"clip, lr, grad_clip must be > 0 and hidden >= 1, got {clip}, {lr}, {grad_clip}, {hidden}")
+            raise ValueError(f"need clip, lr, grad_clip > 0, hidden >= 1; got {clip}, {lr}, {grad_clip}, "
+                             f"{hidden}")
         if batch_decisions < 2:
-            raise ValueError(f"batch_decisions must be >= 2 (rewards are normalised per batch), got {batch_decisions}")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
+            raise ValueError(f"batch_decisions must be >= 2 (rewards are batch-normalised), got "
+                             f"{batch_decisions}")
+        if not (0.0 <= ema < 1.0 and 0.0 <= reward_ema < 1.0):
+            raise ValueError(f"ema and reward_ema must be in [0, 1), got {ema}, {reward_ema}")
         self.config = dict(
             hold=int(hold), lookahead=int(lookahead), gamma=float(gamma), lambda_gt=float(lambda_gt),
             clip=float(clip), lr=float(lr), batch_decisions=int(batch_decisions),
             entropy_coef=float(entropy_coef), entropy_cap=float(entropy_cap), hidden=int(hidden),
-            ema=float(ema), grad_clip=float(grad_clip), one_step=bool(one_step),
+            ema=float(ema), reward_ema=float(reward_ema), grad_clip=float(grad_clip), one_step=bool(one_step),
         )
         self.K, self.L = int(hold), int(lookahead)
 
@@ -123,6 +128,7 @@ class BetaExposureController(ExposurePolicy):
         self._pending: list[dict[str, Any]] = []  # sampled, lookahead not complete
         self._ready: list[dict[str, Any]] = []  # scored, waiting for a policy step
         self._counts = {"decisions": 0, "scored": 0, "dropped": 0, "updates": 0}
+        self._rstats: dict[str, list] = {"p": [None, 0.0], "c": [None, 0.0]}  # running (mean, var) of P, C
         self._last: dict[str, float] = {}
 
     # ---- policy -------------------------------------------------------------------------------------
@@ -134,7 +140,8 @@ class BetaExposureController(ExposurePolicy):
     def _features(self) -> list[float]:
         raw = [self._ema["loss"], self._ema["mismatch"], self._ema["probe_nll"], self._conf]
         nrm = self._norm
-        out = [2.0 * self._progress - 1.0, 2.0 * (0.5 if self._last_alpha is None else self._last_alpha) - 1.0]
+        recent = 0.5 if self._last_alpha is None else self._last_alpha
+        out = [2.0 * self._progress - 1.0, 2.0 * recent - 1.0]
         for j, x in enumerate(raw):
             if x is None:
                 out.append(0.0)
@@ -220,8 +227,22 @@ class BetaExposureController(ExposurePolicy):
             return
         c = self.config
         scale = max(d["scale"] if d["scale"] is not None else 1.0, _EPS)
-        r, prog, cred = decision_reward(d["losses"], d["credits"], d["starts"], gamma=c["gamma"], scale=scale, clip=c["clip"],
-                                        lambda_gt=c["lambda_gt"], horizon=1 if c["one_step"] else None)
+        kw = dict(gamma=c["gamma"], scale=scale, clip=c["clip"], lambda_gt=c["lambda_gt"],
+                  horizon=1 if c["one_step"] else None)
+        _, prog, cred = decision_reward(d["losses"], d["credits"], d["starts"], **kw)
+        # the decision's own values enter the running stats first: no cold start for the first batch
+        for k, x in (("p", prog), ("c", cred)):
+            m, v = self._rstats[k]
+            if m is None:
+                m, v = x, 0.0
+            else:
+                dx = x - m
+                m += (1 - c["reward_ema"]) * dx
+                v = c["reward_ema"] * (v + (1 - c["reward_ema"]) * dx * dx)
+            self._rstats[k] = [m, v]
+        std = lambda k: math.sqrt(self._rstats[k][1]) if self._rstats[k][1] > 1e-30 else 1.0
+        r, _, _ = decision_reward(d["losses"], d["credits"], d["starts"], **kw, p_stats=(self._rstats["p"][0],
+                                  std("p")), c_stats=(self._rstats["c"][0], std("c")))
         self._ready.append({"t0": d["t0"], "alpha": d["alpha"], "state": d["state"], "reward": r,
                             "progress": prog, "credit": cred})
         self._counts["scored"] += 1
@@ -242,8 +263,10 @@ class BetaExposureController(ExposurePolicy):
         nn.utils.clip_grad_norm_(self.net.parameters(), self.config["grad_clip"])
         self.opt.step()
         self._counts["updates"] += 1
-        self._last.update(policy_loss=float(loss), entropy=float(ent.mean()), reward_mean=float(r.mean()),
-                          reward_std=float(std), last_reward=batch[-1]["reward"])
+        self._last.update(policy_loss=loss.item(), entropy=ent.mean().item(), reward_mean=r.mean().item(),
+                          reward_std=std.item(), last_reward=batch[-1]["reward"],
+                          progress_mean=sum(d["progress"] for d in batch) / len(batch),
+                          credit_mean=sum(d["credit"] for d in batch) / len(batch))
 
     def finish(self) -> None:
         """End of training: score every pending decision on the lookahead it has (a truncated discounted
@@ -263,8 +286,9 @@ class BetaExposureController(ExposurePolicy):
             "kind": type(self).__name__, "config": self.config, "net": self.net.state_dict(),
             "opt": self.opt.state_dict(), "rng": self._rng.getstate(), "step": self._step,
             "in_window": self._in_window, "cur": cur, "last_alpha": self._last_alpha, "ema": self._ema,
-            "progress": self._progress, "conf_window": self._conf_window, "conf": self._conf, "norm": self._norm,
-            "pending": self._pending, "ready": self._ready, "counts": self._counts, "last": self._last,
+            "progress": self._progress, "conf_window": self._conf_window, "conf": self._conf,
+            "norm": self._norm, "rstats": self._rstats, "pending": self._pending, "ready": self._ready,
+            "counts": self._counts, "last": self._last,
         })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -278,7 +302,8 @@ class BetaExposureController(ExposurePolicy):
         self._step, self._in_window = int(st["step"]), int(st["in_window"])
         self._last_alpha, self._ema, self._progress = st["last_alpha"], st["ema"], st["progress"]
         self._conf_window, self._conf, self._norm = st["conf_window"], st["conf"], st["norm"]
-        self._pending, self._ready, self._counts, self._last = st["pending"], st["ready"], st["counts"], st["last"]
+        self._pending, self._ready, self._rstats = st["pending"], st["ready"], st["rstats"]
+        self._counts, self._last = st["counts"], st["last"]
         self._cur = None if st["cur"] is None else self._pending[st["cur"]]
 
     def metrics(self) -> dict[str, float]:

@@ -7,7 +7,7 @@ four are normalised online (Welford mean/variance per feature, clamped to +-5). 
 (e.g. probe NLL before the first probe) is 0. "Batch confidence" is the mean student max-probability over
 the last completed hold window.
 
-Policy: a, b = 1 + softplus(MLP(state)) with MLP = Linear(6, hidden) -> tanh -> Linear(hidden, 2), so
+Policy: a, b = 1 + softplus(MLP(state)) (+1e-4) with MLP = Linear(6, hidden) -> tanh -> Linear(hidden, 2), so
 a, b > 1 and the Beta is unimodal. The last layer starts at zero weight and bias softplus^-1(1): the first
 decisions come from Beta(2, 2).
 
@@ -28,6 +28,7 @@ import copy
 import math
 import random
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,9 @@ from .baselines import _as_rng_state
 from .reward import decision_reward
 
 N_FEATURES = 6
+HISTORY = 256
 _EPS = 1e-6
+_MIN_EXTRA = 1e-4  # a, b >= 1 + 1e-4 > 1 even where softplus underflows
 
 
 class BetaExposureController(ExposurePolicy):
@@ -129,12 +132,13 @@ class BetaExposureController(ExposurePolicy):
         self._ready: list[dict[str, Any]] = []  # scored, waiting for a policy step
         self._counts = {"decisions": 0, "scored": 0, "dropped": 0, "updates": 0}
         self._rstats: dict[str, list] = {"p": [None, 0.0], "c": [None, 0.0]}  # running (mean, var) of P, C
+        self.history: deque[dict[str, float]] = deque(maxlen=HISTORY)  # last scored decisions, for logs/tests
         self._last: dict[str, float] = {}
 
     # ---- policy -------------------------------------------------------------------------------------
     def beta_params(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """state [..., 6] float32 -> (a, b), each [...] and > 1."""
-        ab = 1.0 + F.softplus(self.net(state))
+        ab = 1.0 + _MIN_EXTRA + F.softplus(self.net(state))  # softplus underflows to 0 in fp32
         return ab[..., 0], ab[..., 1]
 
     def _features(self) -> list[float]:
@@ -177,7 +181,8 @@ class BetaExposureController(ExposurePolicy):
     def observe(self, stats: Mapping[str, float]) -> None:
         """Record one student step. Missing keys / non-numbers raise ValueError (nothing is changed).
         Non-finite values are skipped with a warning: they never enter the EMAs, the normaliser or a
-        reward; a decision whose reward would use a non-finite loss or credit is dropped, not scored."""
+        reward; a decision whose lookahead holds a non-finite loss (or whose hold window a non-finite
+        credit) is dropped, not scored."""
         st = check_stats(stats)
         self.exposure()  # the step ran under the decision in force
         bad = sorted(k for k in (*REQUIRED_KEYS, "probe_nll") if k in st and not math.isfinite(st[k]))
@@ -245,6 +250,9 @@ class BetaExposureController(ExposurePolicy):
                                   std("p")), c_stats=(self._rstats["c"][0], std("c")))
         self._ready.append({"t0": d["t0"], "alpha": d["alpha"], "state": d["state"], "reward": r,
                             "progress": prog, "credit": cred})
+        # last_step: the last student step (0-based) observed when d was scored
+        self.history.append({"t0": d["t0"], "alpha": d["alpha"], "reward": r, "progress": prog,
+                             "credit": cred, "steps_seen": len(d["losses"]), "last_step": self._step - 1})
         self._counts["scored"] += 1
 
     def _update(self, batch: list[dict[str, Any]]) -> None:
@@ -288,7 +296,7 @@ class BetaExposureController(ExposurePolicy):
             "in_window": self._in_window, "cur": cur, "last_alpha": self._last_alpha, "ema": self._ema,
             "progress": self._progress, "conf_window": self._conf_window, "conf": self._conf,
             "norm": self._norm, "rstats": self._rstats, "pending": self._pending, "ready": self._ready,
-            "counts": self._counts, "last": self._last,
+            "counts": self._counts, "last": self._last, "history": list(self.history),
         })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -304,6 +312,7 @@ class BetaExposureController(ExposurePolicy):
         self._conf_window, self._conf, self._norm = st["conf_window"], st["conf"], st["norm"]
         self._pending, self._ready, self._rstats = st["pending"], st["ready"], st["rstats"]
         self._counts, self._last = st["counts"], st["last"]
+        self.history = deque(st["history"], maxlen=HISTORY)
         self._cur = None if st["cur"] is None else self._pending[st["cur"]]
 
     def metrics(self) -> dict[str, float]:

@@ -133,7 +133,8 @@ def test_closed_loop_learns_direction(prefers_high):
 
     def env(a, t):
         out = stats(t, state["loss"])
-        state["loss"] -= 0.004 * (a if prefers_high else 1 - a) + 0.001 * torch.randn((), generator=rng).item()
+        noise = 0.001 * torch.randn((), generator=rng).item()
+        state["loss"] -= 0.004 * (a if prefers_high else 1 - a) + noise
         return out
 
     p = BetaExposureController(seed=0, lambda_gt=0.0)
@@ -189,8 +190,11 @@ def test_invalid_stats_are_rejected_without_side_effects(bad):
     assert drive(p, 30, start=9) == drive(ref, 30, start=9)
 
 
-@pytest.mark.parametrize("key,val", [("loss", math.nan), ("loss", math.inf), ("credit", -math.inf),
-                                     ("mismatch", math.nan), ("confidence", math.inf), ("probe_nll", math.nan)])
+BAD_VALUES = [("loss", math.nan), ("loss", math.inf), ("credit", -math.inf), ("mismatch", math.nan),
+              ("confidence", math.inf), ("probe_nll", math.nan)]
+
+
+@pytest.mark.parametrize("key,val", BAD_VALUES)
 def test_non_finite_stats_are_skipped_and_never_poison(key, val):
     K, L = 4, 10
     p = BetaExposureController(hold=K, lookahead=L, batch_decisions=2, seed=0)
@@ -215,7 +219,8 @@ def test_non_finite_stats_are_skipped_and_never_poison(key, val):
 
 
 def test_constructor_validation():
-    for kw in (dict(hold=1), dict(hold=4, lookahead=4), dict(gamma=0.0), dict(batch_decisions=1), dict(ema=1.0)):
+    bad = (dict(hold=1), dict(hold=4, lookahead=4), dict(gamma=0.0), dict(batch_decisions=1), dict(ema=1.0))
+    for kw in bad:
         with pytest.raises(ValueError):
             BetaExposureController(**kw)
 

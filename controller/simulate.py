@@ -34,7 +34,7 @@ import torch
 from . import build
 from .base import ExposurePolicy
 
-POLICIES = ("adaptive", "adaptive-onestep", "full", "random", "fixed:0.5", "linear:0.4:0.9")
+POLICIES = ("adaptive", "adaptive-onestep", "full", "random", "fixed:0.5", "linear:0.4:0.9", "oracle")
 ABLATIONS = ("adaptive?lambda_gt=0", "adaptive?gamma=0.9", "adaptive?gamma=0.9,lambda_gt=0")
 
 
@@ -86,8 +86,19 @@ class ToyStudent:
         return stats
 
 
+class Oracle(ExposurePolicy):
+    """Not a policy: reads the simulator's hidden alpha*(c) every step. The reference ceiling."""
+
+    student: ToyStudent | None = None
+
+    def exposure(self) -> float:
+        return self.student.best_alpha()
+
+
 def make_policy(spec: str, seed: int) -> ExposurePolicy:
-    """`build` spec, optionally with constructor overrides: 'adaptive?gamma=0.9,lambda_gt=0'."""
+    """`build` spec, optionally with constructor overrides: 'adaptive?gamma=0.9,lambda_gt=0'; or 'oracle'."""
+    if spec == "oracle":
+        return Oracle()
     name, _, over = spec.partition("?")
     kw = {k: float(v) for k, v in (item.split("=") for item in over.split(",") if item)}
     return build(name, seed=seed, **kw)
@@ -96,6 +107,8 @@ def make_policy(spec: str, seed: int) -> ExposurePolicy:
 def run(policy: ExposurePolicy, steps: int, seed: int) -> dict[str, list[float]]:
     """Train a ToyStudent for `steps` under `policy`; per-step alpha, best alpha, competence."""
     s = ToyStudent(seed=seed)
+    if isinstance(policy, Oracle):
+        policy.student = s
     out: dict[str, list[float]] = {"alpha": [], "best": [], "c": []}
     for t in range(steps):
         a = policy.exposure()

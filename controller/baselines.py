@@ -23,11 +23,13 @@ class RandomExposure(ExposurePolicy):
         self._rng = random.Random(seed)
         self._alpha: float | None = None
         self._in_window = 0
+        self._last = math.nan  # the latest alpha handed out, for metrics() (which must not sample)
 
     def exposure(self) -> float:
         if self._alpha is None:
             self._alpha = self._rng.uniform(self.low, self.high)
             self._in_window = 0
+        self._last = self._alpha
         return self._alpha
 
     def observe(self, stats: Mapping[str, float]) -> None:
@@ -37,15 +39,17 @@ class RandomExposure(ExposurePolicy):
             self._alpha = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate(), "alpha": self._alpha, "in_window": self._in_window}
+        return {"rng": self._rng.getstate(), "alpha": self._alpha, "in_window": self._in_window,
+                "last": self._last}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._rng.setstate(_as_rng_state(state["rng"]))
         self._alpha = None if state["alpha"] is None else float(state["alpha"])
         self._in_window = int(state["in_window"])
+        self._last = float(state["last"])
 
     def metrics(self) -> dict[str, float]:
-        return {"alpha": self.exposure()}
+        return {"alpha": self._last}
 
 
 class ScheduledExposure(ExposurePolicy):

@@ -76,6 +76,7 @@ def test_random_state_dict_mid_window():
     for _ in range(6):
         p.exposure()
         p.observe(stats())
+    p.metrics()  # must not sample
     q = RandomExposure(hold=4, seed=99)
     q.load_state_dict(_roundtrip(p.state_dict()))
     a, b = [], []
@@ -84,7 +85,7 @@ def test_random_state_dict_mid_window():
         b.append(q.exposure())
         p.observe(stats())
         q.observe(stats())
-    assert a == b
+    assert a == b and p.metrics() == q.metrics() == {"alpha": a[-1]}
 
 
 def test_linear_schedule_follows_progress():

@@ -1,16 +1,50 @@
 """Exposure policies for adaptive-teacher-exposure self-distillation. Depends on torch only."""
 
-from .base import ExposurePolicy, FixedExposure
+from typing import Any
+
+from .base import ExposurePolicy, FixedExposure, check_stats
+from .baselines import RandomExposure, ScheduledExposure
+from .beta import BetaExposureController, OneStepBetaController
+from .reward import decision_reward
+
+SPECS = ("adaptive", "adaptive-onestep", "full", "fixed:<a>", "random", "random:<lo>:<hi>",
+         "linear:<start>:<end>", "cosine:<start>:<end>", "schedule:linear:<start>:<end>")
 
 
-def build(spec: str) -> ExposurePolicy:
-    """Parse an exposure spec: 'full' (alpha=1, OPSD) or 'fixed:<alpha>'. More kinds land with the controller."""
-    spec = spec.strip().lower()
-    if spec == "full":
-        return FixedExposure(1.0)
-    if spec.startswith("fixed:"):
-        return FixedExposure(float(spec.split(":", 1)[1]))
-    raise ValueError(f"unknown exposure spec {spec!r}")
+def build(spec: str, seed: int = 0, **kwargs: Any) -> ExposurePolicy:
+    """Parse an exposure spec (see SPECS). `seed` goes to the policies that sample; `kwargs` go to the
+    constructor (e.g. build('adaptive', hold=8, lookahead=24); build('random', hold=8)). Schedules read
+    training progress from observe(), so they need no total_steps."""
+    s = spec.strip().lower()
+    parts = s.split(":")
+
+    def nums(n: int) -> list[float]:
+        if len(parts) != n + 1:
+            raise ValueError(f"exposure spec {spec!r}: expected {n} number(s) after {parts[0]!r}")
+        try:
+            return [float(p) for p in parts[1:]]
+        except ValueError:
+            raise ValueError(f"exposure spec {spec!r}: not a number in {parts[1:]}") from None
+
+    if s == "adaptive":
+        return BetaExposureController(seed=seed, **kwargs)
+    if s in ("adaptive-onestep", "adaptive-one-step"):
+        return OneStepBetaController(seed=seed, **kwargs)
+    if s == "full":
+        return FixedExposure(1.0, **kwargs)
+    if parts[0] == "fixed":
+        return FixedExposure(*nums(1), **kwargs)
+    if parts[0] == "random":
+        return RandomExposure(*(nums(2) if len(parts) > 1 else ()), seed=seed, **kwargs)
+    if parts[0] == "schedule" and len(parts) > 1:
+        parts = parts[1:]
+    if parts[0] in ScheduledExposure.KINDS:
+        start, end = nums(2)
+        return ScheduledExposure(start, end, kind=parts[0], **kwargs)
+    raise ValueError(f"unknown exposure spec {spec!r}; expected one of {', '.join(SPECS)}")
 
 
-__all__ = ["ExposurePolicy", "FixedExposure", "build"]
+__all__ = [
+    "BetaExposureController", "ExposurePolicy", "FixedExposure", "OneStepBetaController", "RandomExposure",
+    "ScheduledExposure", "build", "check_stats", "decision_reward",
+]

@@ -1,16 +1,49 @@
 """The interface every exposure policy implements; the engine calls exactly these methods.
 
-    alpha = policy.exposure()   # float in [0, 1] for the next student step
-    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, credit, progress
-                                # (floats), probe_nll optional
+    alpha = policy.exposure()   # float in [0, 1] for the next student step (idempotent until observe)
+    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, credit,
+                                # progress (floats), probe_nll optional
+    policy.finish()             # end of training: score/flush whatever is still pending
     policy.state_dict() / policy.load_state_dict(d)
     policy.metrics()            # latest diagnostics for logging
+
+A policy that holds decisions returns the same alpha for K consecutive steps (one `exposure()` +
+`observe()` pair per step), then samples a new one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+REQUIRED_KEYS = ("loss", "mismatch", "confidence", "credit", "progress")
+OPTIONAL_KEYS = ("probe_nll",)
+
+
+def check_stats(stats: Mapping[str, Any], keys: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, float]:
+    """Validate one step's stats. Missing keys or non-numbers raise ValueError; non-finite values are kept
+    as float('nan') so the caller can skip them. `progress` must lie in [0, 1]. Returns a plain float dict
+    holding `keys` plus any optional key present."""
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"stats must be a mapping of floats, got {type(stats).__name__}")
+    missing = [k for k in keys if k not in stats]
+    if missing:
+        raise ValueError(f"stats is missing required key(s) {missing}; got keys {sorted(stats)}")
+    out: dict[str, float] = {}
+    for k in (*keys, *(k for k in OPTIONAL_KEYS if k not in keys)):
+        if k not in stats or stats[k] is None:
+            continue
+        v = stats[k]
+        try:
+            v = float(v)  # also accepts 0-d tensors / numpy scalars
+        except (TypeError, ValueError):
+            raise ValueError(f"stats[{k!r}] must be a float, got {type(v).__name__}: {v!r}") from None
+        out[k] = v if math.isfinite(v) else math.nan
+    p = out.get("progress")
+    if p is not None and math.isfinite(p) and not -1e-6 <= p <= 1 + 1e-6:
+        raise ValueError(f"stats['progress'] must be in [0, 1], got {p}")
+    return out
 
 
 class ExposurePolicy:
@@ -21,6 +54,9 @@ class ExposurePolicy:
 
     def observe(self, stats: Mapping[str, float]) -> None:
         pass
+
+    def finish(self) -> None:
+        """End of training: learning policies score and use every decision still pending."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -42,6 +78,12 @@ class FixedExposure(ExposurePolicy):
 
     def exposure(self) -> float:
         return self.alpha
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.alpha = float(state["alpha"])
 
     def metrics(self) -> dict[str, float]:
         return {"alpha": self.alpha}

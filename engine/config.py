@@ -11,8 +11,19 @@ import yaml
 
 from .models import RECIPES, recipe_for
 
-RECIPE_FIELDS = ("clip", "lr", "lora_r", "lora_alpha", "batch_size", "micro_batch", "max_new_tokens",
-                 "max_prompt_tokens", "max_reference_tokens", "steps", "eval_problems")
+RECIPE_FIELDS = (
+    "clip",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+    "batch_size",
+    "micro_batch",
+    "max_new_tokens",
+    "max_prompt_tokens",
+    "max_reference_tokens",
+    "steps",
+    "eval_problems",
+)
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -22,26 +33,42 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class Config:
     # model and data
-    model: str = _f("tiny", f"preset ({', '.join(RECIPES)}), hub id or local directory; 'tiny' is the "
-                            "embedded default model")
-    data: str | None = _f(None, "'lab' (embedded synthetic task), hub dataset id or local .json/.jsonl/.parquet; "
-                                "default: lab for tiny, else siyanzhao/Openthoughts_math_30k_opsd")
+    model: str = _f(
+        "tiny",
+        f"preset ({', '.join(RECIPES)}), hub id or local directory; 'tiny' is the embedded default model",
+    )
+    data: str | None = _f(
+        None,
+        "'lab' (embedded synthetic task), hub dataset id or local .json/.jsonl/.parquet; "
+        "default: lab for tiny, else siyanzhao/Openthoughts_math_30k_opsd",
+    )
     split: str = _f("train", "dataset split")
     problem_column: str = _f("problem", "column holding the problem text")
     solution_column: str = _f("solution", "column holding the reference solution (ends in \\boxed{})")
-    answer_column: str = _f("answer", "column holding the final answer (taken from the last \\boxed{} if absent)")
+    answer_column: str = _f(
+        "answer", "column holding the final answer (taken from the last \\boxed{} if absent)"
+    )
     lab_size: int = _f(2000, "number of lab training problems (data=lab)")
     # exposure
-    exposure: str = _f("adaptive", "exposure policy: adaptive | full | fixed:<alpha> | random | linear:<a>:<b> | "
-                                   "adaptive-onestep")
-    exposure_mode: str = _f("tokens", "truncate the reference reasoning by 'tokens' or by 'lines'",
-                            choices=("tokens", "lines"))
-    instruction: str | None = _f(None, "transition instruction after the exposed reference (default: the "
-                                       "built-in wording)")
-    teacher: str = _f("base", "teacher weights: base (adapter off), current (student weights, no grad), ema",
-                      choices=("base", "current", "ema"))
+    exposure: str = _f(
+        "adaptive",
+        "exposure policy: adaptive | full | fixed:<alpha> | random | linear:<a>:<b> | adaptive-onestep",
+    )
+    exposure_mode: str = _f(
+        "tokens", "truncate the reference reasoning by 'tokens' or by 'lines'", choices=("tokens", "lines")
+    )
+    instruction: str | None = _f(
+        None, "transition instruction after the exposed reference (default: the built-in wording)"
+    )
+    teacher: str = _f(
+        "base",
+        "teacher weights: base (adapter off), current (student weights, no grad), ema",
+        choices=("base", "current", "ema"),
+    )
     ema_decay: float = _f(0.99, "EMA decay for --teacher ema")
-    teacher_thinking: bool = _f(False, "Qwen3 thinking mode in the teacher prompt (the student's is always off)")
+    teacher_thinking: bool = _f(
+        False, "Qwen3 thinking mode in the teacher prompt (the student's is always off)"
+    )
     # rollouts
     num_samples: int = _f(1, "rollouts per problem (G)")
     max_new_tokens: int | None = _f(None, "rollout length cap (recipe)")
@@ -56,7 +83,9 @@ class Config:
     beta: float = _f(0.0, "0 = forward KL(teacher||student), 1 = reverse KL, between = generalized JSD")
     steps: int | None = _f(None, "optimizer steps (recipe)")
     batch_size: int | None = _f(None, "problems per optimizer step (recipe)")
-    micro_batch: int | None = _f(None, "problems per packed scoring pass; gradients accumulate over the batch")
+    micro_batch: int | None = _f(
+        None, "problems per packed scoring pass; gradients accumulate over the batch"
+    )
     lr: float | None = _f(None, "AdamW learning rate (recipe: 5e-6 for Qwen3, 1e-3 for tiny)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
@@ -68,8 +97,11 @@ class Config:
     # system
     device: str = _f("auto", "auto | cpu | cuda[:i]")
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
-    attention: str = _f("auto", "tree-mask attention: auto (flex on CUDA, dense elsewhere) | dense | flex",
-                        choices=("auto", "dense", "flex"))
+    attention: str = _f(
+        "auto",
+        "tree-mask attention: auto (flex on CUDA, dense elsewhere) | dense | flex",
+        choices=("auto", "dense", "flex"),
+    )
     gradient_checkpointing: str = _f("auto", "auto (on for GPU) | on | off", choices=("auto", "on", "off"))
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     # outputs
@@ -80,8 +112,9 @@ class Config:
     eval_problems: int | None = _f(None, "held-out lab problems for greedy accuracy before/after (0 = skip)")
     eval_max_new_tokens: int = _f(128, "generation cap for the held-out evaluation")
     progress: bool = _f(True, "show a progress bar")
-    stop_after: int | None = _f(None, "stop after this step as if killed (tests resume); the schedule still "
-                                      "spans --steps")
+    stop_after: int | None = _f(
+        None, "stop after this step as if killed (tests resume); the schedule still spans --steps"
+    )
 
     def resolve(self) -> Config:
         """Fill recipe-driven fields left unset and the model-dependent data default."""
@@ -99,14 +132,21 @@ class Config:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.train",
-        description="On-policy self-distillation with adaptive teacher exposure. Precedence: built-in defaults < "
-                    "model recipe < --config YAML < flags.",
+        description="On-policy self-distillation with adaptive teacher exposure. "
+        "Precedence: built-in defaults < "
+        "model recipe < --config YAML < flags.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", help="YAML file of the options below (keys with underscores); flags override it")
-    p.add_argument("--resume", nargs="?", const="auto",
-                   help="continue a run exactly: a run directory or checkpoint directory; bare --resume takes the "
-                        "latest checkpoint under --output-dir")
+    p.add_argument(
+        "--config", help="YAML file of the options below (keys with underscores); flags override it"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="continue a run exactly: a run directory or checkpoint directory; bare --resume takes the "
+        "latest checkpoint under --output-dir",
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -118,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"clip": float, "lr": float}.get(f.name)
             if kind is None:
-                kind = type(default) if default is not None else (
-                    int if f.name in RECIPE_FIELDS or f.name == "stop_after" else str)
+                kind = (
+                    type(default)
+                    if default is not None
+                    else (int if f.name in RECIPE_FIELDS or f.name == "stop_after" else str)
+                )
             kw["type"] = kind
         p.add_argument(flag, **kw)
     return p

@@ -1,4 +1,5 @@
-"""Training rows: problem / solution (/ answer) from the lab task, a local json/jsonl/parquet file or a hub dataset.
+"""Training rows (problem, solution, optional answer) from the lab task, a local json/jsonl/parquet file or
+a hub dataset.
 
 Bad rows (missing fields, no boxed answer, over-long) are skipped and counted, never fatal.
 """
@@ -15,9 +16,16 @@ from .exposure import last_boxed
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
 
-def load_rows(source: str, *, split: str = "train", problem_column: str = "problem",
-              solution_column: str = "solution", answer_column: str = "answer", lab_size: int = 2000,
-              seed: int = 0) -> list[dict]:
+def load_rows(
+    source: str,
+    *,
+    split: str = "train",
+    problem_column: str = "problem",
+    solution_column: str = "solution",
+    answer_column: str = "answer",
+    lab_size: int = 2000,
+    seed: int = 0,
+) -> list[dict]:
     """Raw rows as dicts with keys problem / solution / answer (answer may be None)."""
     if source == "lab":
         from engine.lab import lab_dataset
@@ -39,8 +47,10 @@ def load_rows(source: str, *, split: str = "train", problem_column: str = "probl
             raise
         except Exception as e:  # hub/network/format errors: name the dataset
             raise RuntimeError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
-    return [{"problem": r.get(problem_column), "solution": r.get(solution_column),
-             "answer": r.get(answer_column)} for r in raw]
+    return [
+        {"problem": r.get(problem_column), "solution": r.get(solution_column), "answer": r.get(answer_column)}
+        for r in raw
+    ]
 
 
 def clean_rows(rows: list[dict]) -> tuple[list[dict], Counter]:
@@ -48,7 +58,12 @@ def clean_rows(rows: list[dict]) -> tuple[list[dict], Counter]:
     kept, skipped = [], Counter()
     for r in rows:
         problem, solution = r.get("problem"), r.get("solution")
-        if not isinstance(problem, str) or not problem.strip() or not isinstance(solution, str) or not solution:
+        if (
+            not isinstance(problem, str)
+            or not problem.strip()
+            or not isinstance(solution, str)
+            or not solution
+        ):
             skipped["missing_field"] += 1
             continue
         boxed = last_boxed(solution)
@@ -56,8 +71,13 @@ def clean_rows(rows: list[dict]) -> tuple[list[dict], Counter]:
             skipped["no_boxed_answer"] += 1
             continue
         answer = r.get("answer")
-        kept.append({"problem": problem, "solution": solution,
-                     "answer": str(answer) if answer not in (None, "") else boxed})
+        kept.append(
+            {
+                "problem": problem,
+                "solution": solution,
+                "answer": str(answer) if answer not in (None, "") else boxed,
+            }
+        )
     return kept, skipped
 
 

@@ -1,14 +1,15 @@
 """Teacher exposure: how much of the reference reasoning the teacher sees, and the prompts both roles get.
 
-A reference solution splits into reasoning (every line before the one holding the last ``\\boxed{}``) and the answer
-block (that line onward). For exposure ``alpha`` in [0, 1] the teacher sees
+A reference solution splits into reasoning (every line before the one holding the last ``\\boxed{}``) and
+the answer block (that line onward). For exposure ``alpha`` in [0, 1] the teacher sees
 
     tokens mode:  the first floor(alpha * m) of the m reasoning tokens
     lines  mode:  the first floor(alpha * L) of the L reasoning lines
 
 followed by the answer block, which is always kept, then a fixed transition instruction. alpha = 1 is OPSD's
 full-reference teacher, alpha = 0 shows the answer only. Everything is built from token ids, so the teacher
-sequence is the exact concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree uses.
+sequence is the exact concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree
+uses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DEFAULT_INSTRUCTION = "Now solve the problem yourself, step by step, ending with the final answer in \\boxed{}."
+DEFAULT_INSTRUCTION = (
+    "Now solve the problem yourself, step by step, ending with the final answer in \\boxed{}."
+)
 _PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
 
 try:  # the embedded default's prompt formats, so prompts match what the tiny model was trained on
@@ -54,17 +57,22 @@ def student_messages(problem: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem}]
 
 
-def teacher_messages(problem: str, exposed_reference: str, instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
+def teacher_messages(
+    problem: str, exposed_reference: str, instruction: str = DEFAULT_INSTRUCTION
+) -> list[dict]:
     if _lab_prompts is not None:
         return _lab_prompts.teacher_messages(problem, exposed_reference, instruction=instruction)
-    return [{"role": "user", "content": f"{problem}\n\nReference solution:\n{exposed_reference}\n\n{instruction}"}]
+    return [
+        {"role": "user", "content": f"{problem}\n\nReference solution:\n{exposed_reference}\n\n{instruction}"}
+    ]
 
 
 def render(tokenizer, messages: list[dict], thinking: bool) -> str:
     """Chat-template text with the generation prompt; Qwen3's thinking switch via ``enable_thinking``."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=thinking)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
@@ -101,22 +109,35 @@ class Example:
         raise ValueError(f"exposure mode must be 'tokens' or 'lines', got {mode!r}")
 
     def teacher_prompt(self, k: int) -> list[int]:
-        """The full teacher prompt ids with k reasoning tokens revealed (the tree's root + answer segments)."""
+        """Teacher prompt ids with k reasoning tokens revealed (the tree's root + answer segments)."""
         return self.teacher_head + self.reasoning_ids[:k] + self.answer_ids + self.teacher_tail
 
 
-def make_example(tokenizer, problem: str, solution: str, answer: str | None = None, *,
-                 instruction: str = DEFAULT_INSTRUCTION, teacher_thinking: bool = False) -> Example:
+def make_example(
+    tokenizer,
+    problem: str,
+    solution: str,
+    answer: str | None = None,
+    *,
+    instruction: str = DEFAULT_INSTRUCTION,
+    teacher_thinking: bool = False,
+) -> Example:
     """Tokenize one row. Raises ValueError when the solution has no boxed answer."""
     lines, answer_block = split_reference(solution)
     answer = answer if answer is not None else last_boxed(solution)
     student = render(tokenizer, student_messages(problem), thinking=False)
-    teacher = render(tokenizer, teacher_messages(problem, _PLACEHOLDER, instruction), thinking=teacher_thinking)
+    teacher = render(
+        tokenizer, teacher_messages(problem, _PLACEHOLDER, instruction), thinking=teacher_thinking
+    )
     if teacher.count(_PLACEHOLDER) != 1:
         raise ValueError("the teacher prompt template must contain the exposed reference exactly once")
     head, tail = teacher.split(_PLACEHOLDER)
     return Example(
-        problem=problem, answer=str(answer), student_prompt=encode(tokenizer, student),
-        teacher_head=encode(tokenizer, head), teacher_tail=encode(tokenizer, tail),
-        reasoning=[encode(tokenizer, line) for line in lines], answer_ids=encode(tokenizer, answer_block),
+        problem=problem,
+        answer=str(answer),
+        student_prompt=encode(tokenizer, student),
+        teacher_head=encode(tokenizer, head),
+        teacher_tail=encode(tokenizer, tail),
+        reasoning=[encode(tokenizer, line) for line in lines],
+        answer_ids=encode(tokenizer, answer_block),
     )

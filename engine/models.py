@@ -35,14 +35,25 @@ class Recipe:
 
 # OPSD's recipe for Qwen3 (forward KL, T=1.1, clip 0.05; 0.06 for 8B; LoRA r=64/alpha=128, lr 5e-6).
 # The embedded tiny model is ~1000x smaller and trains for a few dozen steps on 2 CPU cores: LoRA updates of
-# 5e-6 per step would not move it at all, so it takes 1e-3 (the usual small-model LoRA rate, still stable under
-# clip-grad-norm 0.1), a smaller adapter for its width, and short rollouts that fit its short solutions.
+# 5e-6 per step would not move it at all, so it takes 1e-3 (the usual small-model LoRA rate, still stable
+# under clip-grad-norm 0.1), a smaller adapter for its width, and short rollouts that fit its short solutions.
 RECIPES: dict[str, Recipe] = {
     "qwen3-1.7b": Recipe("Qwen/Qwen3-1.7B"),
     "qwen3-4b": Recipe("Qwen/Qwen3-4B"),
     "qwen3-8b": Recipe("Qwen/Qwen3-8B", clip=0.06),
-    "tiny": Recipe("tiny", lr=1e-3, lora_r=16, lora_alpha=32, batch_size=8, micro_batch=8, max_new_tokens=96,
-                   max_prompt_tokens=256, max_reference_tokens=384, steps=40, eval_problems=100),
+    "tiny": Recipe(
+        "tiny",
+        lr=1e-3,
+        lora_r=16,
+        lora_alpha=32,
+        batch_size=8,
+        micro_batch=8,
+        max_new_tokens=96,
+        max_prompt_tokens=256,
+        max_reference_tokens=384,
+        steps=40,
+        eval_problems=100,
+    ),
 }
 
 
@@ -62,9 +73,30 @@ def resolve_model_path(model: str) -> str:
         try:
             from engine.lab import TINY_MODEL_DIR
         except ImportError as e:
-            raise ModelLoadError("model 'tiny' needs engine.lab (the embedded default), which is missing") from e
+            raise ModelLoadError(
+                "model 'tiny' needs engine.lab (the embedded default), which is missing"
+            ) from e
         return str(TINY_MODEL_DIR)
     return RECIPES[model].model_id if model in RECIPES else model
+
+
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the hub cannot be reached directly (no network): skip hub retries, use the cache only."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return False  # behind a proxy a direct probe says nothing
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
+        return False
+    except OSError:
+        return True
 
 
 def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa"):
@@ -72,14 +104,22 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
+    # without a network, hub downloads retry for about a minute; go straight to the local cache instead
+    local_only = not os.path.isdir(path) and _hub_unreachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        net = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, local_files_only=local_only
+        )
     except Exception as e:  # hub unreachable, offline, bad id, broken files: all end here
         where = "local directory" if os.path.isdir(path) else "hub id"
         raise ModelLoadError(
             f"could not load model {model!r} ({where} {path!r}): {type(e).__name__}: {str(e).splitlines()[0]}"
-            " -- check the name, or pre-download it (the hub may be unreachable from this machine)"
+            + (
+                " (the hub is unreachable from this machine and the model is not in the local cache)"
+                if local_only
+                else " -- check the name or the path"
+            )
         ) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,7 +134,9 @@ def add_lora(model, r: int, alpha: int, dropout: float = 0.0, targets=LORA_TARGE
     targets = [t for t in targets if t in present]
     if not targets:
         raise ValueError("none of the LoRA target modules exist in this model")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, cfg)
 
 
@@ -117,8 +159,9 @@ def adapter_params(model) -> dict[str, torch.nn.Parameter]:
 
 
 class Teacher:
-    """Which weights the teacher uses: 'base' (adapter disabled, the default), 'current' (the student's weights,
-    no grad) or 'ema' (an exponential moving average of the adapter, swapped in for the teacher pass)."""
+    """Which weights the teacher uses: 'base' (adapter disabled, the default), 'current' (the student's
+    weights, no grad) or 'ema' (an exponential moving average of the adapter, swapped in for the teacher
+    pass)."""
 
     def __init__(self, model, kind: str = "base", ema_decay: float = 0.99) -> None:
         if kind not in ("base", "current", "ema"):

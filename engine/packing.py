@@ -6,8 +6,8 @@ lays the segments of several trees end to end, parents before children, so that
     position[i]  = depth of token i in its own path (parent's end position + offset in segment)
     allowed[q,k] = k <= q  and  seg[k] is seg[q] or one of its ancestors
 
-and token q attends exactly to the tokens of its own root-to-leaf path: every path's hidden states equal those of
-running it alone, while shared prefixes (problem prompt, exposed reference) are computed once.
+and token q attends exactly to the tokens of its own root-to-leaf path: every path's hidden states equal those
+of running it alone, while shared prefixes (problem prompt, exposed reference) are computed once.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class Packed:
     def prediction_index(self, tree: int, segment: int, parents: list[int]) -> torch.Tensor:
         """Packed indices of the hidden states that predict segment ``segment``'s tokens: [len] long.
 
-        The first token is predicted from the last token of the parent segment, the others from their predecessor
-        in the segment. ``parents`` is that tree's parent list.
+        The first token is predicted from the last token of the parent segment, the others from their
+        predecessor in the segment. ``parents`` is that tree's parent list.
         """
         s, n = self.start[tree][segment], self.length[tree][segment]
         p = parents[segment]
@@ -55,12 +55,14 @@ class Packed:
         """Additive mask [1, 1, N, N]: 0 where allowed, dtype-min elsewhere (works with eager and sdpa)."""
         seg = self.seg.to(device)
         n = seg.numel()
-        allowed = self.ancestor.to(device)[seg][:, seg] & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        allowed = (
+            self.ancestor.to(device)[seg][:, seg] & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        )
         mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[None, None]
 
     def block_mask(self, device: torch.device | str):
-        """FlexAttention BlockMask of the same tree mask (for models switched to attn_implementation='flex_attention')."""
+        """FlexAttention BlockMask of the same mask (needs attn_implementation='flex_attention')."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         seg, anc = self.seg.to(device), self.ancestor.to(device)
@@ -88,7 +90,9 @@ def pack(trees: list[list[Segment]]) -> Packed:
             if not s.tokens:
                 raise ValueError(f"segment {i} of a tree is empty")
             if s.parent >= i:
-                raise ValueError(f"segment {i} has parent {s.parent}: parents must come before their children")
+                raise ValueError(
+                    f"segment {i} has parent {s.parent}: parents must come before their children"
+                )
             offset = 0 if s.parent < 0 else end_pos[s.parent]
             anc = {base + i} | (ancestors[base + s.parent] if s.parent >= 0 else set())
             ancestors.append(anc)

@@ -11,7 +11,7 @@ import torch
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top-k, then the smallest set of tokens with cumulative probability >= top_p: [B, V] -> [B, V]."""
+    """Keep the top-k, then the smallest set of tokens with probability mass >= top_p: [B, V] -> [B, V]."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -25,10 +25,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 1.1, top_p: float = 0.95, top_k: int = 20,
-           generator: torch.Generator | None = None) -> list[list[list[int]]]:
-    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS if one is drawn."""
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.1,
+    top_p: float = 0.95,
+    top_k: int = 20,
+    generator: torch.Generator | None = None,
+) -> list[list[list[int]]]:
+    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     device = next(model.parameters()).device
@@ -37,8 +47,8 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     attn = torch.zeros((B, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
@@ -63,8 +73,13 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
     seqs = torch.stack(tokens, 1).cpu().tolist()
     result: list[list[list[int]]] = []

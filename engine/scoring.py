@@ -7,7 +7,7 @@ Per problem, with k revealed reasoning tokens and rollouts r_1..r_G:
     student tree   [student prompt] -> r_1 | ... | r_G
 
 so the problem prompt and the exposed reference are run once per problem, not once per branch. The teacher's
-credit is its log-probability of the not-yet-revealed reasoning and the answer, predicted from the revealed part.
+credit is its log-probability of the not-yet-revealed reasoning and the answer, given the revealed part.
 Returned hidden states are ordered problem by problem, rollout by rollout, token by token, on both sides.
 """
 
@@ -23,8 +23,11 @@ from .packing import Packed, Segment, pack
 
 
 def teacher_tree(ex: Example, k: int, rollouts: list[list[int]]) -> list[Segment]:
-    return ([Segment(ex.teacher_head + ex.reasoning_ids[:k]), Segment(ex.answer_ids + ex.teacher_tail, 0)]
-            + [Segment(r, 1) for r in rollouts] + [Segment(ex.reasoning_ids[k:] + ex.answer_ids, 0)])
+    return (
+        [Segment(ex.teacher_head + ex.reasoning_ids[:k]), Segment(ex.answer_ids + ex.teacher_tail, 0)]
+        + [Segment(r, 1) for r in rollouts]
+        + [Segment(ex.reasoning_ids[k:] + ex.answer_ids, 0)]
+    )
 
 
 def student_tree(ex: Example, rollouts: list[list[int]]) -> list[Segment]:
@@ -48,7 +51,7 @@ def paths(tree: list[Segment]) -> list[list[Segment]]:
 
 @contextlib.contextmanager
 def attention_impl(model, name: str | None):
-    """Temporarily switch the attention implementation (FlexAttention honours a BlockMask only when selected)."""
+    """Switch the attention implementation for a call (FlexAttention honours a BlockMask only then)."""
     lm = causal_lm(model)
     old = lm.config._attn_implementation
     if name is None or name == old:
@@ -68,14 +71,23 @@ def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tens
     if attention == "flex":
         mask, impl = packed.block_mask(device), "flex_attention"
     else:
-        mask, impl = packed.dense_mask(param.dtype if param.is_floating_point() else torch.float32, device), None
+        mask, impl = (
+            packed.dense_mask(param.dtype if param.is_floating_point() else torch.float32, device),
+            None,
+        )
     with attention_impl(model, impl):
-        out = decoder(model)(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                             attention_mask=mask, use_cache=False)
+        out = decoder(model)(
+            input_ids=packed.input_ids.to(device),
+            position_ids=packed.position_ids.to(device),
+            attention_mask=mask,
+            use_cache=False,
+        )
     return out.last_hidden_state[0]
 
 
-def _gather(h: torch.Tensor, packed: Packed, trees: list[list[Segment]], which) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(
+    h: torch.Tensor, packed: Packed, trees: list[list[Segment]], which
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states predicting the chosen segments' tokens, and those tokens: ([n, H], [n] long)."""
     idx, tgt = [], []
     for t, tree in enumerate(trees):
@@ -87,8 +99,9 @@ def _gather(h: torch.Tensor, packed: Packed, trees: list[list[Segment]], which) 
     return h.index_select(0, index), torch.cat(tgt).to(h.device)
 
 
-def score_teacher(model, examples: list[Example], ks: list[int], rollouts: list[list[list[int]]],
-                  attention: str = "dense") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_teacher(
+    model, examples: list[Example], ks: list[int], rollouts: list[list[list[int]]], attention: str = "dense"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No grad. (teacher hidden at rollout tokens [n, H], credit hidden [m, H], credit targets [m])."""
     trees = [teacher_tree(ex, k, r) for ex, k, r in zip(examples, ks, rollouts)]
     packed = pack(trees)
@@ -99,8 +112,9 @@ def score_teacher(model, examples: list[Example], ks: list[int], rollouts: list[
     return ht, hc, tc
 
 
-def score_student(model, examples: list[Example], rollouts: list[list[list[int]]],
-                  attention: str = "dense") -> tuple[torch.Tensor, torch.Tensor]:
+def score_student(
+    model, examples: list[Example], rollouts: list[list[list[int]]], attention: str = "dense"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """With grad. (student hidden at rollout tokens [n, H], the rollout tokens [n])."""
     trees = [student_tree(ex, r) for ex, r in zip(examples, rollouts)]
     packed = pack(trees)

@@ -1,4 +1,4 @@
-"""Fixtures for the engine tests: a tiny random Qwen3 and a tiny tokenizer, built here (no hub, no engine.lab)."""
+"""Engine test fixtures: a tiny random Qwen3 and a tiny tokenizer, built here (no hub, no engine.lab)."""
 
 import pytest
 import torch

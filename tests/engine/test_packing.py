@@ -28,8 +28,13 @@ def _alone(model, tokens: list[int]) -> torch.Tensor:
 
 def _rollouts(G: int, seed: int) -> list[list[list[int]]]:
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randint(5, 100, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (G,), generator=g)]
-            for _ in PROBLEMS]
+    return [
+        [
+            torch.randint(5, 100, (int(n),), generator=g).tolist()
+            for n in torch.randint(2, 9, (G,), generator=g)
+        ]
+        for _ in PROBLEMS
+    ]
 
 
 def test_pack_positions_and_mask():
@@ -59,11 +64,11 @@ def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
             for ex, k, group in zip(examples, ks, rollouts):
                 prompt = ex.teacher_prompt(k)
                 for r in group:
-                    exp_t.append(_alone(model, prompt + r)[len(prompt) - 1: len(prompt) + len(r) - 1])
-                    exp_s.append(_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1: -1])
+                    exp_t.append(_alone(model, prompt + r)[len(prompt) - 1 : len(prompt) + len(r) - 1])
+                    exp_s.append(_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1])
                 root = ex.teacher_head + ex.reasoning_ids[:k]
                 credit = ex.reasoning_ids[k:] + ex.answer_ids
-                exp_c.append(_alone(model, root + credit)[len(root) - 1: -1])
+                exp_c.append(_alone(model, root + credit)[len(root) - 1 : -1])
                 exp_tc.append(torch.tensor(credit))
     assert ht.shape == hs.shape == (sum(len(r) for g in rollouts for r in g), model.config.hidden_size)
     torch.testing.assert_close(ht, torch.cat(exp_t), atol=1e-5, rtol=1e-5)
@@ -81,8 +86,13 @@ def test_student_gradient_matches_separate(tiny_tokenizer):
     params = [p for p in model.parameters() if p.requires_grad]
     hs, _ = score_student(model, examples, rollouts)
     packed_grads = torch.autograd.grad((hs * weights).sum(), params)
-    sep = torch.cat([_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1: -1]
-                     for ex, group in zip(examples, rollouts) for r in group])
+    sep = torch.cat(
+        [
+            _alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1]
+            for ex, group in zip(examples, rollouts)
+            for r in group
+        ]
+    )
     sep_grads = torch.autograd.grad((sep * weights).sum(), params)
     for a, b in zip(packed_grads, sep_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

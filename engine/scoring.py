@@ -14,12 +14,15 @@ Returned hidden states are ordered problem by problem, rollout by rollout, token
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from .exposure import Example
 from .models import causal_lm, decoder
 from .packing import Packed, Segment, pack
+
+_flex_failed = False
 
 
 def teacher_tree(ex: Example, k: int, rollouts: list[list[int]]) -> list[Segment]:
@@ -65,24 +68,25 @@ def attention_impl(model, name: str | None):
 
 
 def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tensor:
-    """Final hidden states [N, H] of a packed sequence (dense additive tree mask, or a Flex BlockMask)."""
+    """Final hidden states [N, H] of a packed sequence: Flex BlockMask ('flex') or dense additive mask."""
+    global _flex_failed
     param = next(model.parameters())
-    device = param.device
-    if attention == "flex":
-        mask, impl = packed.block_mask(device), "flex_attention"
-    else:
-        mask, impl = (
-            packed.dense_mask(param.dtype if param.is_floating_point() else torch.float32, device),
-            None,
-        )
-    with attention_impl(model, impl):
-        out = decoder(model)(
-            input_ids=packed.input_ids.to(device),
-            position_ids=packed.position_ids.to(device),
-            attention_mask=mask,
-            use_cache=False,
-        )
-    return out.last_hidden_state[0]
+    ids, pos = packed.input_ids.to(param.device), packed.position_ids.to(param.device)
+    if attention == "flex" and not _flex_failed:
+        try:
+            with attention_impl(model, "flex_attention"):
+                mask = packed.block_mask(param.device)
+                return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[
+                    0
+                ][0]
+        except Exception as e:  # unsupported build or device: fall back to the dense mask, once and loudly
+            _flex_failed = True
+            warnings.warn(
+                f"FlexAttention tree mask failed ({type(e).__name__}: {e}); using the dense mask",
+                stacklevel=2,
+            )
+    mask = packed.dense_mask(param.dtype, param.device)
+    return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0][0]
 
 
 def _gather(

@@ -42,7 +42,7 @@ def load_rows(
                     raise ValueError(f"data file {source!r}: expected .json, .jsonl or .parquet")
                 raw = datasets.load_dataset(kind, data_files=source, split="train")
             else:
-                raw = datasets.load_dataset(source, split=split)
+                raw = _load_hub(datasets, source, split)
         except ValueError:
             raise
         except Exception as e:  # hub/network/format errors: name the dataset
@@ -51,6 +51,28 @@ def load_rows(
         {"problem": r.get(problem_column), "solution": r.get(solution_column), "answer": r.get(answer_column)}
         for r in raw
     ]
+
+
+def _load_hub(datasets, source: str, split: str):
+    """load_dataset from the hub; with no network, straight from the local cache (no minute of retries)."""
+    import contextlib
+
+    import huggingface_hub.constants as hub
+
+    from .models import hub_unreachable
+
+    offline = hub_unreachable()
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    with contextlib.ExitStack() as stack:
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+            stack.callback(
+                lambda: (
+                    setattr(datasets.config, "HF_HUB_OFFLINE", saved[0]),
+                    setattr(hub, "HF_HUB_OFFLINE", saved[1]),
+                )
+            )
+        return datasets.load_dataset(source, split=split)
 
 
 def clean_rows(rows: list[dict]) -> tuple[list[dict], Counter]:

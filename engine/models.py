@@ -80,7 +80,7 @@ def resolve_model_path(model: str) -> str:
     return RECIPES[model].model_id if model in RECIPES else model
 
 
-def _hub_unreachable(timeout: float = 3.0) -> bool:
+def hub_unreachable(timeout: float = 3.0) -> bool:
     """True when the hub cannot be reached directly (no network): skip hub retries, use the cache only."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return True
@@ -105,7 +105,7 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = 
 
     path = resolve_model_path(model)
     # without a network, hub downloads retry for about a minute; go straight to the local cache instead
-    local_only = not os.path.isdir(path) and _hub_unreachable()
+    local_only = not os.path.isdir(path) and hub_unreachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         net = AutoModelForCausalLM.from_pretrained(

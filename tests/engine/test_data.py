@@ -42,3 +42,9 @@ def test_stream_resume_exact():
     c.load_state_dict(b.state_dict())
     assert [c.next() for _ in range(6)] == seen[4:]
     assert sorted(seen[:7]) == list(range(7))  # one epoch is a permutation
+
+
+def test_unreachable_hub_dataset_fails_fast_by_name(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="nobody/no-such-dataset"):
+        load_rows("nobody/no-such-dataset")

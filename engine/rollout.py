@@ -2,7 +2,8 @@
 
 Prompts are left-padded into one batch with explicit position ids, prefilled, the cache is repeated G times
 (``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p from a caller-owned
-``torch.Generator``, so a step's rollouts depend only on the weights and that generator's seed.
+``torch.Generator`` on the model's device, so a step's rollouts depend only on the weights and that
+generator's seed.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def sample(
         scores = filter_logits(logits / temperature, top_k, top_p) if temperature > 0 else logits
         if temperature > 0:
             probs = scores.softmax(-1)
-            tok = torch.multinomial(probs.cpu(), 1, generator=generator).to(device).squeeze(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             tok = scores.argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

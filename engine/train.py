@@ -166,7 +166,7 @@ class Trainer:
 
         # 1. rollout: the current student samples G continuations of each problem-only prompt
         model.eval()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_no)
+        generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.step_no)
         rollouts = sample(
             model,
             [ex.student_prompt for ex in examples],

@@ -118,3 +118,32 @@ def test_teacher_kinds_and_yaml(tiny_model_dir, data, tmp_path, teacher):
         teacher == "current"
     ):  # same weights on both sides at step 1 (adapter B = 0): the teacher only adds context
         assert m[0]["kl"] > 0
+
+
+def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
+    from controller import FixedExposure
+
+    class Recorder(FixedExposure):
+        def __init__(self):
+            super().__init__(0.3)
+            self.calls, self.finished = [], False
+
+        def exposure(self):
+            self.calls.append("exposure")
+            return super().exposure()
+
+        def observe(self, stats):
+            self.calls.append(dict(stats))
+
+        def finish(self):
+            self.finished = True
+
+    policy = Recorder()
+    monkeypatch.setattr(train_mod.controller, "build", lambda spec: policy)
+    train(*parse(_args(tiny_model_dir, data, tmp_path / "ctl", "--steps", "4", "--probe-every", "2")))
+    assert policy.calls[::2] == ["exposure"] * 4 and policy.finished
+    observed = policy.calls[1::2]
+    assert all({"loss", "mismatch", "confidence", "credit", "progress"} <= set(s) for s in observed)
+    assert [("probe_nll" in s) for s in observed] == [False, True, False, True]
+    assert [s["progress"] for s in observed] == [0.25, 0.5, 0.75, 1.0]
+    assert all(s["credit"] < 0 and 0 < s["confidence"] <= 1 and s["mismatch"] >= 0 for s in observed)

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default})"}
+        shown = "the model recipe" if default is None and f.name in RECIPE_FIELDS else default
+        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})"}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(default, bool):

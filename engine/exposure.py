@@ -1,0 +1,143 @@
+"""Teacher exposure: how much of the reference reasoning the teacher sees, and the prompts both roles get.
+
+A reference solution splits into reasoning (every line before the one holding the last ``\\boxed{}``) and
+the answer block (that line onward). For exposure ``alpha`` in [0, 1] the teacher sees
+
+    tokens mode:  the first floor(alpha * m) of the m reasoning tokens
+    lines  mode:  the first floor(alpha * L) of the L reasoning lines
+
+followed by the answer block, which is always kept, then a fixed transition instruction. alpha = 1 is OPSD's
+full-reference teacher, alpha = 0 shows the answer only. Everything is built from token ids, so the teacher
+sequence is the exact concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree
+uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_INSTRUCTION = (
+    "Now solve the problem yourself, step by step, ending with the final answer in \\boxed{}."
+)
+_PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
+
+try:  # the embedded default's prompt formats, so prompts match what the tiny model was trained on
+    from engine.lab import prompts as _lab_prompts
+except ImportError:  # pragma: no cover - depends on the checkout
+    _lab_prompts = None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` in ``text`` (balanced braces), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def split_reference(solution: str) -> tuple[list[str], str]:
+    """(reasoning lines, each with its trailing newline; answer block from the last boxed line on)."""
+    box = solution.rfind("\\boxed{")
+    if box < 0:
+        raise ValueError("reference solution has no \\boxed{} answer")
+    cut = solution.rfind("\n", 0, box) + 1  # 0 when the boxed answer is on the first line
+    reasoning, answer = solution[:cut], solution[cut:]
+    return reasoning.splitlines(keepends=True), answer
+
+
+def student_messages(problem: str) -> list[dict[str, str]]:
+    if _lab_prompts is not None:
+        return _lab_prompts.student_messages(problem)
+    return [{"role": "user", "content": problem}]
+
+
+def teacher_messages(
+    problem: str, exposed_reference: str, instruction: str = DEFAULT_INSTRUCTION
+) -> list[dict]:
+    if _lab_prompts is not None:
+        return _lab_prompts.teacher_messages(problem, exposed_reference, instruction=instruction)
+    return [
+        {"role": "user", "content": f"{problem}\n\nReference solution:\n{exposed_reference}\n\n{instruction}"}
+    ]
+
+
+def render(tokenizer, messages: list[dict], thinking: bool) -> str:
+    """Chat-template text with the generation prompt; Qwen3's thinking switch via ``enable_thinking``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+@dataclass
+class Example:
+    """One problem, tokenized once: student prompt, teacher head/tail and the reference split for exposure."""
+
+    problem: str
+    answer: str
+    student_prompt: list[int]
+    teacher_head: list[int]  # chat prefix + problem + "Reference solution:\n"
+    teacher_tail: list[int]  # "\n\n" + instruction + chat suffix (+ generation prompt)
+    reasoning: list[list[int]]  # reasoning token ids, one list per line
+    answer_ids: list[int]  # the answer block, always revealed
+
+    @property
+    def reasoning_ids(self) -> list[int]:
+        return [t for line in self.reasoning for t in line]
+
+    def revealed(self, alpha: float, mode: str = "tokens") -> int:
+        """Number of reasoning tokens the teacher sees at exposure ``alpha``."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"exposure alpha must be in [0, 1], got {alpha!r}")
+        if mode == "tokens":
+            # the epsilon guards against alpha*m landing a hair under an integer (e.g. 0.7 * 10)
+            return math.floor(alpha * sum(map(len, self.reasoning)) + 1e-9)
+        if mode == "lines":
+            n = math.floor(alpha * len(self.reasoning) + 1e-9)
+            return sum(len(line) for line in self.reasoning[:n])
+        raise ValueError(f"exposure mode must be 'tokens' or 'lines', got {mode!r}")
+
+    def teacher_prompt(self, k: int) -> list[int]:
+        """Teacher prompt ids with k reasoning tokens revealed (the tree's root + answer segments)."""
+        return self.teacher_head + self.reasoning_ids[:k] + self.answer_ids + self.teacher_tail
+
+
+def make_example(
+    tokenizer,
+    problem: str,
+    solution: str,
+    answer: str | None = None,
+    *,
+    instruction: str = DEFAULT_INSTRUCTION,
+    teacher_thinking: bool = False,
+) -> Example:
+    """Tokenize one row. Raises ValueError when the solution has no boxed answer."""
+    lines, answer_block = split_reference(solution)
+    answer = answer if answer is not None else last_boxed(solution)
+    student = render(tokenizer, student_messages(problem), thinking=False)
+    teacher = render(
+        tokenizer, teacher_messages(problem, _PLACEHOLDER, instruction), thinking=teacher_thinking
+    )
+    if teacher.count(_PLACEHOLDER) != 1:
+        raise ValueError("the teacher prompt template must contain the exposed reference exactly once")
+    head, tail = teacher.split(_PLACEHOLDER)
+    return Example(
+        problem=problem,
+        answer=str(answer),
+        student_prompt=encode(tokenizer, student),
+        teacher_head=encode(tokenizer, head),
+        teacher_tail=encode(tokenizer, tail),
+        reasoning=[encode(tokenizer, line) for line in lines],
+        answer_ids=encode(tokenizer, answer_block),
+    )

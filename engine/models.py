@@ -1,0 +1,202 @@
+"""Model presets (recipes), loading, LoRA, the decoder body and the teacher views of the one shared model.
+
+The engine never builds full logits: it runs the decoder body for final hidden states and hands them, with
+``lm_head.weight``, to the fused KL op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-model defaults; any of them can be overridden by a flag or the YAML config."""
+
+    model_id: str
+    clip: float = 0.05
+    lr: float = 5e-6
+    lora_r: int = 64
+    lora_alpha: int = 128
+    batch_size: int = 32  # problems per optimizer step
+    micro_batch: int = 4  # problems per packed scoring pass
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int = 2048
+    max_reference_tokens: int = 8192
+    steps: int = 100
+    eval_problems: int = 0
+
+
+# OPSD's recipe for Qwen3 (forward KL, T=1.1, clip 0.05; 0.06 for 8B; LoRA r=64/alpha=128, lr 5e-6).
+# The embedded tiny model is ~1000x smaller and trains for a few dozen steps on 2 CPU cores: LoRA updates of
+# 5e-6 per step would not move it at all, so it takes 1e-3 (the usual small-model LoRA rate, still stable
+# under clip-grad-norm 0.1), a smaller adapter for its width, and short rollouts that fit its short solutions.
+RECIPES: dict[str, Recipe] = {
+    "qwen3-1.7b": Recipe("Qwen/Qwen3-1.7B"),
+    "qwen3-4b": Recipe("Qwen/Qwen3-4B"),
+    "qwen3-8b": Recipe("Qwen/Qwen3-8B", clip=0.06),
+    "tiny": Recipe(
+        "tiny",
+        lr=1e-3,
+        lora_r=16,
+        lora_alpha=32,
+        batch_size=8,
+        micro_batch=8,
+        max_new_tokens=96,
+        max_prompt_tokens=256,
+        max_reference_tokens=384,
+        steps=40,
+        eval_problems=100,
+    ),
+}
+
+
+def recipe_for(model: str) -> Recipe:
+    """The preset's recipe, or the 1.7B/4B defaults with ``model`` as the hub id / local directory."""
+    if model in RECIPES:
+        return RECIPES[model]
+    return Recipe(model)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_model_path(model: str) -> str:
+    if model == "tiny":
+        try:
+            from engine.lab import TINY_MODEL_DIR
+        except ImportError as e:
+            raise ModelLoadError(
+                "model 'tiny' needs engine.lab (the embedded default), which is missing"
+            ) from e
+        return str(TINY_MODEL_DIR)
+    return RECIPES[model].model_id if model in RECIPES else model
+
+
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the hub cannot be reached directly (no network): skip hub retries, use the cache only."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return False  # behind a proxy a direct probe says nothing
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
+        return False
+    except OSError:
+        return True
+
+
+def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa"):
+    """(model, tokenizer) from a preset name, hub id or local directory; a clear error naming what failed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    # without a network, hub downloads retry for about a minute; go straight to the local cache instead
+    local_only = not os.path.isdir(path) and hub_unreachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        net = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, local_files_only=local_only
+        )
+    except Exception as e:  # hub unreachable, offline, bad id, broken files: all end here
+        where = "local directory" if os.path.isdir(path) else "hub id"
+        raise ModelLoadError(
+            f"could not load model {model!r} ({where} {path!r}): {type(e).__name__}: {str(e).splitlines()[0]}"
+            + (
+                " (the hub is unreachable from this machine and the model is not in the local cache)"
+                if local_only
+                else " -- check the name or the path"
+            )
+        ) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net.to(device), tokenizer
+
+
+def add_lora(model, r: int, alpha: int, dropout: float = 0.0, targets=LORA_TARGETS):
+    """Wrap in a peft LoRA model; only the adapter trains (the LM head stays frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in targets if t in present]
+    if not targets:
+        raise ValueError("none of the LoRA target modules exist in this model")
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, cfg)
+
+
+def causal_lm(model):
+    """The underlying transformers CausalLM (unwraps peft; LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder(model):
+    """The decoder body that returns final (normed) hidden states."""
+    return causal_lm(model).get_decoder()
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    return causal_lm(model).get_output_embeddings().weight
+
+
+def adapter_params(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Teacher:
+    """Which weights the teacher uses: 'base' (adapter disabled, the default), 'current' (the student's
+    weights, no grad) or 'ema' (an exponential moving average of the adapter, swapped in for the teacher
+    pass)."""
+
+    def __init__(self, model, kind: str = "base", ema_decay: float = 0.99) -> None:
+        if kind not in ("base", "current", "ema"):
+            raise ValueError(f"teacher kind must be base, current or ema, got {kind!r}")
+        self.model, self.kind, self.decay = model, kind, ema_decay
+        self.ema = {n: p.detach().clone() for n, p in adapter_params(model).items()} if kind == "ema" else {}
+
+    @contextlib.contextmanager
+    def view(self):
+        if self.kind == "base" and hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        elif self.kind == "ema":
+            params = adapter_params(self.model)
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.ema[n])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(saved[n])
+        else:
+            yield
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in adapter_params(self.model).items():
+            if n in self.ema:
+                self.ema[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = {n: t.clone() for n, t in state.get("ema", {}).items()}

@@ -1,0 +1,94 @@
+"""On-policy rollouts: each prompt is prefilled once and its KV cache is shared by its G samples.
+
+Prompts are left-padded into one batch with explicit position ids, prefilled, the cache is repeated G times
+(``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p from a caller-owned
+``torch.Generator`` on the model's device, so a step's rollouts depend only on the weights and that
+generator's seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top-k, then the smallest set of tokens with probability mass >= top_p: [B, V] -> [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.1,
+    top_p: float = 0.95,
+    top_k: int = 20,
+    generator: torch.Generator | None = None,
+) -> list[list[list[int]]]:
+    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = next(model.parameters()).device
+    B, G = len(prompts), num_samples
+    width = max(map(len, prompts))
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)
+    attn = attn.repeat_interleave(G, 0)
+    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    done = torch.zeros(B * G, dtype=torch.bool, device=device)
+    tokens = []
+    for t in range(max_new_tokens):
+        scores = filter_logits(logits / temperature, top_k, top_p) if temperature > 0 else logits
+        if temperature > 0:
+            probs = scores.softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tok = scores.argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
+    seqs = torch.stack(tokens, 1).cpu().tolist()
+    result: list[list[list[int]]] = []
+    for b in range(B):
+        group = []
+        for g in range(G):
+            seq = seqs[b * G + g]
+            cut = next((i + 1 for i, x in enumerate(seq) if x in eos_ids), len(seq))
+            group.append(seq[:cut])
+        result.append(group)
+    return result

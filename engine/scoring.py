@@ -1,0 +1,126 @@
+"""Teacher and student scoring over prefix-sharing trees (DESIGN 4.2).
+
+Per problem, with k revealed reasoning tokens and rollouts r_1..r_G:
+
+    teacher tree   [head ; reasoning[:k]] -> [answer ; instruction tail] -> r_1 | ... | r_G
+                                          -> [reasoning[k:] ; answer]            (credit branch)
+    student tree   [student prompt] -> r_1 | ... | r_G
+
+so the problem prompt and the exposed reference are run once per problem, not once per branch. The teacher's
+credit is its log-probability of the not-yet-revealed reasoning and the answer, given the revealed part.
+Returned hidden states are ordered problem by problem, rollout by rollout, token by token, on both sides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from .exposure import Example
+from .models import causal_lm, decoder
+from .packing import Packed, Segment, pack
+
+_flex_failed = False
+
+
+def teacher_tree(ex: Example, k: int, rollouts: list[list[int]]) -> list[Segment]:
+    return (
+        [Segment(ex.teacher_head + ex.reasoning_ids[:k]), Segment(ex.answer_ids + ex.teacher_tail, 0)]
+        + [Segment(r, 1) for r in rollouts]
+        + [Segment(ex.reasoning_ids[k:] + ex.answer_ids, 0)]
+    )
+
+
+def student_tree(ex: Example, rollouts: list[list[int]]) -> list[Segment]:
+    return [Segment(ex.student_prompt)] + [Segment(r, 0) for r in rollouts]
+
+
+def paths(tree: list[Segment]) -> list[list[Segment]]:
+    """The same tree without sharing: one single-segment tree per leaf (its whole root-to-leaf path)."""
+    parents = {s.parent for s in tree}
+    out = []
+    for i in range(len(tree)):
+        if i in parents:
+            continue
+        chain, j = [], i
+        while j >= 0:
+            chain.append(tree[j].tokens)
+            j = tree[j].parent
+        out.append([Segment([t for seg in reversed(chain) for t in seg])])
+    return out
+
+
+@contextlib.contextmanager
+def attention_impl(model, name: str | None):
+    """Switch the attention implementation for a call (FlexAttention honours a BlockMask only then)."""
+    lm = causal_lm(model)
+    old = lm.config._attn_implementation
+    if name is None or name == old:
+        yield
+        return
+    lm.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(old)
+
+
+def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tensor:
+    """Final hidden states [N, H] of a packed sequence: Flex BlockMask ('flex') or dense additive mask."""
+    global _flex_failed
+    param = next(model.parameters())
+    ids, pos = packed.input_ids.to(param.device), packed.position_ids.to(param.device)
+    if attention == "flex" and not _flex_failed:
+        try:
+            with attention_impl(model, "flex_attention"):
+                mask = packed.block_mask(param.device)
+                return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[
+                    0
+                ][0]
+        except Exception as e:  # unsupported build or device: fall back to the dense mask, once and loudly
+            _flex_failed = True
+            warnings.warn(
+                f"FlexAttention tree mask failed ({type(e).__name__}: {e}); using the dense mask",
+                stacklevel=2,
+            )
+    mask = packed.dense_mask(param.dtype, param.device)
+    return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0][0]
+
+
+def _gather(
+    h: torch.Tensor, packed: Packed, trees: list[list[Segment]], which
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states predicting the chosen segments' tokens, and those tokens: ([n, H], [n] long)."""
+    idx, tgt = [], []
+    for t, tree in enumerate(trees):
+        parents = [s.parent for s in tree]
+        for s in which(tree):
+            idx.append(packed.prediction_index(t, s, parents))
+            tgt.append(torch.tensor(tree[s].tokens, dtype=torch.long))
+    index = torch.cat(idx).to(h.device)
+    return h.index_select(0, index), torch.cat(tgt).to(h.device)
+
+
+def score_teacher(
+    model, examples: list[Example], ks: list[int], rollouts: list[list[list[int]]], attention: str = "dense"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No grad. (teacher hidden at rollout tokens [n, H], credit hidden [m, H], credit targets [m])."""
+    trees = [teacher_tree(ex, k, r) for ex, k, r in zip(examples, ks, rollouts)]
+    packed = pack(trees)
+    with torch.no_grad():
+        h = hidden_states(model, packed, attention)
+    ht, _ = _gather(h, packed, trees, lambda tree: range(2, len(tree) - 1))
+    hc, tc = _gather(h, packed, trees, lambda tree: [len(tree) - 1])
+    return ht, hc, tc
+
+
+def score_student(
+    model, examples: list[Example], rollouts: list[list[list[int]]], attention: str = "dense"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With grad. (student hidden at rollout tokens [n, H], the rollout tokens [n])."""
+    trees = [student_tree(ex, r) for ex, r in zip(examples, rollouts)]
+    packed = pack(trees)
+    h = hidden_states(model, packed, attention)
+    return _gather(h, packed, trees, lambda tree: range(1, len(tree)))

@@ -1,0 +1,29 @@
+"""Engine test fixtures: a tiny random Qwen3 and a tiny tokenizer, built here (no hub, no engine.lab)."""
+
+import pytest
+import torch
+from engine_tiny import build_model, build_tokenizer
+from transformers import PreTrainedTokenizerFast
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: intra-op threads only add synchronisation (and thrash on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A saved tiny Qwen3 + tokenizer directory, loadable by engine.models.load_model."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    build_model(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)

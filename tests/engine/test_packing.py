@@ -1,0 +1,107 @@
+"""Exactness of prefix sharing: hidden states from the packed tree equal those of running every path alone."""
+
+import pytest
+import torch
+from engine_tiny import build_model
+
+from engine.exposure import make_example
+from engine.models import add_lora, decoder
+from engine.packing import Segment, pack
+from engine.scoring import paths, score_student, score_teacher, student_tree, teacher_tree
+
+SOLUTIONS = ["1+2=3\n3*4=12\nSo \\boxed{12}", "5-1=4\nthen 4*4=16\nand 16+1=17\nSo \\boxed{17}"]
+PROBLEMS = ["(1+2)*4?", "(5-1)*4+1?"]
+
+
+def _lora_model(vocab: int):
+    model = add_lora(build_model(vocab), r=4, alpha=8)
+    with torch.no_grad():  # random B so the adapter changes the function (peft initialises B = 0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _alone(model, tokens: list[int]) -> torch.Tensor:
+    return decoder(model)(input_ids=torch.tensor([tokens]), use_cache=False).last_hidden_state[0]
+
+
+def _rollouts(G: int, seed: int) -> list[list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [
+            torch.randint(5, 100, (int(n),), generator=g).tolist()
+            for n in torch.randint(2, 9, (G,), generator=g)
+        ]
+        for _ in PROBLEMS
+    ]
+
+
+def test_pack_positions_and_mask():
+    p = pack([[Segment([1, 2, 3]), Segment([4, 5], 0), Segment([6], 0)], [Segment([7, 8])]])
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1]]
+    allowed = p.dense_mask(torch.float32, "cpu")[0, 0] == 0
+    assert allowed[5].tolist() == [True, True, True, False, False, True, False, False]  # sibling hidden
+    assert allowed[7].tolist() == [False] * 6 + [True, True]  # other tree hidden
+    with pytest.raises(ValueError, match="empty"):
+        pack([[Segment([])]])
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("adapter", [True, False])
+def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
+    model = _lora_model(len(tiny_tokenizer))
+    examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    ks = [3, 7]  # unequal reveals; the rollouts have unequal lengths too
+    rollouts = _rollouts(G, seed=G)
+    ctx = model.disable_adapter() if not adapter else torch.enable_grad()
+    with ctx:
+        ht, hc, tc = score_teacher(model, examples, ks, rollouts)
+        hs, ts = score_student(model, examples, rollouts)
+        # the same quantities path by path
+        exp_t, exp_s, exp_c, exp_tc = [], [], [], []
+        with torch.no_grad():
+            for ex, k, group in zip(examples, ks, rollouts):
+                prompt = ex.teacher_prompt(k)
+                for r in group:
+                    exp_t.append(_alone(model, prompt + r)[len(prompt) - 1 : len(prompt) + len(r) - 1])
+                    exp_s.append(_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1])
+                root = ex.teacher_head + ex.reasoning_ids[:k]
+                credit = ex.reasoning_ids[k:] + ex.answer_ids
+                exp_c.append(_alone(model, root + credit)[len(root) - 1 : -1])
+                exp_tc.append(torch.tensor(credit))
+    assert ht.shape == hs.shape == (sum(len(r) for g in rollouts for r in g), model.config.hidden_size)
+    torch.testing.assert_close(ht, torch.cat(exp_t), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hs.detach(), torch.cat(exp_s), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hc, torch.cat(exp_c), atol=1e-5, rtol=1e-5)
+    assert tc.tolist() == torch.cat(exp_tc).tolist()
+    assert ts.tolist() == [t for g in rollouts for r in g for t in r]
+
+
+def test_student_gradient_matches_separate(tiny_tokenizer):
+    model = _lora_model(len(tiny_tokenizer))
+    examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    rollouts = _rollouts(3, seed=5)
+    weights = torch.randn(sum(len(r) for g in rollouts for r in g), model.config.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    hs, _ = score_student(model, examples, rollouts)
+    packed_grads = torch.autograd.grad((hs * weights).sum(), params)
+    sep = torch.cat(
+        [
+            _alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1]
+            for ex, group in zip(examples, rollouts)
+            for r in group
+        ]
+    )
+    sep_grads = torch.autograd.grad((sep * weights).sum(), params)
+    for a, b in zip(packed_grads, sep_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_paths_unshares_a_tree(tiny_tokenizer):
+    ex = make_example(tiny_tokenizer, PROBLEMS[0], SOLUTIONS[0])
+    tree = teacher_tree(ex, 2, [[9, 9], [8]])
+    leaves = [p[0].tokens for p in paths(tree)]
+    assert leaves[0] == ex.teacher_prompt(2) + [9, 9] and leaves[1] == ex.teacher_prompt(2) + [8]
+    assert leaves[2] == ex.teacher_head + ex.reasoning_ids + ex.answer_ids
+    assert len(paths(student_tree(ex, [[1], [2], [3]]))) == 3

@@ -116,12 +116,14 @@ def evaluate_problems(
     seed: int = 0,
     prompt_suffix: str = "",
     chat_kwargs: dict | None = None,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
 ) -> dict:
     """Sample ``n_samples`` completions per problem (dicts with ``problem``, ``answer``, optional ``level``)
     from the student prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
 
     Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
     "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
+    ``messages_fn(problem_dict) -> chat messages`` replaces the student prompt (e.g. to score a teacher).
     """
     if not problems:
         raise ValueError("no problems to evaluate")
@@ -134,7 +136,7 @@ def evaluate_problems(
     chat_kwargs = chat_kwargs or {}
     prompts = [
         tokenizer.apply_chat_template(
-            student_messages(p["problem"] + prompt_suffix),
+            messages_fn(p) if messages_fn else student_messages(p["problem"] + prompt_suffix),
             tokenize=False,
             add_generation_prompt=True,
             **chat_kwargs,
@@ -199,10 +201,12 @@ def evaluate_lab(
     batch_size: int = 32,
     seed: int = 0,
     keep_results: bool = False,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
 ) -> dict:
     """Lab-task accuracy with the exact verifier: ``{"accuracy", "per_level", "n", "n_samples", "pass@k"}``.
 
     ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples otherwise.
+    ``messages_fn`` as in :func:`evaluate_problems` (default: the student prompt).
     """
     from engine.lab.task import verify
 
@@ -218,6 +222,7 @@ def evaluate_lab(
         top_k=top_k,
         batch_size=batch_size,
         seed=seed,
+        messages_fn=messages_fn,
     )
     if not keep_results:
         res.pop("results")
@@ -402,9 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f.write(json.dumps(r) + "\n")
             summary["benchmarks"][b] = res
             pk = "  ".join(f"pass@{k} {v:.4f}" for k, v in res["pass@k"].items())
-            print(
-                f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}", flush=True
-            )
+            lv = "  ".join(f"L{k} {v:.3f}" for k, v in res["per_level"].items())
+            print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -22,7 +22,9 @@ def test_shipped_model_and_tokenizer(tiny):
     assert model.config.model_type == "qwen3"
     assert not model.config.tie_word_embeddings
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    text = tok.apply_chat_template(student_messages("Ann has 3 pens."), tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        student_messages("Ann has 3 pens."), tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nAnn has 3 pens.<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
@@ -43,12 +45,7 @@ def test_tiny_model_easy_better_than_hard(tiny):
 def test_teacher_with_full_reference_beats_student(tiny):
     model, tok = tiny
     hard = lab_dataset("test", 16, levels=(3,))
-    teacher = []
-    for p in hard:
-        (msg,) = teacher_messages(p["problem"], p["solution"])
-        teacher.append({**p, "problem": msg["content"]})
-    # evaluate_problems wraps 'problem' in the student (user-only) message, which is the teacher prompt here.
-    r_t = evaluate_lab(model, tok, teacher)
+    r_t = evaluate_lab(model, tok, hard, messages_fn=lambda p: teacher_messages(p["problem"], p["solution"]))
     r_s = evaluate_lab(model, tok, hard)
     assert r_t["accuracy"] > r_s["accuracy"]
 
@@ -88,10 +85,28 @@ def test_evaluate_problems_bookkeeping(tiny):
 def test_cli_on_local_jsonl(tiny, tmp_path):
     rows = lab_dataset("test", 6, levels=(1,))
     data = tmp_path / "local.jsonl"
-    data.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows))
+    data.write_text(
+        "".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows)
+    )
     out = tmp_path / "out"
-    summary = main(["--model", TINY_MODEL_DIR, "--data", str(data), "--n", "2", "--temperature", "0.6",
-                    "--max-new-tokens", "48", "--workers", "1", "--out", str(out)])
+    summary = main(
+        [
+            "--model",
+            TINY_MODEL_DIR,
+            "--data",
+            str(data),
+            "--n",
+            "2",
+            "--temperature",
+            "0.6",
+            "--max-new-tokens",
+            "48",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     res = summary["benchmarks"]["data"]
     lines = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and all(len(x["completions"]) == 2 for x in lines)

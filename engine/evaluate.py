@@ -1,0 +1,417 @@
+"""Evaluation: sample completions with HF ``generate`` in batches, grade, report Average@n and pass@k.
+
+    python -m engine.evaluate --model tiny --benchmarks lab --n 4
+    python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoint-100] \\
+        --benchmarks aime24,aime25,hmmt25 --n 12 --out eval_out
+    python -m engine.evaluate --model <dir> --data local.jsonl        # rows with problem + answer
+
+Python API: :func:`evaluate_problems` (any grader) and :func:`evaluate_lab` (lab task, exact verifier), the
+latter used by the trainer for before/after accuracy. Sampling defaults are Qwen3 thinking mode
+(temperature 0.6, top_p 0.95, top_k 20); temperature 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from engine.grading import average_at_n, mean_pass_at_k
+from engine.lab.prompts import student_messages
+
+# name -> (hub dataset ids tried in order, split, problem column, answer column)
+BENCHMARKS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "aime24": (("HuggingFaceH4/aime_2024",), "train", "problem", "answer"),
+    "aime25": (("yentinglin/aime_2025", "math-ai/aime25"), "train", "problem", "answer"),
+    "hmmt25": (("MathArena/hmmt_feb_2025",), "train", "problem", "answer"),
+}
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def _k_values(n: int) -> list[int]:
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+    return ks + ([n] if n not in ks else [])
+
+
+@torch.no_grad()
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[str]:
+    """One completion per prompt string (already chat-formatted), left-padded batches of ``batch_size``.
+
+    Global torch RNG state is saved and restored, so evaluating inside training does not perturb it.
+    """
+    if batch_size < 1 or max_new_tokens < 1 or temperature < 0:
+        raise ValueError(
+            f"bad sampling args: batch_size={batch_size} max_new_tokens={max_new_tokens} "
+            f"temperature={temperature}"
+        )
+    was_training = model.training
+    model.eval()
+    rng_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    pad_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    gen_kw: dict = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad_id}
+    if temperature > 0:
+        gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # Length-sorted batches waste less padding; results are put back in the caller's order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            gen = model.generate(**enc, **gen_kw)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                out[i] = t
+    finally:
+        tokenizer.padding_side = pad_side
+        torch.set_rng_state(rng_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        model.train(was_training)
+    return out
+
+
+def evaluate_problems(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    grader: Callable[[str, str], bool],
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    top_k: int = 20,
+    batch_size: int = 32,
+    seed: int = 0,
+    prompt_suffix: str = "",
+    chat_kwargs: dict | None = None,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
+) -> dict:
+    """Sample ``n_samples`` completions per problem (dicts with ``problem``, ``answer``, optional ``level``)
+    from the student prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
+
+    Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
+    "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
+    ``messages_fn(problem_dict) -> chat messages`` replaces the student prompt (e.g. to score a teacher).
+    """
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    for j, p in enumerate(problems):
+        if "problem" not in p or "answer" not in p:
+            raise ValueError(f"problem {j} lacks a 'problem' or 'answer' field: keys {sorted(p)}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    n = 1 if temperature == 0 else n_samples
+    chat_kwargs = chat_kwargs or {}
+    prompts = [
+        tokenizer.apply_chat_template(
+            messages_fn(p) if messages_fn else student_messages(p["problem"] + prompt_suffix),
+            tokenize=False,
+            add_generation_prompt=True,
+            **chat_kwargs,
+        )
+        for p in problems
+    ]
+    flat = [pr for pr in prompts for _ in range(n)]
+    t0 = time.time()
+    comps = generate_completions(
+        model,
+        tokenizer,
+        flat,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    gen_s = time.time() - t0
+    golds = [str(p["answer"]) for p in problems for _ in range(n)]
+    if hasattr(grader, "grade_many"):
+        flags = grader.grade_many(comps, golds)
+    else:
+        flags = [bool(grader(c, g)) for c, g in zip(comps, golds)]
+    correct = [flags[i * n : (i + 1) * n] for i in range(len(problems))]
+    results, by_level = [], defaultdict(list)
+    for p, c, row in zip(problems, [comps[i * n : (i + 1) * n] for i in range(len(problems))], correct):
+        results.append(
+            {
+                "problem": p["problem"],
+                "answer": str(p["answer"]),
+                "level": p.get("level"),
+                "completions": c,
+                "correct": row,
+                "frac_correct": sum(row) / n,
+            }
+        )
+        if p.get("level") is not None:
+            by_level[p["level"]].append(row)
+    return {
+        "accuracy": average_at_n(correct),
+        "pass@k": {k: mean_pass_at_k(correct, k) for k in _k_values(n)},
+        "per_level": {lv: average_at_n(rows) for lv, rows in sorted(by_level.items())},
+        "n": len(problems),
+        "n_samples": n,
+        "generate_seconds": round(gen_s, 2),
+        "results": results,
+    }
+
+
+def evaluate_lab(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 32,
+    seed: int = 0,
+    keep_results: bool = False,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
+) -> dict:
+    """Lab-task accuracy with the exact verifier: ``{"accuracy", "per_level", "n", "n_samples", "pass@k"}``.
+
+    ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples otherwise.
+    ``messages_fn`` as in :func:`evaluate_problems` (default: the student prompt).
+    """
+    from engine.lab.task import verify
+
+    res = evaluate_problems(
+        model,
+        tokenizer,
+        problems,
+        verify,
+        n_samples=n_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        batch_size=batch_size,
+        seed=seed,
+        messages_fn=messages_fn,
+    )
+    if not keep_results:
+        res.pop("results")
+    return res
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_benchmark(name: str) -> list[dict]:
+    """Rows ``{"problem", "answer"}`` of a hub benchmark in :data:`BENCHMARKS`; fails naming the dataset."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)} or 'lab'")
+    ids, _, pcol, acol = BENCHMARKS[name]
+    import datasets
+    from datasets import load_dataset
+
+    if not _hub_reachable():
+        # Cache only: otherwise datasets retries the hub for ~30 s per dataset id before failing.
+        import huggingface_hub.constants as hub_constants
+
+        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    errors = []
+    for ds_id in ids:
+        try:
+            dd = load_dataset(ds_id)
+        except Exception as e:  # noqa: BLE001 - offline, missing, renamed: try the next id, then report all
+            errors.append(f"{ds_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        split = next((s for s in ("test", "train") if s in dd), next(iter(dd)))
+        ds = dd[split]
+        cols = {c.lower(): c for c in ds.column_names}
+        if pcol not in cols or acol not in cols:
+            errors.append(f"{ds_id}: columns {ds.column_names} lack {pcol!r}/{acol!r}")
+            continue
+        return [{"problem": r[cols[pcol]], "answer": str(r[cols[acol]]), "source": ds_id} for r in ds]
+    raise RuntimeError(
+        f"could not load benchmark {name!r} (tried {', '.join(ids)}; no network or cache?):\n  "
+        + "\n  ".join(errors)
+    )
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Local jsonl with ``problem`` and ``answer`` fields per line."""
+    rows = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "problem" not in r or "answer" not in r:
+                raise ValueError(f"{path}:{ln}: row lacks 'problem'/'answer' (keys: {sorted(r)})")
+            rows.append({"problem": str(r["problem"]), "answer": str(r["answer"]), "level": r.get("level")})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_model(model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto"):
+    """``(model, tokenizer)`` from a local dir, a hub id or ``tiny`` (the shipped lab model).
+
+    ``adapter``: optional peft adapter directory loaded on top."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.lab import TINY_MODEL_DIR
+
+    path = TINY_MODEL_DIR if model == "tiny" else model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter).exists():
+            raise FileNotFoundError(f"adapter directory {adapter!r} does not exist")
+        m = PeftModel.from_pretrained(m, adapter).to(device)
+    m.eval()
+    return m, tok
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="local dir, hub id, or 'tiny' (shipped lab model)")
+    ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. run_dir/checkpoint-N")
+    ap.add_argument("--benchmarks", default="", help="comma list of aime24,aime25,hmmt25,lab")
+    ap.add_argument("--data", default=None, help="local jsonl with problem + answer columns")
+    ap.add_argument("--n", type=int, default=12, help="samples per problem (Average@n, pass@k)")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32768 for math, 128 for lab")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--lab-n", type=int, default=200, help="lab test problems")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--workers", type=int, default=2, help="grading worker processes")
+    ap.add_argument(
+        "--no-thinking", action="store_true", help="pass enable_thinking=False to the chat template"
+    )
+    ap.add_argument("--out", default="eval_out", help="directory for <bench>.jsonl and summary.json")
+    args = ap.parse_args(argv)
+
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if args.data:
+        names.append("data")
+    if not names:
+        ap.error("give --benchmarks and/or --data")
+    for b in names:
+        if b not in BENCHMARKS and b not in ("lab", "data"):
+            ap.error(f"unknown benchmark {b!r}; choose from {sorted(BENCHMARKS) + ['lab']}")
+    # Load every dataset before the model: a missing dataset fails in seconds, not after a model load.
+    sets: dict[str, list[dict]] = {}
+    for b in names:
+        if b == "lab":
+            from engine.lab.task import lab_dataset
+
+            sets[b] = lab_dataset("test", args.lab_n, seed=0)
+        elif b == "data":
+            sets[b] = load_jsonl(args.data)
+        else:
+            try:
+                sets[b] = load_benchmark(b)
+            except RuntimeError as e:
+                sys.exit(f"error: {e}")
+        if args.limit:
+            sets[b] = sets[b][: args.limit]
+
+    model, tok = load_model(args.model, args.adapter, args.device, args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "n": args.n,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "benchmarks": {},
+    }
+    from engine.grading import MathGrader
+    from engine.lab.task import verify
+
+    with MathGrader(workers=args.workers) as math_grader:
+        for b, probs in sets.items():
+            is_lab = b == "lab"
+            res = evaluate_problems(
+                model,
+                tok,
+                probs,
+                verify if is_lab else math_grader,
+                n_samples=args.n,
+                max_new_tokens=args.max_new_tokens or (128 if is_lab else 32768),
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                prompt_suffix="" if is_lab else MATH_SUFFIX,
+                chat_kwargs={"enable_thinking": False} if args.no_thinking else None,
+            )
+            with open(out / f"{b}.jsonl", "w") as f:
+                for r in res.pop("results"):
+                    f.write(json.dumps(r) + "\n")
+            summary["benchmarks"][b] = res
+            pk = "  ".join(f"pass@{k} {v:.4f}" for k, v in res["pass@k"].items())
+            lv = "  ".join(f"L{k} {v:.3f}" for k, v in res["per_level"].items())
+            print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

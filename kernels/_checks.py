@@ -58,7 +58,9 @@ def check_inputs(
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     if mask is not None and mask.shape != hs.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the hidden states' leading shape {tuple(hs.shape[:-1])}")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal the hidden states' leading shape {tuple(hs.shape[:-1])}"
+        )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if clip is not None and not (isinstance(clip, (int, float)) and clip > 0 and not math.isnan(clip)):

@@ -70,7 +70,9 @@ def linear_kl_fwd(
     temperature: float,
     clip: float,
     beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     backend = backend_for(hs.device)
     if backend == "triton":
         from . import triton_kl

@@ -28,8 +28,10 @@
 namespace atesd {
 namespace {
 
-constexpr int64_t kVT = 256;  // vocabulary tile
-constexpr int64_t kRB = 256;  // token rows per block
+// Tile sizes: vocabulary entries per tile and token rows per block; tests shrink them through _set_tiles so that
+// small shapes span several ragged tiles. Not meant to be changed while the op runs.
+int64_t kVT = 256;
+int64_t kRB = 256;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int kind_of(double beta) { return beta == 0.0 ? kForward : (beta == 1.0 ? kReverse : kJSD); }
@@ -146,7 +148,9 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
   enum { MS, SS, ES, MT, ST, A, NF };
   at::Tensor state = at::empty({slots, NF, n}, opt);
   at::Tensor idx = at::zeros({slots, 2, n}, at::TensorOptions().dtype(at::kLong));
-  at::Tensor bound = bounded ? at::empty({2, n, in.ntiles}, opt) : at::Tensor();
+  // per (row, tile): max zw, max d, reference max, partial sums (see pass1_tile): O(N * V / VT)
+  at::Tensor bound = bounded ? at::empty({5, n, in.ntiles}, opt) : at::Tensor();
+  const int64_t pitch = n * in.ntiles;
 
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
@@ -162,11 +166,10 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
         for (int64_t r0 = 0; r0 < n; r0 += kRB) {
           const int64_t rb = std::min(kRB, n - r0);
           logits(in, sc, wtile, wttile, v0, vt, r0, rb);
-          float* bm = bounded ? bound[0].data_ptr<float>() + r0 * in.ntiles + tile : nullptr;
-          float* bd = bounded ? bound[1].data_ptr<float>() + r0 * in.ntiles + tile : nullptr;
+          float* bd = bounded ? bound.data_ptr<float>() + r0 * in.ntiles + tile : nullptr;
           pass1_tile(sc.zs.data_ptr<float>(), sc.zt.data_ptr<float>(), rb, vt, v0, kind, st + MS * n + r0,
                      st + SS * n + r0, st + ES * n + r0, ix + r0, st + MT * n + r0, st + ST * n + r0,
-                     ix + n + r0, st + A * n + r0, bm, bd, in.ntiles);
+                     ix + n + r0, st + A * n + r0, bd, in.ntiles, pitch);
         }
       }
     }
@@ -228,8 +231,10 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
     for (int64_t s = s0; s < s1; ++s) {
       Scratch sc(in);
       float* ac = acc[s].data_ptr<float>();
-      const float* bm = bounded ? bound[0].data_ptr<float>() : nullptr;
-      const float* bd = bounded ? bound[1].data_ptr<float>() : nullptr;
+      const float* bm = bounded ? bound.data_ptr<float>() : nullptr;
+      const float* bd = bounded ? bm + pitch : nullptr;
+      const float* lw = kind == kForward ? LT : LS;
+      const float* lo = kind == kForward ? LS : LT;
       for (int64_t tile = split[s]; tile < split[s + 1]; ++tile) {
         const int64_t v0 = tile * kVT, vt = std::min(kVT, in.v - v0);
         at::Tensor wtile, wttile;
@@ -238,13 +243,18 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
           if (bounded) {
             // l[v] <= exp(max zw - lse_w) * (max (zw - zo) + lse_o - lse_w); 1e-3 margin covers rounding
             bool need = false;
-            const float* lw = kind == kForward ? LT : LS;
-            const float* lo = kind == kForward ? LS : LT;
             for (int64_t i = r0; i < r0 + rb && !need; ++i) {
               const float d = bd[i * in.ntiles + tile] + lo[i] - lw[i];
               need = d > 0.f && std::exp(bm[i * in.ntiles + tile] - lw[i]) * d * 1.001f >= clip;
             }
-            if (!need) continue;
+            if (!need) {
+              // exact tile sum of l without recomputation: exp(mw - lse_w) (a + (lse_o - lse_w) s)
+              for (int64_t i = r0; i < r0 + rb; ++i) {
+                const int64_t k = i * in.ntiles + tile;
+                ac[i] += std::exp(bm[2 * pitch + k] - lw[i]) * (bm[3 * pitch + k] + (lo[i] - lw[i]) * bm[4 * pitch + k]);
+              }
+              continue;
+            }
           }
           if (!wtile.defined()) {
             wtile = Scratch::tile(in.w, sc.wbuf, v0, vt);
@@ -264,7 +274,7 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
       K[i] = T[i];
       G[i] = T[n + i];
     }
-    L[i] = K[i] - T[2 * n + i];
+    L[i] = T[i] - T[2 * n + i];  // sum of min(l, clip), tile by tile: no cancellation against kl
     G[i] -= T[3 * n + i];
   }
   return {loss, kl, lse_s, lse_t, g, agree, maxp, ent};
@@ -326,6 +336,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kl_bwd(
   return {grad_hs.to(hs_.scalar_type()), grad_w, grad_b};
 }
 
+std::vector<int64_t> set_tiles(int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows > 0 && cols > 0, "atesd_native: tile sizes must be > 0, got ", rows, " x ", cols);
+  std::vector<int64_t> old{kRB, kVT};
+  kRB = rows;
+  kVT = cols;
+  return old;
+}
+
 }  // namespace
 }  // namespace atesd
 
@@ -337,6 +355,7 @@ TORCH_LIBRARY(atesd_native, m) {
       "linear_kl_bwd(Tensor grad, Tensor hs, Tensor ht, Tensor w, Tensor? wt, Tensor? bs, Tensor? bt, "
       "Tensor lse_s, Tensor lse_t, Tensor g, float temperature, float clip, float beta, bool need_grad_w, "
       "bool need_grad_b) -> (Tensor, Tensor, Tensor)");
+  m.def("_set_tiles(int rows, int cols) -> int[]", &atesd::set_tiles);  // returns the previous (rows, cols)
 }
 
 TORCH_LIBRARY_IMPL(atesd_native, CPU, m) {

@@ -93,7 +93,7 @@ static inline void online_row(const float* x, int64_t vt, int64_t v0, float& m, 
 ATESD_CLONES
 void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int64_t v0, int kind,
                 float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, int64_t* it, float* a,
-                float* bound_m, float* bound_d, int64_t ldb) {
+                float* bound, int64_t ldb, int64_t pitch) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* xs = zs + i * vt;
     const float* xt = zt + i * vt;
@@ -109,18 +109,23 @@ void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int6
     const float mw_old = fwd ? mt_old : ms_old, mw = fwd ? mt[i] : ms[i];
     float ai = a[i];
     if (mw != mw_old && ai != 0.f) ai *= fast_exp(mw_old - mw);
-    float ta = 0.f, dmax = kNegInf, wmax = kNegInf;
-#pragma omp simd reduction(+ : ta) reduction(max : dmax, wmax)
+    float ta = 0.f, ts = 0.f, dmax = kNegInf, wmax = kNegInf;
+#pragma omp simd reduction(+ : ta, ts) reduction(max : dmax, wmax)
     for (int64_t j = 0; j < vt; ++j) {
-      const float d = w[j] - o[j];
-      ta += fast_exp(w[j] - mw) * d;
+      const float d = w[j] - o[j], e = fast_exp(w[j] - mw);
+      ta += e * d;
+      ts += e;
       dmax = std::max(dmax, d);
       wmax = std::max(wmax, w[j]);
     }
     a[i] = ai + ta;
-    if (bound_m) {
-      bound_m[i * ldb] = wmax;
-      bound_d[i * ldb] = dmax;
+    if (bound) {
+      float* b = bound + i * ldb;
+      b[0] = wmax;
+      b[pitch] = dmax;
+      b[2 * pitch] = mw;
+      b[3 * pitch] = ta;
+      b[4 * pitch] = ts;
     }
   }
 }

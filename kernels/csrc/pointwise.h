@@ -18,10 +18,11 @@ void scale_tile(float* z, int64_t rows, int64_t vt, const float* b, float inv_t)
 // Online pass over one tile. Per row i: student max ms / sum ss = sum exp(zs - ms) / es = sum exp(zs - ms)(zs - ms)
 // / first argmax is; the same for the teacher (mt, st, it); a = sum exp(zw - mw) * d with (zw, d) = (zt, zt - zs)
 // for forward KL and (zs, zs - zt) for reverse KL (unused for JSD). v0 is the tile's first vocabulary index.
-// When bound_m is non-null, bound_m[i] = max_j zw and bound_d[i] = max_j d are written (strided by ldb).
+// When bound is non-null, five per-(row, tile) fields are written at bound[f * pitch + i * ldb]: max_j zw,
+// max_j d, the reference max mw, sum_j exp(zw - mw) d and sum_j exp(zw - mw) (this tile's part of the online sums).
 void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int64_t v0, int kind,
                 float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, int64_t* it, float* a,
-                float* bound_m, float* bound_d, int64_t ldb);
+                float* bound, int64_t ldb, int64_t pitch);
 
 // Exact pass over one tile once lse_s, lse_t are final. Per row adds: sum_l += sum_j l, sum_gp += sum_j gp,
 // excess += sum_j max(l - clip, 0), gclip += sum_j [l > clip] gp; gp = dl/dlog ps (see _ops.py).

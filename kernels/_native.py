@@ -1,7 +1,8 @@
 """Loader of the native CPU kernel: registers ``torch.ops.atesd_native.linear_kl_fwd/bwd`` (kernels/csrc).
 
 The shared library is ``_atesd_native.so``, installed into this package by the build backend (CMakeLists.txt) or
-left in a CMake build tree under ``build/``. Importing this module raises ImportError when it is not built, and
+left in a CMake build tree under ``build/``; ``ATESD_NATIVE_LIBRARY=<path>`` names one explicitly (e.g. a sanitizer
+build, docs/native.md). Importing this module raises ImportError when it is not built, and
 ``_ops`` then falls back to the tiled torch path. ``LIBRARY`` is the path that was loaded.
 """
 
@@ -17,6 +18,8 @@ _NAME = "_atesd_native"
 
 
 def _candidates() -> list[str]:
+    if os.environ.get("ATESD_NATIVE_LIBRARY"):
+        return [os.environ["ATESD_NATIVE_LIBRARY"]]
     found = []
     spec = importlib.util.find_spec(f"{__package__}.{_NAME}")  # installed (also through an editable redirect)
     if spec is not None and spec.origin:

@@ -1,0 +1,232 @@
+// Pointwise tile functions of the native clipped-KL kernel (see pointwise.h).
+#include "pointwise.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(ATESD_NO_CLONES)
+#define ATESD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ATESD_CLONES
+#endif
+
+namespace atesd {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) to ~2 ulp (Cephes polynomial), branch-free so loops over it vectorise; x <= 0 in every use here,
+// and inputs below -87.3 give 1.2e-38 rather than 0, harmless in sums whose largest term is 1.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3365478515625f), 88.3762626647949f);
+  // round-to-nearest by the 1.5 * 2^23 trick: SSE2 has no vector round instruction.
+  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - fx * 0.693359375f) + fx * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// log m = log((1 - beta) exp(lps) + beta exp(lpt)), stable.
+inline float log_mix(float lps, float lpt, float log1mb, float logb) {
+  const float a = lps + log1mb, b = lpt + logb;
+  const float hi = std::max(a, b), lo = std::min(a, b);
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+}  // namespace
+
+ATESD_CLONES
+void scale_tile(float* z, int64_t rows, int64_t vt, const float* b, float inv_t) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* zi = z + i * vt;
+    if (b) {
+#pragma omp simd
+      for (int64_t j = 0; j < vt; ++j) zi[j] = (zi[j] + b[j]) * inv_t;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < vt; ++j) zi[j] *= inv_t;
+    }
+  }
+}
+
+// Online log-sum-exp update of one row: (m, s, e) over the row's values x[0..vt), and first argmax.
+static inline void online_row(const float* x, int64_t vt, int64_t v0, float& m, float& s, float& e, int64_t& idx) {
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < vt; ++j) mx = std::max(mx, x[j]);
+  if (mx > m) {  // strict: on ties the earlier (smaller) vocabulary index wins, as torch.argmax
+    int64_t j = 0;
+    while (j < vt && x[j] != mx) ++j;
+    idx = v0 + j;
+    // rescale to the new max: terms (x - m_old) become (x - m_new) = (x - m_old) - d
+    if (s > 0.f) {
+      const float d = mx - m, sc = fast_exp(-d);
+      e = sc * (e - d * s);
+      s = sc * s;
+    }
+    m = mx;
+  }
+  float ts = 0.f, te = 0.f;
+  const float mm = m;
+#pragma omp simd reduction(+ : ts, te)
+  for (int64_t j = 0; j < vt; ++j) {
+    const float u = x[j] - mm;
+    const float p = fast_exp(u);
+    ts += p;
+    te += p * u;
+  }
+  s += ts;
+  e += te;
+}
+
+ATESD_CLONES
+void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int64_t v0, int kind,
+                float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, int64_t* it, float* a,
+                float* bound, int64_t ldb, int64_t pitch) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xs = zs + i * vt;
+    const float* xt = zt + i * vt;
+    const float ms_old = ms[i], mt_old = mt[i];
+    float et = 0.f;  // the teacher's entropy is not needed; online_row wants an accumulator
+    online_row(xs, vt, v0, ms[i], ss[i], es[i], is[i]);
+    online_row(xt, vt, v0, mt[i], st[i], et, it[i]);
+    if (kind == kJSD) continue;
+    // a = sum exp(zw - mw) d, rescaled when the weighting side's max moved
+    const bool fwd = kind == kForward;
+    const float* w = fwd ? xt : xs;
+    const float* o = fwd ? xs : xt;
+    const float mw_old = fwd ? mt_old : ms_old, mw = fwd ? mt[i] : ms[i];
+    float ai = a[i];
+    if (mw != mw_old && ai != 0.f) ai *= fast_exp(mw_old - mw);
+    float ta = 0.f, ts = 0.f, dmax = kNegInf, wmax = kNegInf;
+#pragma omp simd reduction(+ : ta, ts) reduction(max : dmax, wmax)
+    for (int64_t j = 0; j < vt; ++j) {
+      const float d = w[j] - o[j], e = fast_exp(w[j] - mw);
+      ta += e * d;
+      ts += e;
+      dmax = std::max(dmax, d);
+      wmax = std::max(wmax, w[j]);
+    }
+    a[i] = ai + ta;
+    if (bound) {
+      float* b = bound + i * ldb;
+      b[0] = wmax;
+      b[pitch] = dmax;
+      b[2 * pitch] = mw;
+      b[3 * pitch] = ta;
+      b[4 * pitch] = ts;
+    }
+  }
+}
+
+ATESD_CLONES
+void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
+                const float* lse_s, const float* lse_t, float* sum_l, float* sum_gp, float* excess, float* gclip) {
+  const float log1mb = std::log1p(-beta), logb = std::log(beta);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xs = zs + i * vt;
+    const float* xt = zt + i * vt;
+    const float ls = lse_s[i], lt = lse_t[i];
+    float tl = 0.f, tg = 0.f, tx = 0.f, tc = 0.f;
+    if (kind == kForward) {
+#pragma omp simd reduction(+ : tl, tg, tx, tc)
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float pt = fast_exp(lpt);
+        const float l = pt * (lpt - lps), gp = -pt;
+        const bool over = l > clip;
+        tl += l;
+        tg += gp;
+        tx += over ? l - clip : 0.f;
+        tc += over ? gp : 0.f;
+      }
+    } else if (kind == kReverse) {
+#pragma omp simd reduction(+ : tl, tg, tx, tc)
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float ps = fast_exp(lps);
+        const float l = ps * (lps - lpt), gp = l + ps;
+        const bool over = l > clip;
+        tl += l;
+        tg += gp;
+        tx += over ? l - clip : 0.f;
+        tc += over ? gp : 0.f;
+      }
+    } else {
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float ps = fast_exp(lps), pt = fast_exp(lpt);
+        const float lm = log_mix(lps, lpt, log1mb, logb);
+        const float gp = (1.f - beta) * ps * (lps - lm);
+        const float l = beta * pt * (lpt - lm) + gp;
+        const bool over = l > clip;
+        tl += l;
+        tg += gp;
+        tx += over ? l - clip : 0.f;
+        tc += over ? gp : 0.f;
+      }
+    }
+    sum_l[i] += tl;
+    sum_gp[i] += tg;
+    excess[i] += tx;
+    gclip[i] += tc;
+  }
+}
+
+ATESD_CLONES
+void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
+               const float* lse_s, const float* lse_t, const float* grad, const float* g, float inv_t) {
+  const float log1mb = std::log1p(-beta), logb = std::log(beta);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* xs = zs + i * vt;
+    const float* xt = zt + i * vt;
+    const float ls = lse_s[i], lt = lse_t[i];
+    const float k = grad[i] * inv_t, gi = g[i];
+    if (k == 0.f) {  // masked token: no gradient
+      std::fill(xs, xs + vt, 0.f);
+      continue;
+    }
+    if (kind == kForward) {
+#pragma omp simd
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float pt = fast_exp(lpt), ps = fast_exp(lps);
+        const float l = pt * (lpt - lps);
+        const float cgp = l <= clip ? -pt : 0.f;
+        xs[j] = k * (cgp - ps * gi);
+      }
+    } else if (kind == kReverse) {
+#pragma omp simd
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float ps = fast_exp(lps);
+        const float l = ps * (lps - lpt);
+        const float cgp = l <= clip ? l + ps : 0.f;
+        xs[j] = k * (cgp - ps * gi);
+      }
+    } else {
+      for (int64_t j = 0; j < vt; ++j) {
+        const float lpt = xt[j] - lt, lps = xs[j] - ls;
+        const float ps = fast_exp(lps), pt = fast_exp(lpt);
+        const float lm = log_mix(lps, lpt, log1mb, logb);
+        const float gp = (1.f - beta) * ps * (lps - lm);
+        const float l = beta * pt * (lpt - lm) + gp;
+        const float cgp = l <= clip ? gp : 0.f;
+        xs[j] = k * (cgp - ps * gi);
+      }
+    }
+  }
+}
+
+}  // namespace atesd

@@ -110,7 +110,23 @@ class Config:
     probe_every: int = _f(5, "compute the probe NLL every N steps (0 = never)")
     probe_size: int = _f(8, "number of fixed reference solutions in the probe set")
     eval_problems: int | None = _f(None, "held-out lab problems for greedy accuracy before/after (0 = skip)")
-    eval_max_new_tokens: int = _f(128, "generation cap for the held-out evaluation")
+    eval_every: int = _f(
+        0, "also evaluate every N steps, checkpointing each evaluated step (0 = only before and after training)"
+    )
+    eval_benchmarks: str | None = _f(
+        None,
+        "comma list evaluated before training, every --eval-every steps and at the end: lab (held-out lab "
+        "split, --eval-problems problems), aime24, aime25, hmmt25 or a local .jsonl with problem/answer; "
+        "'' = none (default: lab when --data lab and --eval-problems > 0, else none)",
+    )
+    eval_max_new_tokens: int | None = _f(
+        None, "generation cap of the evaluations (default: 128 on lab, 32768 on math benchmarks)", type=int
+    )
+    eval_samples: int = _f(1, "samples per problem when --eval-temperature > 0 (accuracy = Average@n)")
+    eval_temperature: float = _f(
+        0.0, "evaluation sampling temperature (0 = greedy; else with the rollout --top-p/--top-k)"
+    )
+    eval_limit: int | None = _f(None, "evaluate only the first N problems of each math benchmark", type=int)
     progress: bool = _f(True, "show a progress bar")
     stop_after: int | None = _f(
         None, "stop after this step as if killed (tests resume); the schedule still spans --steps"
@@ -126,6 +142,8 @@ class Config:
             from .data import DEFAULT_DATASET
 
             self.data = "lab" if self.model == "tiny" else DEFAULT_DATASET
+        if self.eval_benchmarks is None:
+            self.eval_benchmarks = "lab" if self.data == "lab" and self.eval_problems else ""
         return self
 
 
@@ -157,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kind = {"clip": float, "lr": float}.get(f.name)
+            kind = f.metadata.get("type") or {"clip": float, "lr": float}.get(f.name)
             if kind is None:
                 kind = (
                     type(default)

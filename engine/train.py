@@ -64,6 +64,7 @@ class Trainer:
             self.policy = controller.build(cfg.exposure)
         except ValueError as e:
             raise ValueError(f"--exposure {cfg.exposure!r}: {e}") from e
+        self.evaluator = Evaluator(cfg, run_dir)
         self.device = _device(cfg)
         self.attention = (
             cfg.attention if cfg.attention != "auto" else ("flex" if self.device.type == "cuda" else "dense")
@@ -275,7 +276,7 @@ class Trainer:
         """Atomically write checkpoints/step-XXXXXX: peft adapter + trainer_state.pt (temp dir + rename)."""
         root = os.path.join(self.run_dir, "checkpoints")
         os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{self.step_no:06d}")
+        final = os.path.join(self.run_dir, checkpoint_name(self.step_no))
         tmp = os.path.join(root, f".tmp-step-{self.step_no:06d}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
@@ -287,6 +288,7 @@ class Trainer:
             "teacher": self.teacher.state_dict(),
             "data": self.stream.state_dict(),
             "skipped": dict(self.skipped),
+            "eval_history": self.evaluator.history,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -314,6 +316,7 @@ class Trainer:
         self.teacher.load_state_dict(state["teacher"])
         self.stream.load_state_dict(state["data"])
         self.skipped = Counter(state["skipped"])
+        self.evaluator.history = state.get("eval_history", {})
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -332,30 +335,145 @@ def latest_checkpoint(path: str) -> str:
     return os.path.join(root, steps[-1])
 
 
-def _evaluate(trainer: Trainer, label: str) -> dict | None:
-    cfg = trainer.cfg
-    if cfg.data != "lab" or not cfg.eval_problems:
-        return None
-    try:
-        from engine.evaluate import evaluate_lab
-        from engine.lab import lab_dataset
-    except ImportError:
-        log.warning("held-out evaluation skipped: engine.evaluate / engine.lab not available")
-        return None
-    problems = lab_dataset("test", cfg.eval_problems, cfg.seed)
-    trainer.model.eval()
-    result = evaluate_lab(
-        trainer.model,
-        trainer.tokenizer,
-        problems,
-        max_new_tokens=cfg.eval_max_new_tokens,
-        temperature=0.0,
-        seed=cfg.seed,
-    )
-    print(
-        f"held-out accuracy {label} training: {result['accuracy']:.3f} (n={result['n']}, greedy)", flush=True
-    )
-    return result
+def checkpoint_name(step: int) -> str:
+    """Checkpoint directory of ``step``, relative to the run directory."""
+    return os.path.join("checkpoints", f"step-{step:06d}")
+
+
+class Evaluator:
+    """Held-out evaluation before training (step 0), every ``eval_every`` steps and after the last step.
+
+    ``history[name]`` lists ``{"step", "accuracy", "n", "n_samples", "per_level", "checkpoint", "seconds"}`` per
+    evaluation (``checkpoint`` relative to the run directory, None at step 0: the base model). It travels in
+    the trainer state, so it survives ``--resume``; ``eval_summary.json`` mirrors it with the best step.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.sets: dict[str, list[dict]] = {}
+        self.history: dict[str, list[dict]] = {}
+        names = [b.strip() for b in (cfg.eval_benchmarks or "").split(",") if b.strip()]
+        if cfg.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
+        if not names:
+            return
+        try:
+            from engine import evaluate
+        except ImportError:
+            log.warning("evaluation skipped: engine.evaluate / engine.lab not available")
+            return
+        for name in names:
+            if name == "lab":
+                if not cfg.eval_problems:
+                    raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
+                from engine.lab import lab_dataset
+
+                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed)
+            elif name.endswith(".jsonl"):
+                key = os.path.splitext(os.path.basename(name))[0]
+                self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]
+            elif name in evaluate.BENCHMARKS:
+                self.sets[name] = evaluate.load_benchmark(name)[: cfg.eval_limit]
+            else:
+                raise ValueError(
+                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from lab, "
+                    f"{', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
+                )
+
+    def due(self, step: int) -> bool:
+        cfg = self.cfg
+        return bool(self.sets) and (
+            step in (0, cfg.steps) or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+        )
+
+    def done(self, step: int) -> bool:
+        return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
+
+    def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
+        from engine import evaluate
+
+        cfg = self.cfg
+        kw = dict(
+            n_samples=cfg.eval_samples,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.top_p if cfg.eval_temperature > 0 else 1.0,
+            top_k=cfg.top_k if cfg.eval_temperature > 0 else 0,
+            seed=cfg.seed,
+        )
+        if name == "lab":
+            return evaluate.evaluate_lab(
+                model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens or 128, **kw
+            )
+        from engine.grading import MathGrader
+
+        with MathGrader(workers=2) as grader:
+            res = evaluate.evaluate_problems(
+                model,
+                tokenizer,
+                problems,
+                grader,
+                max_new_tokens=cfg.eval_max_new_tokens or 32768,
+                prompt_suffix=evaluate.MATH_SUFFIX,
+                chat_kwargs={"enable_thinking": False},  # the student's rollouts are non-thinking too
+                **kw,
+            )
+        res.pop("results", None)
+        return res
+
+    def run(self, model, tokenizer, step: int) -> dict[str, float]:
+        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs."""
+        from tqdm import tqdm
+
+        label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")
+        out: dict[str, float] = {}
+        for name, problems in self.sets.items():
+            t0 = time.perf_counter()
+            res = self._one(model, tokenizer, name, problems)
+            entry = {
+                "step": step,
+                "accuracy": float(res["accuracy"]),
+                "n": res["n"],
+                "n_samples": res["n_samples"],
+                "per_level": {str(k): float(v) for k, v in res.get("per_level", {}).items()},
+                "checkpoint": checkpoint_name(step) if step else None,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            hist = self.history.setdefault(name, [])
+            hist[:] = [e for e in hist if e["step"] != step] + [entry]
+            out[f"eval/{name}/accuracy"] = entry["accuracy"]
+            for lv, acc in entry["per_level"].items():
+                out[f"eval/{name}/level_{lv}"] = acc
+            t = self.cfg.eval_temperature
+            how = f"Average@{res['n_samples']}, T={t:g}" if t > 0 else "greedy"
+            what = "held-out accuracy" if name == "lab" else f"{name} accuracy"
+            tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
+        sys.stdout.flush()
+        self.write()
+        return out
+
+    def best(self, name: str) -> dict:
+        """Highest accuracy in the history (the earliest step on ties)."""
+        e = max(self.history[name], key=lambda e: (e["accuracy"], -e["step"]))
+        return {"step": e["step"], "accuracy": e["accuracy"], "checkpoint": e["checkpoint"]}
+
+    def summary(self) -> dict:
+        return {
+            "eval_every": self.cfg.eval_every,
+            "benchmarks": {
+                name: {"best": self.best(name), "history": sorted(hist, key=lambda e: e["step"])}
+                for name, hist in self.history.items()
+                if hist
+            },
+        }
+
+    def write(self) -> None:
+        """eval_summary.json in the run directory (temp file + rename)."""
+        if not self.history:
+            return
+        path = os.path.join(self.run_dir, "eval_summary.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump(self.summary(), fh, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def train(cfg: Config, resume: str | None = None) -> str:
@@ -400,9 +518,14 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
                 kept = [ln for ln in fh if json.loads(ln).get("step", 0) <= trainer.step_no]
             with open(metrics_path, "w") as fh:
                 fh.writelines(kept)
+        trainer.evaluator.write()  # drop evaluations the interrupted run made after its last checkpoint
     else:
         open(metrics_path, "w").close()
-        _evaluate(trainer, "before")
+        for stale in ("summary.json", "eval_summary.json"):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+        if trainer.evaluator.due(0):
+            trainer.evaluator.run(trainer.model, trainer.tokenizer, 0)
     log.info(
         "run %s: model %s, data %s (%d rows; skipped %s), exposure %s",
         run_dir,
@@ -424,6 +547,10 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
     with open(metrics_path, "a") as out:
         while trainer.step_no < last:
             m = trainer.step()
+            # evaluated before the save, so the checkpoint's state holds this step's evaluation too
+            evaluated = trainer.evaluator.due(m["step"])
+            if evaluated:
+                m.update(trainer.evaluator.run(trainer.model, trainer.tokenizer, m["step"]))
             out.write(json.dumps(m) + "\n")
             out.flush()
             for k, v in m.items():
@@ -433,19 +560,72 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
             bar.set_postfix(
                 loss=f"{m['loss']:.4f}", alpha=f"{m['alpha']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}"
             )
-            if m["step"] % cfg.save_every == 0 or m["step"] == cfg.steps:
+            if evaluated or m["step"] % cfg.save_every == 0 or m["step"] == cfg.steps:
                 trainer.save()
     bar.close()
-    writer.close()
     if trainer.step_no >= cfg.steps:
         if hasattr(trainer.policy, "finish"):
             trainer.policy.finish()
         log.info("finished %d steps; skipped rows %s", trainer.step_no, dict(trainer.skipped))
-        _evaluate(trainer, "after")
+        ev = trainer.evaluator
+        if ev.due(cfg.steps) and not ev.done(cfg.steps):  # resumed after the last save, before its evaluation
+            for k, v in ev.run(trainer.model, trainer.tokenizer, cfg.steps).items():
+                writer.add_scalar(k, v, cfg.steps)
+        for name in ev.history:
+            b = ev.best(name)
+            where = os.path.join(run_dir, b["checkpoint"]) if b["checkpoint"] else "the base model"
+            print(f"best {name} accuracy: {b['accuracy']:.3f} at step {b['step']} ({where})", flush=True)
+        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+            json.dump(run_summary(run_dir, cfg, ev), fh, indent=1)
+    writer.close()
     return run_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
+    """Headline numbers of a finished run (summary.json): accuracy before/after (lab, else the first
+    benchmark), token-weighted mean KL and top-1 agreement over the run's non-skipped steps, mean alpha."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(ln) for ln in fh if ln.strip()]
+    ok = [r for r in rows if not r.get("skipped_step") and math.isfinite(r["loss"])]
+    tokens = sum(r["rollout_tokens"] for r in ok)
+
+    def weighted(key: str) -> float | None:
+        return sum(r[key] * r["rollout_tokens"] for r in ok) / tokens if tokens else None
+
+    evals = {}
+    for name, hist in evaluator.history.items():
+        by_step = {e["step"]: e["accuracy"] for e in hist}
+        evals[name] = {
+            "before": by_step.get(0),
+            "after": by_step.get(cfg.steps),
+            "best": evaluator.best(name),
+        }
+    head = evals.get("lab") or next(iter(evals.values()), {})
+    before, after = head.get("before"), head.get("after")
+    top1 = weighted("top1_agree")
+    return {
+        "run_dir": run_dir,
+        "model": cfg.model,
+        "data": cfg.data,
+        "exposure": cfg.exposure,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "gain": after - before if before is not None and after is not None else None,
+        "kl_mean": weighted("kl"),
+        "top1_agree_mean": top1,
+        "top1_disagree_mean": None if top1 is None else 1.0 - top1,
+        "alpha_mean": sum(r["alpha"] for r in ok) / len(ok) if ok else None,
+        "loss_mean": weighted("loss"),
+        "skipped_steps": len(rows) - len(ok),
+        "eval": evals,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point; returns the run's summary.json content (``{"run_dir", "finished": False}`` if stopped
+    early by --stop-after)."""
     cfg, resume = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from .models import ModelLoadError
@@ -455,6 +635,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"run directory: {run_dir}")
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {"run_dir": run_dir, "finished": False}
+    with open(path) as fh:
+        return json.load(fh)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""engine.sweep on a tiny config: tables, figures and results.json; shared runs run once; finished runs reused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import engine.sweep as sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _argv(out, model_dir, *extra, alphas="0,1"):
+    return [
+        "--out", str(out), "--alphas", alphas, "--seeds", "0", "--methods", "full,adaptive", "--steps", "2",
+        "--batch-size", "2", "--eval-problems", "4", "--threads", "1", *extra,
+        "--", "--model", model_dir, "--data", "lab", "--lab-size", "40", "--max-new-tokens", "8",
+        "--eval-max-new-tokens", "8", "--probe-every", "0",
+    ]  # fmt: skip
+
+
+def _mtimes(out):
+    return {d: os.path.getmtime(os.path.join(out, d, "summary.json")) for d in os.listdir(out) if "-seed" in d}
+
+
+def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "sw"
+    res = sweep.main(_argv(out, tiny_model_dir, "--jobs", "2"))
+    # full == fixed:1 is shared by both parts: three runs, not four
+    assert sorted(d for d in os.listdir(out) if "-seed" in d) == ["adaptive-seed0", "fixed_0-seed0", "fixed_1-seed0"]
+    assert set(res["runs"]) == {"fixed:0/seed0", "fixed:1/seed0", "adaptive/seed0"}
+    for name in ("fig_mismatch_vs_alpha.png", "fig_accuracy_vs_alpha.png", "fig_methods.png"):
+        with open(out / name, "rb") as fh:
+            assert fh.read(8) == PNG
+    with open(out / "results.json") as fh:
+        saved = json.load(fh)
+    assert saved["fixed_exposure"] == res["fixed_exposure"] and saved["runs"].keys() == res["runs"].keys()
+
+    for run in res["runs"].values():
+        assert "error" not in run, run
+        # the summary's mean KL is the token-weighted mean of the run's metrics
+        with open(os.path.join(run["run_dir"], "metrics.jsonl")) as fh:
+            rows = [json.loads(ln) for ln in fh]
+        tokens = sum(r["rollout_tokens"] for r in rows)
+        assert run["kl_mean"] == pytest.approx(sum(r["kl"] * r["rollout_tokens"] for r in rows) / tokens)
+        assert run["top1_disagree_mean"] == pytest.approx(1 - run["top1_agree_mean"])
+        assert run["gain"] == pytest.approx(run["accuracy_after"] - run["accuracy_before"])
+        assert 0 <= run["accuracy_after"] <= 1 and run["steps"] == 2 and len(rows) == 2
+    alphas = {rid: res["runs"][rid]["alpha_mean"] for rid in ("fixed:0/seed0", "fixed:1/seed0")}
+    assert alphas == {"fixed:0/seed0": 0.0, "fixed:1/seed0": 1.0}
+
+    rows = {r["alpha"]: r for r in res["fixed_exposure"]}
+    assert set(rows) == {0.0, 1.0}
+    for a, r in rows.items():
+        run = res["runs"][f"fixed:{a:g}/seed0"]
+        assert r["runs"] == 1 and r["kl_mean"] == run["kl_mean"] and r["kl_mean_std"] == 0.0
+        assert r["top1_disagree_mean"] == run["top1_disagree_mean"] and r["gain"] == run["gain"]
+    methods = {r["method"]: r for r in res["method_comparison"]}
+    assert methods["full"]["accuracy_after"] == rows[1.0]["accuracy_after"]
+    assert methods["adaptive"]["accuracy_after_per_seed"] == [res["runs"]["adaptive/seed0"]["accuracy_after"]]
+
+    md = (out / "sweep.md").read_text()
+    assert "## Fixed exposure" in md and "## Methods" in md
+    assert "| full | 1 |" in md and "| adaptive | 1 |" in md and "\n| 0 | 1 |" in md and "\n| 1 | 1 |" in md
+
+    # second invocation with one alpha more: only fixed:0.5 trains; finished runs are reused untouched
+    before = _mtimes(out)
+    trained = []
+    real = sweep._train_one
+
+    def counting(argv, threads, log_path):
+        trained.append(argv[argv.index("--exposure") + 1])
+        return real(argv, threads, log_path)
+
+    monkeypatch.setattr(sweep, "_train_one", counting)
+    res2 = sweep.main(_argv(out, tiny_model_dir, alphas="0,0.5,1"))
+    assert trained == ["fixed:0.5"]
+    assert {d: t for d, t in _mtimes(out).items() if d in before} == before
+    assert res2["runs"]["fixed:1/seed0"]["reused"] and [r["alpha"] for r in res2["fixed_exposure"]] == [0, 0.5, 1]
+
+    # a run that lost its summary (killed during its last evaluation) is resumed, not restarted
+    os.remove(out / "fixed_0-seed0" / "summary.json")
+    trained.clear()
+    calls = []
+    monkeypatch.setattr(sweep, "_train_one", lambda argv, t, p: calls.append(argv) or real(argv, t, p))
+    res3 = sweep.main(_argv(out, tiny_model_dir, alphas="0,0.5,1"))
+    assert len(calls) == 1 and "--resume" in calls[0]
+    for k in ("accuracy_after", "kl_mean", "top1_agree_mean"):
+        assert res3["runs"]["fixed:0/seed0"][k] == res["runs"]["fixed:0/seed0"][k]
+
+    # other train flags in the same out dir would mix settings: refused
+    with pytest.raises(SystemExit, match="use another --out"):
+        sweep.main(_argv(out, tiny_model_dir) + ["--lr", "1e-2"])
+
+
+def test_canonical_and_cli_errors(tmp_path):
+    assert sweep.canonical("full") == sweep.canonical("fixed:1.0") == "fixed:1"
+    assert sweep.canonical("Fixed:0.50") == "fixed:0.5" and sweep.canonical("adaptive") == "adaptive"
+    with pytest.raises(SystemExit, match="--methods"):
+        sweep.main(["--out", str(tmp_path / "a"), "--methods", "bogus"])
+    with pytest.raises(SystemExit, match="sets --exposure"):
+        sweep.main(["--out", str(tmp_path / "b"), "--", "--exposure", "full"])
+    with pytest.raises(SystemExit, match=r"\[0, 1\]"):
+        sweep.main(["--out", str(tmp_path / "c"), "--alphas", "0,1.5"])
+
+
+def test_help_documents_flags():
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.sweep", "--help"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for flag in ("--out", "--parts", "--alphas", "--seeds", "--methods", "--steps", "--batch-size",
+                 "--eval-problems", "--jobs", "--threads", "-- train flags"):  # fmt: skip
+        assert flag in out.stdout, flag

@@ -126,7 +126,9 @@ class Config:
     eval_temperature: float = _f(
         0.0, "evaluation sampling temperature (0 = greedy; else with the rollout --top-p/--top-k)"
     )
-    eval_limit: int | None = _f(None, "evaluate only the first N problems of each math benchmark", type=int)
+    eval_limit: int | None = _f(
+        None, "evaluate only the first N problems of each math benchmark (default: all)", type=int
+    )
     progress: bool = _f(True, "show a progress bar")
     stop_after: int | None = _f(
         None, "stop after this step as if killed (tests resume); the schedule still spans --steps"
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         shown = "the model recipe" if default is None and f.name in RECIPE_FIELDS else default
-        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})"}
+        text = f.metadata["help"]
+        kw: dict[str, Any] = {"help": text if "(default:" in text else f"{text} (default: {shown})"}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(default, bool):

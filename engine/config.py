@@ -49,6 +49,7 @@ class Config:
         "answer", "column holding the final answer (taken from the last \\boxed{} if absent)"
     )
     lab_size: int = _f(2000, "number of lab training problems (data=lab)")
+    lab_levels: str = _f("1,2", "comma list of lab difficulty levels used for training and held-out evaluation")
     # exposure
     exposure: str = _f(
         "adaptive",
@@ -79,7 +80,7 @@ class Config:
     max_reference_tokens: int | None = _f(None, "skip problems whose reference is longer (recipe)")
     # loss and optimisation
     kl_temperature: float = _f(1.1, "temperature of the distillation softmax")
-    clip: float | None = _f(None, "pointwise KL clip tau (recipe: 0.05, 0.06 for qwen3-8b)")
+    clip: float | None = _f(None, "pointwise KL clip tau; inf = off (recipe: 0.05, 0.06 for qwen3-8b, off for tiny)")
     beta: float = _f(0.0, "0 = forward KL(teacher||student), 1 = reverse KL, between = generalized JSD")
     steps: int | None = _f(None, "optimizer steps (recipe)")
     batch_size: int | None = _f(None, "problems per optimizer step (recipe)")
@@ -133,6 +134,16 @@ class Config:
     stop_after: int | None = _f(
         None, "stop after this step as if killed (tests resume); the schedule still spans --steps"
     )
+
+    def lab_level_tuple(self) -> tuple[int, ...]:
+        """``lab_levels`` parsed: '1,2' -> (1, 2); bad entries raise a ValueError naming them."""
+        try:
+            levels = tuple(int(x) for x in str(self.lab_levels).split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--lab-levels must be a comma list of integers, got {self.lab_levels!r}") from None
+        if not levels or any(lv not in (1, 2, 3, 4) for lv in levels):
+            raise ValueError(f"--lab-levels must name levels among 1,2,3,4, got {self.lab_levels!r}")
+        return levels
 
     def resolve(self) -> Config:
         """Fill recipe-driven fields left unset and the model-dependent data default."""

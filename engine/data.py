@@ -24,13 +24,14 @@ def load_rows(
     solution_column: str = "solution",
     answer_column: str = "answer",
     lab_size: int = 2000,
+    lab_levels: tuple[int, ...] = (1, 2, 3, 4),
     seed: int = 0,
 ) -> list[dict]:
     """Raw rows as dicts with keys problem / solution / answer (answer may be None)."""
     if source == "lab":
         from engine.lab import lab_dataset
 
-        raw = lab_dataset(split, lab_size, seed)
+        raw = lab_dataset(split, lab_size, seed, levels=lab_levels)
     else:
         import datasets
 

@@ -91,6 +91,7 @@ class Trainer:
                 solution_column=cfg.solution_column,
                 answer_column=cfg.answer_column,
                 lab_size=cfg.lab_size,
+                lab_levels=cfg.lab_level_tuple(),
                 seed=cfg.seed,
             )
         )
@@ -368,7 +369,7 @@ class Evaluator:
                     raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
                 from engine.lab import lab_dataset
 
-                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed)
+                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
             elif name.endswith(".jsonl"):
                 key = os.path.splitext(os.path.basename(name))[0]
                 self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]

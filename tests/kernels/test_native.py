@@ -125,6 +125,18 @@ def test_thread_count_does_not_change_the_result(tiny_tiles):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_default_tiles_with_ragged_edges(beta):
+    # The production tile sizes: N spans two row blocks and V five vocabulary tiles, both with a ragged last one.
+    hs, ht, w = _make(300, 16, 1100, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        _compare(hs, ht, w, torch.float32, temperature=1.1, clip=0.05, beta=beta, bias=torch.randn(1100))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_tokens_fewer_than_threads_and_one_tile():
     hs, ht, w = _make(1, 8, 7, torch.float32)
     _compare(hs, ht, w, torch.float32, clip=0.05)

@@ -64,7 +64,7 @@ void scale_tile(float* z, int64_t rows, int64_t vt, const float* b, float inv_t)
 static inline void online_row(const float* x, int64_t vt, int64_t v0, float& m, float& s, float& e, int64_t& idx) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < vt; ++j) mx = std::max(mx, x[j]);
+  for (int64_t j = 0; j < vt; ++j) mx = x[j] > mx ? x[j] : mx;
   if (mx > m) {  // strict: on ties the earlier (smaller) vocabulary index wins, as torch.argmax
     int64_t j = 0;
     while (j < vt && x[j] != mx) ++j;
@@ -115,8 +115,8 @@ void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int6
       const float d = w[j] - o[j], e = fast_exp(w[j] - mw);
       ta += e * d;
       ts += e;
-      dmax = std::max(dmax, d);
-      wmax = std::max(wmax, w[j]);
+      dmax = d > dmax ? d : dmax;  // not std::max: its reference form defeats the simd reduction
+      wmax = w[j] > wmax ? w[j] : wmax;
     }
     a[i] = ai + ta;
     if (bound) {

@@ -37,7 +37,10 @@ def _load() -> str:
         return "(already registered)"
     for path in _candidates():
         if os.path.isfile(path):
-            torch.ops.load_library(path)
+            try:
+                torch.ops.load_library(path)
+            except OSError as e:  # stale or foreign build: fall back to the torch path rather than crash
+                raise ImportError(f"native CPU kernel at {path} does not load ({e}); rebuild with `make setup`") from e
             return path
     raise ImportError("native CPU kernel not built: run `make setup` (or see docs/native.md)")
 

@@ -44,6 +44,14 @@ inline float log_mix(float lps, float lpt, float log1mb, float logb) {
   return hi + std::log1p(std::exp(lo - hi));
 }
 
+// Generalized-JSD pointwise term at one vocabulary entry: l = beta pt (lpt - lm) + gp, with the student part
+// gp = (1 - beta) ps (lps - lm) and lm = log(beta pt + (1 - beta) ps). Returns l; writes gp.
+inline float jsd_term(float lps, float lpt, float ps, float pt, float beta, float log1mb, float logb, float& gp) {
+  const float lm = log_mix(lps, lpt, log1mb, logb);
+  gp = (1.f - beta) * ps * (lps - lm);
+  return beta * pt * (lpt - lm) + gp;
+}
+
 }  // namespace
 
 ATESD_CLONES
@@ -167,9 +175,8 @@ void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int 
       for (int64_t j = 0; j < vt; ++j) {
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float ps = fast_exp(lps), pt = fast_exp(lpt);
-        const float lm = log_mix(lps, lpt, log1mb, logb);
-        const float gp = (1.f - beta) * ps * (lps - lm);
-        const float l = beta * pt * (lpt - lm) + gp;
+        float gp;
+        const float l = jsd_term(lps, lpt, ps, pt, beta, log1mb, logb, gp);
         const bool over = l > clip;
         tl += l;
         tg += gp;
@@ -219,9 +226,8 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
       for (int64_t j = 0; j < vt; ++j) {
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float ps = fast_exp(lps), pt = fast_exp(lpt);
-        const float lm = log_mix(lps, lpt, log1mb, logb);
-        const float gp = (1.f - beta) * ps * (lps - lm);
-        const float l = beta * pt * (lpt - lm) + gp;
+        float gp;
+        const float l = jsd_term(lps, lpt, ps, pt, beta, log1mb, logb, gp);
         const float cgp = l <= clip ? gp : 0.f;
         xs[j] = k * (cgp - ps * gi);
       }

@@ -1,18 +1,13 @@
 """Engine test fixtures: a tiny random Qwen3 and a tiny tokenizer, built here (no hub, no engine.lab)."""
 
 import pytest
-import torch
 from engine_tiny import build_model, build_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (and thrash on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Tiny matrices: every engine test runs on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,35 @@
 # Two commands do all set-up on a fresh machine: `make run` (the main job) and `make test` (the test suite).
+# Everything is installed into a project virtual environment, .venv (PEP 668: a stock Debian/Ubuntu Python refuses
+# `pip install` outside one); VENV=<dir> picks another, PYTHON=<interpreter> the Python that creates it.
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
-STAMP := .setup.stamp
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atesd-setup.stamp
 
-.PHONY: setup run test bench lint
-$(STAMP): pyproject.toml
+.PHONY: setup run test bench lint clean-venv
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml CMakeLists.txt | $(PY)
 	# torch is pinned on the command line so pip takes the CPU wheel and never a multi-GB CUDA build; the native
 	# kernel (CMakeLists.txt) is then built against that torch, without build isolation.
-	$(PIP) install -q torch==2.13.0 "scikit-build-core>=0.10" cmake ninja
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q torch==2.13.0 "scikit-build-core>=0.10" cmake ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 run: setup
-	$(PYTHON) -m engine.train
+	$(PY) -m engine.train
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
 
 bench: setup
-	$(PYTHON) -m pytest benchmarks/ --benchmark -q -s
+	$(PY) -m pytest benchmarks/ --benchmark -q -s
 
 lint: setup
-	ruff check .
+	$(PY) -m ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

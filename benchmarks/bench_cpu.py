@@ -28,7 +28,7 @@ impl, n, h, v = sys.argv[1], *map(int, sys.argv[2:5])
 if impl == "torch-tiled":
     os.environ["ATESD_DISABLE_NATIVE"] = "1"
 import torch
-import kernels
+from atesd import kernels
 assert kernels.backend_for("cpu") == {"native": "native", "torch-tiled": "torch"}.get(impl, kernels.backend_for("cpu"))
 fn = kernels.reference.linear_kl if impl == "naive" else kernels.fused_linear_kl
 g = torch.Generator().manual_seed(0)
@@ -58,7 +58,7 @@ def _run(impl: str, n: int, h: int, v: int) -> dict:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
 def test_cpu_fwd_bwd(benchmark, shape, impl):
-    import kernels
+    from atesd import kernels
 
     if impl == "native" and not kernels.native_cpu_available():
         pytest.skip("native kernel not built")

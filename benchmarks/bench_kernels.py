@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels.reference import linear_kl
+from atesd import kernels
+from atesd.kernels.reference import linear_kl
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -21,10 +21,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from engine.exposure import Example
-from engine.models import decoder
-from engine.packing import pack
-from engine.scoring import hidden_states, paths, teacher_tree
+from atesd.engine.exposure import Example
+from atesd.engine.models import decoder
+from atesd.engine.packing import pack
+from atesd.engine.scoring import hidden_states, paths, teacher_tree
 
 SHAPES = {
     # name: (model config kwargs, problems B, prompt P, rollout R)

@@ -26,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # The library is instrumented, and it is the one the tests get (not a build/*/ tree of an ordinary build).
 nm -D "$ATESD_NATIVE_LIBRARY" | grep -q __asan_report_load && nm -D "$ATESD_NATIVE_LIBRARY" | grep -q __ubsan_handle
-"$PYTHON" -c 'import os, kernels; from kernels import _native
+"$PYTHON" -c 'import os; from atesd import kernels; from atesd.kernels import _native
 assert kernels.backend_for("cpu") == "native" and _native.LIBRARY == os.environ["ATESD_NATIVE_LIBRARY"], _native.LIBRARY
 print("sanitized kernel:", _native.LIBRARY)'
 "$PYTHON" -m pytest tests/kernels/test_native.py tests/kernels/test_op.py -q -p no:cacheprovider "$@"

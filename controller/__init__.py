@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from .base import ExposurePolicy, FixedExposure, check_stats
-from .baselines import RandomExposure, ScheduledExposure
-from .beta import BetaExposureController, OneStepBetaController
-from .reward import decision_reward
+from atesd.controller.base import ExposurePolicy, FixedExposure, check_stats
+from atesd.controller.baselines import RandomExposure, ScheduledExposure
+from atesd.controller.beta import BetaExposureController, OneStepBetaController
+from atesd.controller.reward import decision_reward
 
 SPECS = ("adaptive", "adaptive-onestep", "full", "fixed:<a>", "random", "random:<lo>:<hi>",
          "linear:<start>:<end>", "cosine:<start>:<end>", "schedule:linear:<start>:<end>")

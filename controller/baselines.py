@@ -7,7 +7,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from .base import ExposurePolicy, check_stats
+from atesd.controller.base import ExposurePolicy, check_stats
 
 
 class RandomExposure(ExposurePolicy):

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import REQUIRED_KEYS, ExposurePolicy, check_stats
-from .baselines import _as_rng_state
-from .reward import decision_reward
+from atesd.controller.base import REQUIRED_KEYS, ExposurePolicy, check_stats
+from atesd.controller.baselines import _as_rng_state
+from atesd.controller.reward import decision_reward
 
 N_FEATURES = 6
 HISTORY = 256

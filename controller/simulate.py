@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import build
-from .base import ExposurePolicy
+from atesd.controller import build
+from atesd.controller.base import ExposurePolicy
 
 POLICIES = ("adaptive", "adaptive-onestep", "full", "random", "fixed:0.5", "linear:0.4:0.9", "oracle")
 ABLATIONS = ("adaptive?lambda_gt=0", "adaptive?gamma=0.9", "adaptive?gamma=0.9,lambda_gt=0")

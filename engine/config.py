@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .models import RECIPES, recipe_for
+from atesd.engine.models import RECIPES, recipe_for
 
 RECIPE_FIELDS = (
     "clip",
@@ -152,7 +152,7 @@ class Config:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(recipe, name))
         if self.data is None:
-            from .data import DEFAULT_DATASET
+            from atesd.engine.data import DEFAULT_DATASET
 
             self.data = "lab" if self.model == "tiny" else DEFAULT_DATASET
         if self.eval_benchmarks is None:

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from .exposure import last_boxed
+from atesd.engine.exposure import last_boxed
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
@@ -29,7 +29,7 @@ def load_rows(
 ) -> list[dict]:
     """Raw rows as dicts with keys problem / solution / answer (answer may be None)."""
     if source == "lab":
-        from engine.lab import lab_dataset
+        from atesd.engine.lab import lab_dataset
 
         raw = lab_dataset(split, lab_size, seed, levels=lab_levels)
     else:
@@ -60,7 +60,7 @@ def _load_hub(datasets, source: str, split: str):
 
     import huggingface_hub.constants as hub
 
-    from .models import hub_unreachable
+    from atesd.engine.models import hub_unreachable
 
     offline = hub_unreachable()
     saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from engine.grading import average_at_n, mean_pass_at_k
-from engine.lab.prompts import student_messages
+from atesd.engine.grading import average_at_n, mean_pass_at_k
+from atesd.engine.lab.prompts import student_messages
 
 # name -> (hub dataset ids tried in order, split, problem column, answer column)
 BENCHMARKS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -208,7 +208,7 @@ def evaluate_lab(
     ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples otherwise.
     ``messages_fn`` as in :func:`evaluate_problems` (default: the student prompt).
     """
-    from engine.lab.task import verify
+    from atesd.engine.lab.task import verify
 
     res = evaluate_problems(
         model,
@@ -297,7 +297,7 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     ``adapter``: optional peft adapter directory loaded on top."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.lab import TINY_MODEL_DIR
+    from atesd.engine.lab import TINY_MODEL_DIR
 
     path = TINY_MODEL_DIR if model == "tiny" else model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     sets: dict[str, list[dict]] = {}
     for b in names:
         if b == "lab":
-            from engine.lab.task import lab_dataset
+            from atesd.engine.lab.task import lab_dataset
 
             sets[b] = lab_dataset("test", args.lab_n, seed=0)
         elif b == "data":
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "benchmarks": {},
     }
-    from engine.grading import MathGrader
-    from engine.lab.task import verify
+    from atesd.engine.grading import MathGrader
+    from atesd.engine.lab.task import verify
 
     with MathGrader(workers=args.workers) as math_grader:
         for b, probs in sets.items():
@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def cli() -> None:
+    """Console-script entry point (``atesd-evaluate``): :func:`main` without its return value."""
+    main()
 
 
 if __name__ == "__main__":

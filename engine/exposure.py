@@ -23,7 +23,7 @@ DEFAULT_INSTRUCTION = (
 _PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
 
 try:  # the embedded default's prompt formats, so prompts match what the tiny model was trained on
-    from engine.lab import prompts as _lab_prompts
+    from atesd.engine.lab import prompts as _lab_prompts
 except ImportError:  # pragma: no cover - depends on the checkout
     _lab_prompts = None
 

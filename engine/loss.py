@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels import reference
+from atesd import kernels
+from atesd.kernels import reference
 
 _fused_ok = True  # flips to False after the fused op reports it cannot serve this build
 

@@ -75,7 +75,7 @@ class ModelLoadError(RuntimeError):
 def resolve_model_path(model: str) -> str:
     if model == "tiny":
         try:
-            from engine.lab import TINY_MODEL_DIR
+            from atesd.engine.lab import TINY_MODEL_DIR
         except ImportError as e:
             raise ModelLoadError(
                 "model 'tiny' needs engine.lab (the embedded default), which is missing"

@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from .exposure import Example
-from .models import causal_lm, decoder
-from .packing import Packed, Segment, pack
+from atesd.engine.exposure import Example
+from atesd.engine.models import causal_lm, decoder
+from atesd.engine.packing import Packed, Segment, pack
 
 _flex_failed = False
 

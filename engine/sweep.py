@@ -92,8 +92,8 @@ def _train_one(argv: list[str], threads: int, log_path: str) -> dict:
     """Train one run (in this process) with its stdout in ``log_path``; returns its summary.json."""
     import torch
 
-    from engine.config import parse
-    from engine.train import train
+    from atesd.engine.config import parse
+    from atesd.engine.train import train
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
 
-    import controller
+    from atesd import controller
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or set(parts) - {"fixed", "methods"}:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_problems is not None:
         common += ["--eval-problems", str(args.eval_problems)]
     common += extra
-    from engine.config import parse
+    from atesd.engine.config import parse
 
     parse(common)  # a bad pass-through flag fails here, not in every run
     out = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see their train.log)")
     return summary
+
+
+def cli() -> None:
+    """Console-script entry point (``atesd-sweep``): :func:`main` without its return value."""
+    main()
 
 
 if __name__ == "__main__":

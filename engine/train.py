@@ -22,16 +22,15 @@ import numpy as np
 import torch
 import yaml
 
-import controller
-
-from .config import Config, parse
-from .data import DataStream, clean_rows, load_rows
-from .exposure import DEFAULT_INSTRUCTION, Example, make_example
-from .loss import distillation_loss, token_logprobs
-from .models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
-from .packing import Segment, pack
-from .rollout import sample
-from .scoring import _gather, hidden_states, score_student, score_teacher
+from atesd import controller
+from atesd.engine.config import Config, parse
+from atesd.engine.data import DataStream, clean_rows, load_rows
+from atesd.engine.exposure import DEFAULT_INSTRUCTION, Example, make_example
+from atesd.engine.loss import distillation_loss, token_logprobs
+from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
+from atesd.engine.packing import Segment, pack
+from atesd.engine.rollout import sample
+from atesd.engine.scoring import _gather, hidden_states, score_student, score_teacher
 
 log = logging.getLogger("engine")
 TIMING_KEYS = ("tokens_per_s", "step_time_s")
@@ -359,7 +358,7 @@ class Evaluator:
         if not names:
             return
         try:
-            from engine import evaluate
+            from atesd.engine import evaluate
         except ImportError:
             log.warning("evaluation skipped: engine.evaluate / engine.lab not available")
             return
@@ -367,7 +366,7 @@ class Evaluator:
             if name == "lab":
                 if not cfg.eval_problems:
                     raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
-                from engine.lab import lab_dataset
+                from atesd.engine.lab import lab_dataset
 
                 self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
             elif name.endswith(".jsonl"):
@@ -391,7 +390,7 @@ class Evaluator:
         return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
 
     def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
-        from engine import evaluate
+        from atesd.engine import evaluate
 
         cfg = self.cfg
         kw = dict(
@@ -405,7 +404,7 @@ class Evaluator:
             return evaluate.evaluate_lab(
                 model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens or 128, **kw
             )
-        from engine.grading import MathGrader
+        from atesd.engine.grading import MathGrader
 
         with MathGrader(workers=2) as grader:
             res = evaluate.evaluate_problems(
@@ -629,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
     early by --stop-after)."""
     cfg, resume = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from .models import ModelLoadError
+    from atesd.engine.models import ModelLoadError
 
     try:
         run_dir = train(cfg, resume)
@@ -641,6 +640,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {"run_dir": run_dir, "finished": False}
     with open(path) as fh:
         return json.load(fh)
+
+
+def cli() -> None:
+    """Console-script entry point (``atesd-train``): :func:`main` without its return value."""
+    main()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """Fused teacher/student clipped-KL over an LM head, without materialising vocabulary-sized tensors.
 
-    loss, stats = kernels.fused_linear_kl(student_hidden, teacher_hidden, lm_head.weight,
-                                          temperature=1.1, clip=0.05, mask=mask, return_stats=True)
+    from atesd.kernels import fused_linear_kl
+    loss, stats = fused_linear_kl(student_hidden, teacher_hidden, lm_head.weight,
+                                  temperature=1.1, clip=0.05, mask=mask, return_stats=True)
 
-``kernels.reference.linear_kl`` is the plain-torch meaning (materialises logits); see its docstring for the math.
+``atesd.kernels.reference.linear_kl`` is the plain-torch meaning (materialises logits); see its docstring for the math.
 """
 
-from . import reference
-from ._ops import backend_for, native_cpu_available
-from .linear_kl import FusedLinearKL, fused_linear_kl
+if __name__ == "kernels":  # found by its bare name through a checkout on sys.path: not ours (atesd/__init__.py)
+    import sys
+
+    import atesd
+
+    atesd.defer_top_level(sys.modules[__name__])
+else:
+    from atesd.kernels import reference
+    from atesd.kernels._ops import backend_for, native_cpu_available
+    from atesd.kernels.linear_kl import FusedLinearKL, fused_linear_kl
 
 __all__ = ["fused_linear_kl", "FusedLinearKL", "reference", "backend_for", "native_cpu_available"]

@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from . import cpu_tiled
+from atesd.kernels import cpu_tiled
 
 _NATIVE = None  # the loaded native extension module, or False when unavailable
 
@@ -43,7 +43,7 @@ def native_cpu_available() -> bool:
         _NATIVE = False
         if os.environ.get("ATESD_DISABLE_NATIVE", "0") != "1":
             try:
-                from . import _native  # noqa: F401  (registers torch.ops.atesd_native.*)
+                from atesd.kernels import _native  # noqa: F401  (registers torch.ops.atesd_native.*)
 
                 _NATIVE = _native
             except ImportError:
@@ -75,7 +75,7 @@ def linear_kl_fwd(
 ]:
     backend = backend_for(hs.device)
     if backend == "triton":
-        from . import triton_kl
+        from atesd.kernels import triton_kl
 
         return triton_kl.forward(hs, ht, w, wt, bs, bt, temperature, clip, beta)
     if backend == "native":
@@ -110,7 +110,7 @@ def linear_kl_bwd(
     backend = backend_for(hs.device)
     args = (grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature, clip, beta, need_grad_w, need_grad_b)
     if backend == "triton":
-        from . import triton_kl
+        from atesd.kernels import triton_kl
 
         return triton_kl.backward(*args)
     if backend == "native":

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .reference import pointwise_divergence
+from atesd.kernels.reference import pointwise_divergence
 
 ROWS = 512  # token rows per block
 COLS = 1024  # vocabulary entries per tile (a few ROWS x COLS fp32 temporaries live at once)

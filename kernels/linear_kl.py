@@ -13,9 +13,9 @@ import math
 import torch
 from torch import nn
 
-from . import _ops  # noqa: F401  (registers torch.ops.atesd.*)
-from ._checks import check_inputs
-from .reference import STAT_NAMES
+from atesd.kernels import _ops  # noqa: F401  (registers torch.ops.atesd.*)
+from atesd.kernels._checks import check_inputs
+from atesd.kernels.reference import STAT_NAMES
 
 
 class _LinearKLFunction(torch.autograd.Function):

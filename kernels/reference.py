@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ._checks import check_inputs
+from atesd.kernels._checks import check_inputs
 
 STAT_NAMES = ("kl", "clipped_kl", "top1_agree", "student_max_prob", "student_entropy")
 

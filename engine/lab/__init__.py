@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from engine.lab.task import generate_problems, lab_dataset, verify
+from atesd.engine.lab.task import generate_problems, lab_dataset, verify
 
 TINY_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "tiny-qwen3")
 

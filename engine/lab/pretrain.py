@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from engine.lab.prompts import expose_reference, student_messages, teacher_messages
-from engine.lab.task import _make, is_test_problem
-from engine.lab.tokenizer import build_tokenizer
+from atesd.engine.lab.prompts import expose_reference, student_messages, teacher_messages
+from atesd.engine.lab.task import _make, is_test_problem
+from atesd.engine.lab.tokenizer import build_tokenizer
 
 LEVEL_WEIGHTS = {1: 0.40, 2: 0.35, 3: 0.17, 4: 0.08}
 
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
     }
 
-    from engine.evaluate import evaluate_lab
-    from engine.lab.task import lab_dataset
+    from atesd.engine.evaluate import evaluate_lab
+    from atesd.engine.lab.task import lab_dataset
 
     test = lab_dataset("test", 4 * args.eval_n, seed=0)
     greedy = evaluate_lab(model, tok, test, temperature=0.0)

@@ -14,9 +14,9 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.evaluate import evaluate_lab
-from engine.lab import TINY_MODEL_DIR, lab_dataset
-from engine.lab.prompts import expose_reference, teacher_messages
+from atesd.engine.evaluate import evaluate_lab
+from atesd.engine.lab import TINY_MODEL_DIR, lab_dataset
+from atesd.engine.lab.prompts import expose_reference, teacher_messages
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -127,7 +127,7 @@ def lab_dataset(split: str, n: int, seed: int = 0, levels: Sequence[int] = LEVEL
 
 def verify(completion: str, answer: str) -> bool:
     """Exact check: the content of the completion's last ``\\boxed{}`` (stripped) equals ``answer``."""
-    from engine.grading import extract_boxed
+    from atesd.engine.grading import extract_boxed
 
     pred = extract_boxed(completion)
     return pred is not None and pred.strip() == str(answer).strip()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from controller import (
+from atesd.controller import (
     BetaExposureController,
     FixedExposure,
     RandomExposure,

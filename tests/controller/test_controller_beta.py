@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import BetaExposureController, OneStepBetaController, build
+from atesd.controller import BetaExposureController, OneStepBetaController, build
 
 
 def stats(t: int, loss: float, credit: float = -1.0, **over) -> dict[str, float]:

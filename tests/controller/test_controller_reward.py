@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from controller import decision_reward
+from atesd.controller import decision_reward
 
 KW = dict(gamma=0.5, scale=2.0, clip=10.0, lambda_gt=0.0)
 

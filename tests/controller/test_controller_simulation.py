@@ -2,7 +2,7 @@
 
 import pytest
 
-from controller.simulate import ToyStudent, main, simulate, summarize
+from atesd.controller.simulate import ToyStudent, main, simulate, summarize
 
 SEEDS, STEPS = 5, 2000
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from engine.config import Config, parse
-from engine.models import ModelLoadError, load_model
+from atesd.engine.config import Config, parse
+from atesd.engine.models import ModelLoadError, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +48,7 @@ def test_presets_resolve_to_recipe(model, clip, hub):
     assert cfg.max_new_tokens == 1024 and cfg.num_samples == 1 and cfg.top_k == 20
     assert cfg.data == "siyanzhao/Openthoughts_math_30k_opsd" and cfg.kl_temperature == 1.1
     assert parse(["--model", model, "--clip", "0.1"])[0].clip == 0.1
-    from engine.models import resolve_model_path
+    from atesd.engine.models import resolve_model_path
 
     assert resolve_model_path(model) == hub
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from engine_tiny import write_dataset
 
-from engine.data import DataStream, clean_rows, load_rows
+from atesd.engine.data import DataStream, clean_rows, load_rows
 
 
 def test_bad_rows_skipped_and_counted(tmp_path):

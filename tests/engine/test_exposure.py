@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.exposure import DEFAULT_INSTRUCTION, last_boxed, make_example, split_reference
+from atesd.engine.exposure import DEFAULT_INSTRUCTION, last_boxed, make_example, split_reference
 
 SOLUTION = "Let x = 3.\nThen 2x = 6.\nAdd {1}: 7.\nFinally 7 * 2 = 14.\nThe answer is \\boxed{\\frac{28}{2}}"
 ALPHAS = [i / 20 for i in range(21)]

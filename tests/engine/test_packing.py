@@ -4,10 +4,10 @@ import pytest
 import torch
 from engine_tiny import build_model
 
-from engine.exposure import make_example
-from engine.models import add_lora, decoder
-from engine.packing import Segment, pack
-from engine.scoring import paths, score_student, score_teacher, student_tree, teacher_tree
+from atesd.engine.exposure import make_example
+from atesd.engine.models import add_lora, decoder
+from atesd.engine.packing import Segment, pack
+from atesd.engine.scoring import paths, score_student, score_teacher, student_tree, teacher_tree
 
 SOLUTIONS = ["1+2=3\n3*4=12\nSo \\boxed{12}", "5-1=4\nthen 4*4=16\nand 16+1=17\nSo \\boxed{17}"]
 PROBLEMS = ["(1+2)*4?", "(5-1)*4+1?"]

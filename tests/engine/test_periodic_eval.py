@@ -6,9 +6,9 @@ import os
 import pytest
 from engine_tiny import write_dataset
 
-import engine.evaluate as evaluate_mod
-from engine.config import parse
-from engine.train import train
+import atesd.engine.evaluate as evaluate_mod
+from atesd.engine.config import parse
+from atesd.engine.train import train
 
 TIMING = ("tokens_per_s", "step_time_s")
 SCRIPT = [0.25, 0.5, 0.75, 0.75]  # steps 0, 2, 4, 6: best is step 4 (tied with 6: the earliest wins)

@@ -3,7 +3,7 @@
 import torch
 from engine_tiny import build_model
 
-from engine.rollout import filter_logits, sample
+from atesd.engine.rollout import filter_logits, sample
 
 
 def test_shared_prefill_matches_separate(tiny_tokenizer):

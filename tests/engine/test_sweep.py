@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import engine.sweep as sweep
+import atesd.engine.sweep as sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"

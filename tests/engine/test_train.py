@@ -7,9 +7,9 @@ import pytest
 import torch
 from engine_tiny import write_dataset
 
-import engine.train as train_mod
-from engine.config import parse
-from engine.train import train
+import atesd.engine.train as train_mod
+from atesd.engine.config import parse
+from atesd.engine.train import train
 
 TIMING = ("tokens_per_s", "step_time_s")
 
@@ -121,7 +121,7 @@ def test_teacher_kinds_and_yaml(tiny_model_dir, data, tmp_path, teacher):
 
 
 def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
-    from controller import FixedExposure
+    from atesd.controller import FixedExposure
 
     class Recorder(FixedExposure):
         def __init__(self):

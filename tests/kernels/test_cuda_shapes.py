@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.reference import linear_kl
+from atesd import kernels
+from atesd.kernels.reference import linear_kl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 V = 151936

@@ -20,7 +20,7 @@ SCRIPT = r"""
 import json, os, resource, sys
 import torch
 torch.set_num_threads(1)
-import kernels
+from atesd import kernels
 backend, N = sys.argv[1], int(sys.argv[2])
 H, V = 64, 32768
 if backend == "torch":

@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import _ops
-from kernels.reference import linear_kl
+from atesd import kernels
+from atesd.kernels import _ops
+from atesd.kernels.reference import linear_kl
 
 
 def _installed() -> bool:

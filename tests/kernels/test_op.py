@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import _ops, cpu_tiled
-from kernels.reference import linear_kl
+from atesd import kernels
+from atesd.kernels import _ops, cpu_tiled
+from atesd.kernels.reference import linear_kl
 
 BACKENDS = ["torch"] + (["native"] if kernels.native_cpu_available() else []) + (
     ["cuda"] if torch.cuda.is_available() else []

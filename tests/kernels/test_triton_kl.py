@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from kernels import reference
+from atesd.kernels import reference
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-triton_kl = pytest.importorskip("kernels.triton_kl")
+triton_kl = pytest.importorskip("atesd.kernels.triton_kl")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INF = math.inf
@@ -230,7 +230,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_kl as tk
+from atesd.kernels import triton_kl as tk
 
 cfg = tk._BWD_CONFIGS[0]
 common = dict(HAS_BS=True, HAS_BT=True, SHARED_W=True, DOT_PREC="tf32", GROUP_N=8, **cfg.kwargs)

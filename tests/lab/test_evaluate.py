@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.evaluate import evaluate_lab, evaluate_problems, load_jsonl, main
-from engine.lab import TINY_MODEL_DIR, lab_dataset
-from engine.lab.prompts import student_messages, teacher_messages
+from atesd.engine.evaluate import evaluate_lab, evaluate_problems, load_jsonl, main
+from atesd.engine.lab import TINY_MODEL_DIR, lab_dataset
+from atesd.engine.lab.prompts import student_messages, teacher_messages
 
 
 @pytest.fixture(scope="module")

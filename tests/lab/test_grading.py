@@ -4,7 +4,7 @@ from math import comb
 
 import pytest
 
-from engine.grading import (
+from atesd.engine.grading import (
     MathGrader,
     average_at_n,
     extract_boxed,

@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from engine.lab import generate_problems, lab_dataset, verify
-from engine.lab.prompts import DEFAULT_INSTRUCTION, expose_reference, student_messages, teacher_messages
+from atesd.engine.lab import generate_problems, lab_dataset, verify
+from atesd.engine.lab.prompts import DEFAULT_INSTRUCTION, expose_reference, student_messages, teacher_messages
 
 _LINE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -23,8 +22,11 @@ import torch
 import yaml
 
 from atesd import controller
+from atesd.engine import checkpoint
+from atesd.engine.checkpoint import latest_checkpoint
 from atesd.engine.config import Config, parse
 from atesd.engine.data import DataStream, clean_rows, load_rows
+from atesd.engine.evaluator import Evaluator
 from atesd.engine.exposure import DEFAULT_INSTRUCTION, Example, make_example
 from atesd.engine.loss import distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
@@ -272,15 +274,9 @@ class Trainer:
         return -token_logprobs(h, lm_head_weight(self.model), tgt).mean().item()
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def save(self) -> str:
-        """Atomically write checkpoints/step-XXXXXX: peft adapter + trainer_state.pt (temp dir + rename)."""
-        root = os.path.join(self.run_dir, "checkpoints")
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(self.run_dir, checkpoint_name(self.step_no))
-        tmp = os.path.join(root, f".tmp-step-{self.step_no:06d}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        state = {
+    def state_dict(self) -> dict:
+        """Everything but the adapter weights that an exact resume needs (trainer_state.pt)."""
+        return {
             "step": self.step_no,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -289,26 +285,10 @@ class Trainer:
             "data": self.stream.state_dict(),
             "skipped": dict(self.skipped),
             "eval_history": self.evaluator.history,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": checkpoint.rng_state(),
         }
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
 
-    def load(self, path: str) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        adapter = load_file(os.path.join(path, "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.model, adapter)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -317,163 +297,15 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         self.skipped = Counter(state["skipped"])
         self.evaluator.history = state.get("eval_history", {})
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        checkpoint.set_rng_state(state["rng"])
 
+    def save(self) -> str:
+        """checkpoints/step-XXXXXX under the run directory, written atomically (engine/checkpoint.py)."""
+        return checkpoint.save(self.run_dir, self.step_no, self.model, self.state_dict())
 
-def latest_checkpoint(path: str) -> str:
-    """``path`` itself if it is a checkpoint, else the newest checkpoints/step-* under the run directory."""
-    if os.path.exists(os.path.join(path, "trainer_state.pt")):
-        return path
-    root = os.path.join(path, "checkpoints")
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-")) if os.path.isdir(root) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint to resume under {path!r}")
-    return os.path.join(root, steps[-1])
-
-
-def checkpoint_name(step: int) -> str:
-    """Checkpoint directory of ``step``, relative to the run directory."""
-    return os.path.join("checkpoints", f"step-{step:06d}")
-
-
-class Evaluator:
-    """Held-out evaluation before training (step 0), every ``eval_every`` steps and after the last step.
-
-    ``history[name]`` lists ``{"step", "accuracy", "n", "n_samples", "per_level", "checkpoint", "seconds"}`` per
-    evaluation (``checkpoint`` relative to the run directory, None at step 0: the base model). It travels in
-    the trainer state, so it survives ``--resume``; ``eval_summary.json`` mirrors it with the best step.
-    """
-
-    def __init__(self, cfg: Config, run_dir: str) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.sets: dict[str, list[dict]] = {}
-        self.history: dict[str, list[dict]] = {}
-        names = [b.strip() for b in (cfg.eval_benchmarks or "").split(",") if b.strip()]
-        if cfg.eval_every < 0:
-            raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
-        if not names:
-            return
-        try:
-            from atesd.engine import evaluate
-        except ImportError:
-            log.warning("evaluation skipped: engine.evaluate / engine.lab not available")
-            return
-        for name in names:
-            if name == "lab":
-                if not cfg.eval_problems:
-                    raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
-                from atesd.engine.lab import lab_dataset
-
-                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
-            elif name.endswith(".jsonl"):
-                key = os.path.splitext(os.path.basename(name))[0]
-                self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]
-            elif name in evaluate.BENCHMARKS:
-                self.sets[name] = evaluate.load_benchmark(name)[: cfg.eval_limit]
-            else:
-                raise ValueError(
-                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from lab, "
-                    f"{', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
-                )
-
-    def due(self, step: int) -> bool:
-        cfg = self.cfg
-        return bool(self.sets) and (
-            step in (0, cfg.steps) or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-        )
-
-    def done(self, step: int) -> bool:
-        return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
-
-    def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
-        from atesd.engine import evaluate
-
-        cfg = self.cfg
-        kw = dict(
-            n_samples=cfg.eval_samples,
-            temperature=cfg.eval_temperature,
-            top_p=cfg.top_p if cfg.eval_temperature > 0 else 1.0,
-            top_k=cfg.top_k if cfg.eval_temperature > 0 else 0,
-            seed=cfg.seed,
-        )
-        if name == "lab":
-            return evaluate.evaluate_lab(
-                model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens or 128, **kw
-            )
-        from atesd.engine.grading import MathGrader
-
-        with MathGrader(workers=2) as grader:
-            res = evaluate.evaluate_problems(
-                model,
-                tokenizer,
-                problems,
-                grader,
-                max_new_tokens=cfg.eval_max_new_tokens or 32768,
-                prompt_suffix=evaluate.MATH_SUFFIX,
-                chat_kwargs={"enable_thinking": False},  # the student's rollouts are non-thinking too
-                **kw,
-            )
-        res.pop("results", None)
-        return res
-
-    def run(self, model, tokenizer, step: int) -> dict[str, float]:
-        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs."""
-        from tqdm import tqdm
-
-        label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")
-        out: dict[str, float] = {}
-        for name, problems in self.sets.items():
-            t0 = time.perf_counter()
-            res = self._one(model, tokenizer, name, problems)
-            entry = {
-                "step": step,
-                "accuracy": float(res["accuracy"]),
-                "n": res["n"],
-                "n_samples": res["n_samples"],
-                "per_level": {str(k): float(v) for k, v in res.get("per_level", {}).items()},
-                "checkpoint": checkpoint_name(step) if step else None,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-            hist = self.history.setdefault(name, [])
-            hist[:] = [e for e in hist if e["step"] != step] + [entry]
-            out[f"eval/{name}/accuracy"] = entry["accuracy"]
-            for lv, acc in entry["per_level"].items():
-                out[f"eval/{name}/level_{lv}"] = acc
-            t = self.cfg.eval_temperature
-            how = f"Average@{res['n_samples']}, T={t:g}" if t > 0 else "greedy"
-            what = "held-out accuracy" if name == "lab" else f"{name} accuracy"
-            tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
-        sys.stdout.flush()
-        self.write()
-        return out
-
-    def best(self, name: str) -> dict:
-        """Highest accuracy in the history (the earliest step on ties)."""
-        e = max(self.history[name], key=lambda e: (e["accuracy"], -e["step"]))
-        return {"step": e["step"], "accuracy": e["accuracy"], "checkpoint": e["checkpoint"]}
-
-    def summary(self) -> dict:
-        return {
-            "eval_every": self.cfg.eval_every,
-            "benchmarks": {
-                name: {"best": self.best(name), "history": sorted(hist, key=lambda e: e["step"])}
-                for name, hist in self.history.items()
-                if hist
-            },
-        }
-
-    def write(self) -> None:
-        """eval_summary.json in the run directory (temp file + rename)."""
-        if not self.history:
-            return
-        path = os.path.join(self.run_dir, "eval_summary.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump(self.summary(), fh, indent=1)
-        os.replace(path + ".tmp", path)
+    def load(self, path: str) -> None:
+        checkpoint.load_adapter(self.model, path)
+        self.load_state_dict(checkpoint.load_state(path))
 
 
 def train(cfg: Config, resume: str | None = None) -> str:

@@ -1,0 +1,150 @@
+"""Held-out evaluation during training: before the first step, every ``--eval-every`` steps and after the last."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from atesd.engine.checkpoint import checkpoint_name
+from atesd.engine.config import Config
+
+log = logging.getLogger("engine")
+
+
+class Evaluator:
+    """Held-out evaluation before training (step 0), every ``eval_every`` steps and after the last step.
+
+    ``history[name]`` lists ``{"step", "accuracy", "n", "n_samples", "per_level", "checkpoint", "seconds"}`` per
+    evaluation (``checkpoint`` relative to the run directory, None at step 0: the base model). It travels in
+    the trainer state, so it survives ``--resume``; ``eval_summary.json`` mirrors it with the best step.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.sets: dict[str, list[dict]] = {}
+        self.history: dict[str, list[dict]] = {}
+        names = [b.strip() for b in (cfg.eval_benchmarks or "").split(",") if b.strip()]
+        if cfg.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
+        if not names:
+            return
+        try:
+            from atesd.engine import evaluate
+        except ImportError:
+            log.warning("evaluation skipped: engine.evaluate / engine.lab not available")
+            return
+        for name in names:
+            if name == "lab":
+                if not cfg.eval_problems:
+                    raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
+                from atesd.engine.lab import lab_dataset
+
+                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
+            elif name.endswith(".jsonl"):
+                key = os.path.splitext(os.path.basename(name))[0]
+                self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]
+            elif name in evaluate.BENCHMARKS:
+                self.sets[name] = evaluate.load_benchmark(name)[: cfg.eval_limit]
+            else:
+                raise ValueError(
+                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from lab, "
+                    f"{', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
+                )
+
+    def due(self, step: int) -> bool:
+        cfg = self.cfg
+        return bool(self.sets) and (
+            step in (0, cfg.steps) or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+        )
+
+    def done(self, step: int) -> bool:
+        return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
+
+    def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
+        from atesd.engine import evaluate
+
+        cfg = self.cfg
+        kw = dict(
+            n_samples=cfg.eval_samples,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.top_p if cfg.eval_temperature > 0 else 1.0,
+            top_k=cfg.top_k if cfg.eval_temperature > 0 else 0,
+            seed=cfg.seed,
+        )
+        if name == "lab":
+            return evaluate.evaluate_lab(
+                model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens or 128, **kw
+            )
+        from atesd.engine.grading import MathGrader
+
+        with MathGrader(workers=2) as grader:
+            res = evaluate.evaluate_problems(
+                model,
+                tokenizer,
+                problems,
+                grader,
+                max_new_tokens=cfg.eval_max_new_tokens or 32768,
+                prompt_suffix=evaluate.MATH_SUFFIX,
+                chat_kwargs={"enable_thinking": False},  # the student's rollouts are non-thinking too
+                **kw,
+            )
+        res.pop("results", None)
+        return res
+
+    def run(self, model, tokenizer, step: int) -> dict[str, float]:
+        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs."""
+        from tqdm import tqdm
+
+        label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")
+        out: dict[str, float] = {}
+        for name, problems in self.sets.items():
+            t0 = time.perf_counter()
+            res = self._one(model, tokenizer, name, problems)
+            entry = {
+                "step": step,
+                "accuracy": float(res["accuracy"]),
+                "n": res["n"],
+                "n_samples": res["n_samples"],
+                "per_level": {str(k): float(v) for k, v in res.get("per_level", {}).items()},
+                "checkpoint": checkpoint_name(step) if step else None,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            hist = self.history.setdefault(name, [])
+            hist[:] = [e for e in hist if e["step"] != step] + [entry]
+            out[f"eval/{name}/accuracy"] = entry["accuracy"]
+            for lv, acc in entry["per_level"].items():
+                out[f"eval/{name}/level_{lv}"] = acc
+            t = self.cfg.eval_temperature
+            how = f"Average@{res['n_samples']}, T={t:g}" if t > 0 else "greedy"
+            what = "held-out accuracy" if name == "lab" else f"{name} accuracy"
+            tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
+        sys.stdout.flush()
+        self.write()
+        return out
+
+    def best(self, name: str) -> dict:
+        """Highest accuracy in the history (the earliest step on ties)."""
+        e = max(self.history[name], key=lambda e: (e["accuracy"], -e["step"]))
+        return {"step": e["step"], "accuracy": e["accuracy"], "checkpoint": e["checkpoint"]}
+
+    def summary(self) -> dict:
+        return {
+            "eval_every": self.cfg.eval_every,
+            "benchmarks": {
+                name: {"best": self.best(name), "history": sorted(hist, key=lambda e: e["step"])}
+                for name, hist in self.history.items()
+                if hist
+            },
+        }
+
+    def write(self) -> None:
+        """eval_summary.json in the run directory (temp file + rename)."""
+        if not self.history:
+            return
+        path = os.path.join(self.run_dir, "eval_summary.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump(self.summary(), fh, indent=1)
+        os.replace(path + ".tmp", path)

@@ -1,22 +1,26 @@
 """The paper's lab experiments: fixed-exposure sweep (Fig. 2) and method comparison over seeds (Table 1).
 
-    python -m engine.sweep                                    # both parts, tiny model on the lab, 1 job
-    python -m engine.sweep --jobs 2 --out runs/sweep-a        # two worker processes, one torch thread each
+    python -m engine.sweep                                    # both parts, 5 seeds, 2 jobs x 1 thread
+    python -m engine.sweep --out runs/sweep-a                 # a chosen output directory (reruns reuse it)
     python -m engine.sweep --parts methods --methods adaptive,full --seeds 0,1,2,3
     python -m engine.sweep --steps 20 --eval-problems 50 -- --lr 5e-4 --max-new-tokens 64
 
 1. fixed exposure: ``fixed:<alpha>`` for every ``--alphas`` x ``--seeds``: per-token teacher-student KL (``kl``,
    token-weighted mean over the run) and top-1 disagreement (1 - ``top1_agree``) vs alpha, final held-out
-   accuracy and gain (after - before) vs alpha.
+   accuracy and gain (after - before) vs alpha; paired over seeds, the change of KL and disagreement between
+   consecutive alphas (the paper's monotone mismatch growth) and each interior alpha's accuracy minus that of
+   alpha = 1 (suboptimality of full exposure).
 2. methods: every ``--methods`` exposure spec (``controller.build``; ``full`` is OPSD, alpha=1) x ``--seeds``:
-   final accuracy and gain, mean and std over seeds.
+   final accuracy and gain, and ATESD (``adaptive``, else the first method) minus each other one and minus the
+   best fixed alpha, paired over seeds.
 
+Every statistic is a mean with its 95% t-interval over seeds; a paired difference also gets its paired t.
 Each run is ``python -m engine.train --exposure <spec> --seed <s> --output-dir <out>/<spec>-seed<s>`` plus the
 pass-through flags; runs shared by both parts (``full`` == ``fixed:1``) run once. A run whose ``summary.json``
 exists is reused and one with checkpoints is resumed, so an interrupted sweep continues where it stopped.
 Outputs in ``--out``: ``sweep.md`` (tables, also printed), ``fig_mismatch_vs_alpha.png``,
-``fig_accuracy_vs_alpha.png``, ``fig_methods.png`` (error bars: sample std over seeds) and ``results.json``
-(every run's summary plus the aggregated rows). Flags after ``--`` go to every training run.
+``fig_accuracy_vs_alpha.png``, ``fig_methods.png`` (error bars: 95% intervals) and ``results.json`` (every
+run's summary, the aggregated rows and the paired tests). Flags after ``--`` go to every training run.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 DEFAULT_ALPHAS = "0,0.25,0.5,0.75,1"
-DEFAULT_METHODS = "adaptive,full,fixed:0.5,random,adaptive-onestep"
+DEFAULT_METHODS = "adaptive,full,random,adaptive-onestep"
+DEFAULT_SEEDS = "0,1,2,3,4"
 RESERVED = ("--exposure", "--seed", "--output-dir", "--resume", "--stop-after", "--config")
 CONFIG_FILE = "sweep_config.json"
 
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which parts to run: fixed (alpha sweep), methods (comparison) or both (default: %(default)s)",
     )
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help="fixed exposures of part 1 (default: %(default)s)")
-    p.add_argument("--seeds", default="0,1,2", help="training seeds of every run (default: %(default)s)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="training seeds of every run (default: %(default)s)")
     p.add_argument(
         "--methods", default=DEFAULT_METHODS, help="exposure specs compared in part 2 (default: %(default)s)"
     )
@@ -81,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-problems", type=int, default=None, help="held-out lab problems (default: the recipe's)"
     )
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1, in-process)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="parallel worker processes; 1 trains in this process (default: min(2, CPU cores))",
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per job (default: max(1, CPU cores // jobs))"
     )
@@ -113,46 +123,150 @@ def _train_one(argv: list[str], threads: int, log_path: str) -> dict:
     return summary
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample std (0 for one value; None for none)."""
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (95% two-sided intervals)."""
+    if df < 1:
+        raise ValueError(f"need df >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_ci(xs: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and half-width of its 95% t-interval over the non-None values (half-width None below 2 values)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
     m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+    if len(xs) < 2:
+        return m, None
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, t975(len(xs) - 1) * sd / math.sqrt(len(xs))
 
 
-def _aggregate(summaries: list[dict]) -> dict:
-    out: dict = {"runs": len(summaries), "seeds": [s["seed"] for s in summaries]}
-    for k in ("kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain", "alpha_mean"):
-        out[k], out[k + "_std"] = _mean_std([s.get(k) for s in summaries])
-    out["accuracy_after_per_seed"] = [s.get("accuracy_after") for s in summaries]
+def paired(a: dict[str, float | None], b: dict[str, float | None]) -> dict:
+    """Paired comparison over the seeds both have: mean of a - b, its 95% half-width, paired t, n, and the
+    per-seed differences. t is +-inf when every difference is equal and non-zero, 0 when all are zero."""
+    seeds = sorted((s for s in a if s in b and a[s] is not None and b[s] is not None), key=int)
+    diffs = [a[s] - b[s] for s in seeds]
+    out = {"n": len(diffs), "seeds": seeds, "diffs": diffs, "mean": None, "ci": None, "t": None}
+    if not diffs:
+        return out
+    m, ci = mean_ci(diffs)
+    out.update(mean=m, ci=ci)
+    if len(diffs) > 1:
+        sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
+        out["t"] = m / (sd / math.sqrt(len(diffs))) if sd > 0 else (0.0 if m == 0 else math.copysign(math.inf, m))
     return out
 
 
-def _fmt(m: float | None, s: float | None = None, digits: int = 3, sign: bool = False) -> str:
+STAT_KEYS = ("kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain", "alpha_mean")
+
+
+def _aggregate(summaries: list[dict]) -> dict:
+    """Mean and 95% half-width (``<key>_ci``) of each statistic over runs, and the per-seed values."""
+    out: dict = {"runs": len(summaries), "seeds": [s["seed"] for s in summaries]}
+    for k in STAT_KEYS:
+        out[k], out[k + "_ci"] = mean_ci([s.get(k) for s in summaries])
+        out[k + "_per_seed"] = {str(s["seed"]): s.get(k) for s in summaries}  # str keys: JSON-stable
+    return out
+
+
+def _fmt(m: float | None, ci: float | None = None, digits: int = 3, sign: bool = False) -> str:
     if m is None:
         return "-"
     text = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
-    return text if s is None else f"{text} ± {s:.{digits}f}"
+    return text if ci is None else f"{text} ± {ci:.{digits}f}"
 
 
-def tables(fixed_rows: list[dict], method_rows: list[dict], header: str) -> str:
-    """Markdown of both parts (a part without rows is left out)."""
+def _fmt_t(t: float | None) -> str:
+    return "-" if t is None else ("inf" if math.isinf(t) and t > 0 else "-inf" if math.isinf(t) else f"{t:.1f}")
+
+
+def comparisons(fixed_rows: list[dict], method_rows: list[dict]) -> dict:
+    """The paper's claims as paired tests over seeds.
+
+    ``monotone``: for each step between consecutive alphas, the paired change of KL and of top-1
+    disagreement. ``interior_vs_full``: accuracy of each interior alpha minus that of alpha = 1. ``methods``:
+    ATESD (``adaptive``; else the first method) minus each other method and minus the best fixed alpha.
+    """
+    out: dict = {"monotone": [], "interior_vs_full": [], "methods": []}
+    by_alpha = {r["alpha"]: r for r in fixed_rows}
+    alphas = sorted(by_alpha)
+    for lo, hi in zip(alphas, alphas[1:]):
+        row = {"from": lo, "to": hi}
+        for k in ("kl_mean", "top1_disagree_mean"):
+            row[k] = paired(by_alpha[hi][k + "_per_seed"], by_alpha[lo][k + "_per_seed"])
+        out["monotone"].append(row)
+    if 1.0 in by_alpha:
+        full = by_alpha[1.0]["accuracy_after_per_seed"]
+        for a in alphas:
+            if 0.0 < a < 1.0:
+                out["interior_vs_full"].append({"alpha": a, **paired(by_alpha[a]["accuracy_after_per_seed"], full)})
+    if method_rows:
+        head = next((r for r in method_rows if canonical(r["method"]) == "adaptive"), method_rows[0])
+        mine = head["accuracy_after_per_seed"]
+        for r in (r for r in method_rows if r is not head):
+            out["methods"].append({"a": head["method"], "b": r["method"], **paired(mine, r["accuracy_after_per_seed"])})
+        scored = [r for r in fixed_rows if r["accuracy_after"] is not None]
+        if scored:
+            best = max(scored, key=lambda r: r["accuracy_after"])
+            out["methods"].append(
+                {"a": head["method"], "b": f"best fixed (alpha={best['alpha']:g})",
+                 **paired(mine, best["accuracy_after_per_seed"])}  # fmt: skip
+            )
+    return out
+
+
+def _paired_cell(p: dict, digits: int = 3) -> str:
+    return f"{_fmt(p['mean'], p['ci'], digits, sign=True)} | {_fmt_t(p['t'])} | {p['n']}"
+
+
+def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: dict | None = None) -> str:
+    """Markdown of both parts (a part without rows is left out), with the paired tests of ``comparisons``."""
+    comp = comp if comp is not None else comparisons(fixed_rows, method_rows)
     md = [f"# ATESD lab sweep\n\n{header}\n"]
     if fixed_rows:
+        seeds = sorted({s for r in fixed_rows for s in r["accuracy_after_per_seed"]}, key=int)
         md += [
             "## Fixed exposure: mismatch and accuracy vs alpha\n",
-            "| alpha | runs | KL per token | top-1 disagreement | accuracy before | accuracy after | gain |",
+            "| alpha | runs | KL per token | top-1 disagreement | accuracy after | gain | after, per seed "
+            f"({', '.join(map(str, seeds))}) |",
             "|---:|---:|---|---|---|---|---|",
         ]
         for r in fixed_rows:
+            per_seed = ", ".join(_fmt(r["accuracy_after_per_seed"].get(s)) for s in seeds)
             md.append(
-                f"| {r['alpha']:g} | {r['runs']} | {_fmt(r['kl_mean'], r['kl_mean_std'], 4)} "
-                f"| {_fmt(r['top1_disagree_mean'], r['top1_disagree_mean_std'])} "
-                f"| {_fmt(r['accuracy_before'])} | {_fmt(r['accuracy_after'], r['accuracy_after_std'])} "
-                f"| {_fmt(r['gain'], r['gain_std'], sign=True)} |"
+                f"| {r['alpha']:g} | {r['runs']} | {_fmt(r['kl_mean'], r['kl_mean_ci'], 4)} "
+                f"| {_fmt(r['top1_disagree_mean'], r['top1_disagree_mean_ci'], 4)} "
+                f"| {_fmt(r['accuracy_after'], r['accuracy_after_ci'])} | {_fmt(r['gain'], r['gain_ci'], sign=True)} "
+                f"| {per_seed} |"
             )
+        before = [r["accuracy_before"] for r in fixed_rows if r["accuracy_before"] is not None]
+        if before:
+            md.append(f"\nAccuracy before training: {_fmt(*mean_ci(before))} (mean over the runs).")
+        if comp["monotone"]:
+            md += [
+                "\n### Mismatch grows with alpha (paired change between consecutive alphas)\n",
+                "| alpha step | KL change | t | n | top-1 disagreement change | t | n |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for row in comp["monotone"]:
+                md.append(
+                    f"| {row['from']:g} -> {row['to']:g} | {_paired_cell(row['kl_mean'], 4)} "
+                    f"| {_paired_cell(row['top1_disagree_mean'], 4)} |"
+                )
+        if comp["interior_vs_full"]:
+            md += [
+                "\n### Interior alpha vs full exposure (paired accuracy difference)\n",
+                "| alpha | accuracy minus alpha=1 | t | n |",
+                "|---|---|---|---|",
+            ]
+            md += [f"| {row['alpha']:g} | {_paired_cell(row)} |" for row in comp["interior_vs_full"]]
         md.append("")
     if method_rows:
         md += [
@@ -161,26 +275,37 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str) -> str:
             "|---|---:|---|---|---|---|---|",
         ]
         for r in method_rows:
-            per_seed = ", ".join("-" if a is None else f"{a:.3f}" for a in r["accuracy_after_per_seed"])
+            per_seed = ", ".join("-" if a is None else f"{a:.3f}" for a in r["accuracy_after_per_seed"].values())
             md.append(
-                f"| {r['method']} | {r['runs']} | {_fmt(r['accuracy_after'], r['accuracy_after_std'])} "
-                f"| {_fmt(r['gain'], r['gain_std'], sign=True)} | {_fmt(r['alpha_mean'], digits=2)} "
+                f"| {r['method']} | {r['runs']} | {_fmt(r['accuracy_after'], r['accuracy_after_ci'])} "
+                f"| {_fmt(r['gain'], r['gain_ci'], sign=True)} | {_fmt(r['alpha_mean'], digits=2)} "
                 f"| {_fmt(r['kl_mean'], digits=4)} | {per_seed} |"
             )
+        if comp["methods"]:
+            md += [
+                "\n### Paired comparisons (accuracy after training)\n",
+                "| comparison | difference | t | n |",
+                "|---|---|---|---|",
+            ]
+            md += [f"| {row['a']} - {row['b']} | {_paired_cell(row)} |" for row in comp["methods"]]
         md.append("")
-    md.append("Mean ± sample std over seeds; KL and top-1 disagreement are token-weighted means over each run.\n")
+    md.append(
+        "Mean ± half-width of the 95% t-interval over seeds; paired differences are per seed (same seed, same "
+        "held-out problems), t is the paired t statistic. KL and top-1 disagreement are token-weighted means "
+        "over each run's rollouts.\n"
+    )
     return "\n".join(md)
 
 
 def _errorbar(ax, xs, rows, key, label, **kw) -> None:
-    pts = [(x, r[key], r[key + "_std"]) for x, r in zip(xs, rows) if r[key] is not None]
+    pts = [(x, r[key], r[key + "_ci"] or 0.0) for x, r in zip(xs, rows) if r[key] is not None]
     if pts:
         x, y, err = zip(*pts)
         ax.errorbar(x, y, yerr=err, capsize=3, label=label, **kw)
 
 
 def figures(out: str, fixed_rows: list[dict], method_rows: list[dict]) -> list[str]:
-    """The PNGs of the parts that have rows; returns their paths."""
+    """The PNGs of the parts that have rows (error bars: 95% intervals over seeds); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +341,7 @@ def figures(out: str, fixed_rows: list[dict], method_rows: list[dict]) -> list[s
         fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(names) + 2), 3.6))
         for ax, key, title in ((axes[0], "accuracy_after", "final accuracy"), (axes[1], "gain", "gain over before")):
             vals = [r[key] if r[key] is not None else float("nan") for r in method_rows]
-            errs = [r[key + "_std"] or 0.0 for r in method_rows]
+            errs = [r[key + "_ci"] or 0.0 for r in method_rows]
             ax.bar(range(len(names)), vals, yerr=errs, capsize=4, color=[f"C{i}" for i in range(len(names))])
             ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
             ax.set(ylabel=f"held-out {title}", title=title)
@@ -225,7 +350,7 @@ def figures(out: str, fixed_rows: list[dict], method_rows: list[dict]) -> list[s
             axes[0].axhline(sum(before) / len(before), ls="--", color="gray", lw=1, label="before training")
             axes[0].legend(fontsize=8)
         axes[1].axhline(0.0, color="gray", lw=0.8)
-        fig.suptitle("methods on the lab (mean ± std over seeds)", fontsize=10)
+        fig.suptitle("methods on the lab (mean, 95% interval over seeds)", fontsize=10)
         fig.tight_layout()
         paths.append(os.path.join(out, "fig_methods.png"))
         fig.savefig(paths[-1], dpi=120)
@@ -309,18 +434,24 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.jobs} job(s) x {threads} thread(s)",
         flush=True,
     )
+    from tqdm import tqdm
+
+    t_start = time.time()
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, disable=not todo)
 
     def report(i: int, rid: str, res: dict) -> None:
         results[rid] = res
         if "error" in res:
-            print(f"[{i}/{len(todo)}] {rid}: FAILED: {res['error']}", flush=True)
+            line = f"[{i}/{len(todo)}] {rid}: FAILED: {res['error']}"
         else:
-            print(
+            line = (
                 f"[{i}/{len(todo)}] {rid}: accuracy {_fmt(res['accuracy_before'])} -> "
                 f"{_fmt(res['accuracy_after'])}, KL {_fmt(res['kl_mean'], digits=4)}, "
-                f"top-1 disagreement {_fmt(res['top1_disagree_mean'])} ({res['wall_s']:.0f} s)",
-                flush=True,
+                f"top-1 disagreement {_fmt(res['top1_disagree_mean'])} ({res['wall_s']:.0f} s)"
             )
+        bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+        bar.update(1)
 
     if args.jobs == 1:
         for i, (rid, argv_run, log_path) in enumerate(todo, 1):
@@ -344,6 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
                 except Exception as e:  # noqa: BLE001
                     res = {"error": f"{type(e).__name__}: {e}"}
                 report(i, futures[fut], res)
+    bar.close()
+    wall = time.time() - t_start
 
     def ok(key: str) -> list[dict]:
         return [r for s in seeds if "error" not in (r := results[f"{key}/seed{s}"])]
@@ -351,10 +484,13 @@ def main(argv: list[str] | None = None) -> dict:
     fixed_rows = [{"alpha": a, "exposure": (k := canonical(f"fixed:{a}")), **_aggregate(ok(k))} for a in alphas]
     method_rows = [{"method": m, "exposure": canonical(m), **_aggregate(ok(canonical(m)))} for m in methods]
     header = (
-        f"Tiny lab runs: seeds {','.join(map(str, seeds))}; train flags `{' '.join(common)}`; "
+        f"`python -m engine.sweep {' '.join(argv)}{' -- ' + ' '.join(extra) if extra else ''}`: seeds "
+        f"{','.join(map(str, seeds))}; train flags `{' '.join(common)}`; {len(todo)} runs trained in "
+        f"{wall / 60:.1f} min ({args.jobs} job(s) x {threads} thread(s), {os.cpu_count()} CPU cores); "
         f"{time.strftime('%Y-%m-%d')}."
     )
-    md = tables(fixed_rows, method_rows, header)
+    comp = comparisons(fixed_rows, method_rows)
+    md = tables(fixed_rows, method_rows, header, comp)
     with open(os.path.join(out, "sweep.md"), "w") as fh:
         fh.write(md)
     print(md)
@@ -367,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": methods,
         "fixed_exposure": fixed_rows,
         "method_comparison": method_rows,
+        "paired_tests": comp,
+        "wall_s": round(wall, 1),
         "figures": [os.path.basename(p) for p in figs],
         "runs": results,
     }

@@ -16,7 +16,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _argv(out, model_dir, *extra, alphas="0,1"):
     return [
         "--out", str(out), "--alphas", alphas, "--seeds", "0", "--methods", "full,adaptive", "--steps", "2",
-        "--batch-size", "2", "--eval-problems", "4", "--threads", "1", *extra,
+        "--batch-size", "2", "--eval-problems", "4", "--threads", "1", "--jobs", "1", *extra,
         "--", "--model", model_dir, "--data", "lab", "--lab-size", "40", "--max-new-tokens", "8",
         "--eval-max-new-tokens", "8", "--probe-every", "0",
     ]  # fmt: skip
@@ -56,14 +56,20 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     assert set(rows) == {0.0, 1.0}
     for a, r in rows.items():
         run = res["runs"][f"fixed:{a:g}/seed0"]
-        assert r["runs"] == 1 and r["kl_mean"] == run["kl_mean"] and r["kl_mean_std"] == 0.0
+        assert r["runs"] == 1 and r["kl_mean"] == run["kl_mean"] and r["kl_mean_ci"] is None
         assert r["top1_disagree_mean"] == run["top1_disagree_mean"] and r["gain"] == run["gain"]
     methods = {r["method"]: r for r in res["method_comparison"]}
     assert methods["full"]["accuracy_after"] == rows[1.0]["accuracy_after"]
-    assert methods["adaptive"]["accuracy_after_per_seed"] == [res["runs"]["adaptive/seed0"]["accuracy_after"]]
+    assert methods["adaptive"]["accuracy_after_per_seed"] == {"0": res["runs"]["adaptive/seed0"]["accuracy_after"]}
+    # one seed: no interval, but the paired tables are there (t undefined with one pair)
+    comp = res["paired_tests"]
+    assert [(r["from"], r["to"]) for r in comp["monotone"]] == [(0.0, 1.0)]
+    assert comp["monotone"][0]["kl_mean"]["n"] == 1 and comp["monotone"][0]["kl_mean"]["t"] is None
+    assert [r["b"] for r in comp["methods"]][0] == "full" and comp["methods"][0]["a"] == "adaptive" and comp["methods"][-1]["b"].startswith("best fixed")
 
     md = (out / "sweep.md").read_text()
-    assert "## Fixed exposure" in md and "## Methods" in md
+    assert "## Fixed exposure" in md and "## Methods" in md and "### Paired comparisons" in md
+    assert "### Mismatch grows with alpha" in md
     assert "| full | 1 |" in md and "| adaptive | 1 |" in md and "\n| 0 | 1 |" in md and "\n| 1 | 1 |" in md
 
     # second invocation with one alpha more: only fixed:0.5 trains; finished runs are reused untouched
@@ -94,6 +100,38 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     # other train flags in the same out dir would mix settings: refused
     with pytest.raises(SystemExit, match="use another --out"):
         sweep.main(_argv(out, tiny_model_dir) + ["--lr", "1e-2"])
+
+
+def test_intervals_and_paired_tests():
+    assert sweep.t975(1) == 12.706 and sweep.t975(4) == 2.776 and sweep.t975(100) == 1.96
+    m, ci = sweep.mean_ci([1.0, 2.0, 3.0, None])
+    assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert sweep.mean_ci([0.5]) == (0.5, None) and sweep.mean_ci([None]) == (None, None)
+    p = sweep.paired({"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.9}, {"0": 0.4, "1": 0.4, "2": 0.6})  # "3": unpaired
+    assert p["n"] == 3 and p["seeds"] == ["0", "1", "2"] and p["diffs"] == pytest.approx([0.1, 0.2, 0.1])
+    d = [0.1, 0.2, 0.1]
+    sd = (sum((x - sum(d) / 3) ** 2 for x in d) / 2) ** 0.5
+    assert p["mean"] == pytest.approx(sum(d) / 3) and p["t"] == pytest.approx((sum(d) / 3) / (sd / 3**0.5))
+    assert sweep.paired({"0": 1.0, "1": 2.0}, {"0": 0.0, "1": 1.0})["t"] == float("inf")
+    assert sweep.paired({"0": 1.0, "1": 2.0}, {"0": 1.0, "1": 2.0})["t"] == 0.0
+
+    fixed = []
+    for a, kl, acc in ((0.0, [0.1, 0.1, 0.2], [0.5, 0.5, 0.6]), (0.5, [0.2, 0.3, 0.3], [0.7, 0.8, 0.7]),
+                       (1.0, [0.4, 0.5, 0.4], [0.4, 0.5, 0.5])):  # fmt: skip
+        r = {"alpha": a, **sweep._aggregate([
+            {"seed": s, "kl_mean": k, "top1_disagree_mean": k / 2, "accuracy_after": x}
+            for s, (k, x) in enumerate(zip(kl, acc))])}  # fmt: skip
+        fixed.append(r)
+    methods = [{"method": m, **sweep._aggregate([{"seed": s, "accuracy_after": x} for s, x in enumerate(acc)])}
+               for m, acc in (("adaptive", [0.8, 0.8, 0.7]), ("full", [0.4, 0.5, 0.5]))]  # fmt: skip
+    comp = sweep.comparisons(fixed, methods)
+    assert [round(r["kl_mean"]["mean"], 6) for r in comp["monotone"]] == [0.133333, 0.166667]
+    assert [r["alpha"] for r in comp["interior_vs_full"]] == [0.5]
+    assert comp["interior_vs_full"][0]["mean"] == pytest.approx(0.8 / 3)
+    assert [r["b"] for r in comp["methods"]] == ["full", "best fixed (alpha=0.5)"]
+    assert comp["methods"][1]["diffs"] == pytest.approx([0.1, 0.0, 0.0])
+    md = sweep.tables(fixed, methods, "header", comp)
+    assert "| 0.5 | +0.267 ± " in md and "| adaptive - full | +0.300 ± " in md
 
 
 def test_canonical_and_cli_errors(tmp_path):

@@ -164,7 +164,27 @@ def paired(a: dict[str, float | None], b: dict[str, float | None]) -> dict:
     return out
 
 
-STAT_KEYS = ("kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain", "alpha_mean")
+STAT_KEYS = (
+    "kl_start", "top1_disagree_start", "kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain",
+    "alpha_mean",
+)  # fmt: skip
+START_STEPS = 5
+
+
+def start_mismatch(run_dir: str, steps: int = START_STEPS) -> dict[str, float | None]:
+    """Token-weighted KL and top-1 disagreement over a run's first ``steps`` steps (``metrics.jsonl``): the
+    paper's mismatch D(alpha) = E_{y ~ student}[KL(teacher_alpha || student)] for the student as it starts,
+    before training has moved it (the whole-run means also reflect how far each run's student has moved)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(ln) for ln in fh if ln.strip()]
+    rows = [r for r in rows if r["step"] <= steps and not r.get("skipped_step") and math.isfinite(r["loss"])]
+    tokens = sum(r["rollout_tokens"] for r in rows)
+    if not tokens:
+        return {"kl_start": None, "top1_disagree_start": None}
+    return {
+        "kl_start": sum(r["kl"] * r["rollout_tokens"] for r in rows) / tokens,
+        "top1_disagree_start": 1.0 - sum(r["top1_agree"] * r["rollout_tokens"] for r in rows) / tokens,
+    }
 
 
 def _aggregate(summaries: list[dict]) -> dict:
@@ -199,7 +219,7 @@ def comparisons(fixed_rows: list[dict], method_rows: list[dict]) -> dict:
     alphas = sorted(by_alpha)
     for lo, hi in zip(alphas, alphas[1:]):
         row = {"from": lo, "to": hi}
-        for k in ("kl_mean", "top1_disagree_mean"):
+        for k in ("kl_start", "top1_disagree_start", "kl_mean", "top1_disagree_mean"):
             row[k] = paired(by_alpha[hi][k + "_per_seed"], by_alpha[lo][k + "_per_seed"])
         out["monotone"].append(row)
     if 1.0 in by_alpha:
@@ -234,32 +254,44 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
         seeds = sorted({s for r in fixed_rows for s in r["accuracy_after_per_seed"]}, key=int)
         md += [
             "## Fixed exposure: mismatch and accuracy vs alpha\n",
-            "| alpha | runs | KL per token | top-1 disagreement | accuracy after | gain | after, per seed "
-            f"({', '.join(map(str, seeds))}) |",
-            "|---:|---:|---|---|---|---|---|",
+            f"Mismatch at the start: the first {START_STEPS} steps of each run (the student as it starts); over the "
+            "run: all steps.\n",
+            "| alpha | runs | KL at start | top-1 disagreement at start | KL over the run "
+            "| top-1 disagreement over the run | accuracy after | gain |",
+            "|---:|---:|---|---|---|---|---|---|",
         ]
         for r in fixed_rows:
-            per_seed = ", ".join(_fmt(r["accuracy_after_per_seed"].get(s)) for s in seeds)
             md.append(
-                f"| {r['alpha']:g} | {r['runs']} | {_fmt(r['kl_mean'], r['kl_mean_ci'], 4)} "
+                f"| {r['alpha']:g} | {r['runs']} | {_fmt(r['kl_start'], r['kl_start_ci'], 4)} "
+                f"| {_fmt(r['top1_disagree_start'], r['top1_disagree_start_ci'], 4)} "
+                f"| {_fmt(r['kl_mean'], r['kl_mean_ci'], 4)} "
                 f"| {_fmt(r['top1_disagree_mean'], r['top1_disagree_mean_ci'], 4)} "
-                f"| {_fmt(r['accuracy_after'], r['accuracy_after_ci'])} | {_fmt(r['gain'], r['gain_ci'], sign=True)} "
-                f"| {per_seed} |"
+                f"| {_fmt(r['accuracy_after'], r['accuracy_after_ci'])} | {_fmt(r['gain'], r['gain_ci'], sign=True)} |"
             )
+        md += [
+            f"\nAccuracy after training, per seed ({', '.join(map(str, seeds))}):\n",
+            "| alpha | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---:|" + "---|" * len(seeds),
+        ]
+        for r in fixed_rows:
+            cells = " | ".join(_fmt(r["accuracy_after_per_seed"].get(s)) for s in seeds)
+            md.append(f"| {r['alpha']:g} | {cells} |")
         before = [r["accuracy_before"] for r in fixed_rows if r["accuracy_before"] is not None]
         if before:
             md.append(f"\nAccuracy before training: {_fmt(*mean_ci(before))} (mean over the runs).")
         if comp["monotone"]:
             md += [
                 "\n### Mismatch grows with alpha (paired change between consecutive alphas)\n",
-                "| alpha step | KL change | t | n | top-1 disagreement change | t | n |",
-                "|---|---|---|---|---|---|---|",
+                "| alpha step | measured | KL change | t | n | top-1 disagreement change | t | n |",
+                "|---|---|---|---|---|---|---|---|",
             ]
-            for row in comp["monotone"]:
-                md.append(
-                    f"| {row['from']:g} -> {row['to']:g} | {_paired_cell(row['kl_mean'], 4)} "
-                    f"| {_paired_cell(row['top1_disagree_mean'], 4)} |"
-                )
+            for when, kl, top1 in (("at start", "kl_start", "top1_disagree_start"),
+                                   ("over the run", "kl_mean", "top1_disagree_mean")):  # fmt: skip
+                for row in comp["monotone"]:
+                    md.append(
+                        f"| {row['from']:g} -> {row['to']:g} | {when} | {_paired_cell(row[kl], 4)} "
+                        f"| {_paired_cell(row[top1], 4)} |"
+                    )
         if comp["interior_vs_full"]:
             md += [
                 "\n### Interior alpha vs full exposure (paired accuracy difference)\n",
@@ -315,10 +347,14 @@ def figures(out: str, fixed_rows: list[dict], method_rows: list[dict]) -> list[s
     if fixed_rows:
         xs = [r["alpha"] for r in fixed_rows]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        _errorbar(axes[0], xs, fixed_rows, "kl_mean", "KL", marker="o")
+        _errorbar(axes[0], xs, fixed_rows, "kl_start", f"first {START_STEPS} steps", marker="o")
+        _errorbar(axes[0], xs, fixed_rows, "kl_mean", "whole run", marker="s", ls="--", color="gray")
         axes[0].set(xlabel="exposure alpha", ylabel="teacher-student KL per token", title="mismatch vs alpha")
-        _errorbar(axes[1], xs, fixed_rows, "top1_disagree_mean", "top-1", marker="o", color="C1")
+        axes[0].legend(fontsize=8)
+        _errorbar(axes[1], xs, fixed_rows, "top1_disagree_start", f"first {START_STEPS} steps", marker="o", color="C1")
+        _errorbar(axes[1], xs, fixed_rows, "top1_disagree_mean", "whole run", marker="s", ls="--", color="gray")
         axes[1].set(xlabel="exposure alpha", ylabel="top-1 disagreement", title="top-1 disagreement vs alpha")
+        axes[1].legend(fontsize=8)
         fig.tight_layout()
         paths.append(os.path.join(out, "fig_mismatch_vs_alpha.png"))
         fig.savefig(paths[-1], dpi=120)
@@ -421,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = os.path.join(out, run_name(key, seed))
         if os.path.exists(os.path.join(run_dir, "summary.json")):
             with open(os.path.join(run_dir, "summary.json")) as fh:
-                results[f"{key}/seed{seed}"] = {**json.load(fh), "reused": True}
+                summary = json.load(fh)
+            results[f"{key}/seed{seed}"] = {**summary, **start_mismatch(run_dir), "reused": True}
             continue
         resume = os.path.isdir(os.path.join(run_dir, "checkpoints")) and any(
             d.startswith("step-") for d in os.listdir(os.path.join(run_dir, "checkpoints"))
@@ -440,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, disable=not todo)
 
     def report(i: int, rid: str, res: dict) -> None:
+        if "error" not in res:
+            res.update(start_mismatch(res["run_dir"]))
         results[rid] = res
         if "error" in res:
             line = f"[{i}/{len(todo)}] {rid}: FAILED: {res['error']}"

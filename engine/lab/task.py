@@ -1,92 +1,160 @@
-"""Synthetic multi-step arithmetic word problems with step-by-step solutions and an exact verifier.
+"""Synthetic "bags" word problems with expert reference solutions and an exact verifier.
 
-A problem is a start amount followed by 1-6 operations (``gets 7`` = +7, ``loses 3`` = -3, ``doubles them``
-= *2, ``triples them`` = *3). Its solution is one line per operation (``12+7=19``) then ``\\boxed{answer}``.
-Levels grow in the number of steps and in the size of the numbers:
+A problem lists ``g`` groups of items and asks for the total. A group either states its size (``4 bags of 7``)
+or names a standard container, whose size is a fact of the lab's world that the problem never states
+(``3 cartons``: a carton holds 12; see ``CONTAINERS``)::
 
-    level 1: 1 step, start 1-20, operands 1-9, no multiplication
-    level 2: 2 steps, start 10-60, operands 1-20, at most one multiplication
-    level 3: 3-4 steps, start 10-99, operands 1-99, multiplications allowed
-    level 4: 5-6 steps, start 100-999, operands 10-99, multiplications allowed
+    Ann has pens in 3 cartons, 4 bags of 7 and 5 boxes of 9. How many pens in all?
 
-Splits are disjoint by construction: a problem belongs to ``test`` iff a hash of its text falls in one tenth
-of the hash space, so train and test never share a problem text whatever their sizes and seeds.
+The lab's reference solutions are an expert's: one product per group in the order the problem lists them,
+then every addition at once (the ``"terse"`` style)::
+
+    3*12=36
+    4*7=28
+    5*9=45
+    36+28+45=109
+    \\boxed{109}
+
+The shipped student was pre-trained (``engine/lab/pretrain.py``) in a world in which every container comes in
+two sizes (``PRETRAIN_SIZES``: a carton holds 10 or 12), so it cannot know which one the lab's world uses, and
+on its own it solves problems the ``"stepwise"`` way, one addition per line (``36+28=64`` then ``64+45=109``);
+it has never written several additions in one line. A reference's first lines thus carry a fact the student
+lacks, within its reach (a product); its last line, from level 2 on (three groups), a step beyond it.
+
+Levels grow in the number of groups; bags: 2-9 of them, stated sizes 2-12; a group names a container with
+probability ``CONTAINER_RATE``:
+
+    level 1: 2 groups    level 2: 3 groups    level 3: 4 groups    level 4: 5 groups
+
+Splits are disjoint by construction and by content, not only by text: a problem's split is a hash of its groups
+(bag counts and sizes, in order), one tenth ``test``, one tenth ``val`` (for choosing settings), the rest
+``train``; two problems with the same numbers and different names or containers always share a split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 LEVELS = (1, 2, 3, 4)
+SPLITS = ("train", "val", "test")
+GROUPS = {1: 2, 2: 3, 3: 4, 4: 5}  # level -> number of groups
+BAG_COUNTS = (2, 9)
+BAG_SIZES = (2, 12)
+# The lab world's standard containers and how many items each holds; in the pre-training world, either size.
+CONTAINERS = {"cartons": 12, "crates": 9, "tins": 8, "cases": 6, "trays": 5, "racks": 4}
+PRETRAIN_SIZES = {
+    "cartons": (10, 12), "crates": (9, 7), "tins": (6, 8), "cases": (6, 4), "trays": (5, 3), "racks": (2, 4)
+}  # fmt: skip
+CONTAINER_RATE = 0.4
+STYLES = ("terse", "stepwise", "shuffled")
+REFERENCE_STYLE = "terse"  # the lab's references; the student's own style is stepwise
 _NAMES = ("Ann", "Bob", "Cy", "Dee", "Eli", "Fay", "Gus", "Ida", "Jo", "Kim", "Lu", "Max", "Ned", "Ola")
-_PRONOUN = {n: ("She" if n in {"Ann", "Dee", "Fay", "Ida", "Kim", "Lu", "Ola"} else "He") for n in _NAMES}
 _ITEMS = ("pens", "eggs", "cards", "coins", "books", "shells", "stamps", "beads", "nuts", "apples")
-_ADD = ("gets {n}", "buys {n}", "finds {n}")
-_SUB = ("loses {n}", "sells {n}", "gives away {n}")
-_MUL = {2: "doubles them", 3: "triples them"}
-# (steps choices, start range, operand range, max multiplications)
-_SPEC = {
-    1: ((1,), (1, 20), (1, 9), 0),
-    2: ((2,), (10, 60), (1, 20), 1),
-    3: ((3, 4), (10, 99), (1, 99), 2),
-    4: ((5, 6), (100, 999), (10, 99), 3),
-}
-_MAX_VALUE = 9999  # keeps every intermediate value at most 4 digits
+_BAGS = ("bags", "boxes", "jars")
 
 
-def _make(rng: random.Random, level: int) -> dict:
-    steps_choices, (lo, hi), (olo, ohi), max_mul = _SPEC[level]
-    steps = rng.choice(steps_choices)
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    value = start = rng.randint(lo, hi)
-    phrases, lines, n_mul = [], [], 0
-    for _ in range(steps):
-        kinds = ["+", "-"] + (["*"] if n_mul < max_mul and value * 2 <= _MAX_VALUE else [])
-        kind = rng.choice(kinds)
-        if kind == "-" and value < max(olo, 1):
-            kind = "+"
-        if kind == "+" and value + olo > _MAX_VALUE:
-            kind = "-"
-        if kind == "+":
-            n = rng.randint(olo, min(ohi, _MAX_VALUE - value))
-            new, phrase = value + n, rng.choice(_ADD).format(n=n)
-        elif kind == "-":
-            n = rng.randint(olo, min(ohi, value))
-            new, phrase = value - n, rng.choice(_SUB).format(n=n)
-        else:
-            n = 3 if value * 3 <= _MAX_VALUE and rng.random() < 0.4 else 2
-            new, phrase, n_mul = value * n, _MUL[n], n_mul + 1
-        lines.append(f"{value}{kind}{n}={new}")
-        phrases.append(phrase)
-        value = new
-    if len(phrases) == 1:
-        acts = phrases[0]
+def solution_lines(groups: Sequence[tuple[int, int]], style: str, rng: random.Random | None = None) -> list[str]:
+    """Reasoning lines (no boxed answer): one product per group in order, then the additions in ``style``:
+    ``"terse"`` (all in one line, in order), ``"stepwise"`` (one per line, in order) or ``"shuffled"`` (one per
+    line, in an order drawn from ``rng``)."""
+    products = [a * b for a, b in groups]
+    lines = [f"{a}*{b}={p}" for (a, b), p in zip(groups, products)]
+    if style == "terse":
+        return lines + ["+".join(map(str, products)) + f"={sum(products)}"]
+    if style == "stepwise":
+        order = list(range(len(products)))
+    elif style == "shuffled":
+        if rng is None:
+            raise ValueError("style 'shuffled' needs an rng")
+        order = rng.sample(range(len(products)), len(products))
     else:
-        acts = ", ".join(phrases[:-1]) + ", then " + phrases[-1]
-    problem = f"{name} has {start} {item}. {_PRONOUN[name]} {acts}. How many now?"
-    answer = str(value)
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    total = products[order[0]]
+    for i in order[1:]:
+        lines.append(f"{total}+{products[i]}={total + products[i]}")
+        total += products[i]
+    return lines
+
+
+def continue_solution(groups: Sequence[tuple[int, int]], reference: list[str], k: int) -> list[str]:
+    """The first ``k`` lines of ``reference`` (reasoning lines), then the rest the stepwise way: the products
+    not yet written, then the products not yet added, one per line in order, onto the running total."""
+    products = [a * b for a, b in groups]
+    lines = list(reference[:k])
+    lines += [f"{a}*{b}={p}" for (a, b), p in list(zip(groups, products))[len(lines) :]]
+    added: Counter[int] = Counter()
+    total = None
+    for line in lines[len(products) :]:
+        terms, result = line.split("=")
+        values = [int(t) for t in terms.split("+")]
+        added.update(values if total is None else values[1:])
+        total = int(result)
+    for p in products:
+        if added[p]:
+            added[p] -= 1
+        elif total is None:
+            total = p
+        else:
+            lines.append(f"{total}+{p}={total + p}")
+            total += p
+    return lines
+
+
+def _make(
+    rng: random.Random,
+    level: int,
+    *,
+    container_rate: float = CONTAINER_RATE,
+    world: str = "lab",
+    style: str = REFERENCE_STYLE,
+) -> dict:
+    """One problem with its solution in ``style``; ``world`` ``"lab"`` (containers of ``CONTAINERS`` size) or
+    ``"pretrain"`` (either size of ``PRETRAIN_SIZES``, drawn per group)."""
+    if world not in ("lab", "pretrain"):
+        raise ValueError(f"world must be 'lab' or 'pretrain', got {world!r}")
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    groups, phrases, n_containers = [], [], 0
+    for _ in range(GROUPS[level]):
+        count = rng.randint(*BAG_COUNTS)
+        if rng.random() < container_rate:
+            container = rng.choice(list(CONTAINERS))
+            size = CONTAINERS[container] if world == "lab" else rng.choice(PRETRAIN_SIZES[container])
+            phrase = f"{count} {container}"
+            n_containers += 1
+        else:
+            size = rng.randint(*BAG_SIZES)
+            phrase = f"{count} {rng.choice(_BAGS)} of {size}"
+        groups.append((count, size))
+        phrases.append(phrase)
+    listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    problem = f"{name} has {item} in {listed}. How many {item} in all?"
+    answer = str(sum(a * b for a, b in groups))
     return {
         "problem": problem,
-        "solution": "\n".join(lines + [f"\\boxed{{{answer}}}"]),
+        "solution": "\n".join(solution_lines(groups, style, rng) + [f"\\boxed{{{answer}}}"]),
         "answer": answer,
         "level": level,
+        "groups": groups,
+        "containers": n_containers,
     }
 
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     levels = tuple(int(x) for x in levels)
-    if not levels or any(x not in _SPEC for x in levels):
+    if not levels or any(x not in GROUPS for x in levels):
         raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
     return levels
 
 
 def generate_problems(n: int, seed: int, levels: Sequence[int] = LEVELS) -> list[dict]:
-    """``n`` problems cycling through ``levels`` (item i has level ``levels[i % len(levels)]``).
+    """``n`` lab problems cycling through ``levels`` (item i has level ``levels[i % len(levels)]``), any split.
 
     Deterministic for ``seed``; duplicates are allowed (use :func:`lab_dataset` for unique, split problems).
-    Each dict: ``problem`` str, ``solution`` str (lines, last ``\\boxed{..}``), ``answer`` str, ``level`` int.
+    Each dict: ``problem`` str, ``solution`` str (reference, last line ``\\boxed{..}``), ``answer`` str,
+    ``level`` int, ``groups`` list of (count, size) pairs, ``containers`` the number of groups naming a container.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -95,22 +163,27 @@ def generate_problems(n: int, seed: int, levels: Sequence[int] = LEVELS) -> list
     return [_make(rng, levels[i % len(levels)]) for i in range(n)]
 
 
-def is_test_problem(problem: str) -> bool:
-    """Split membership: ``test`` iff the sha1 of the problem text is 0 mod 10."""
-    return int(hashlib.sha1(problem.encode()).hexdigest()[:8], 16) % 10 == 0
+def split_of(problem: dict) -> str:
+    """``test``, ``val`` or ``train``: sha1 of the problem's groups, mod 10 (0 test, 1 val, else train)."""
+    key = ";".join(f"{a}x{b}" for a, b in problem["groups"])
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
 
 
 def lab_dataset(split: str, n: int, seed: int = 0, levels: Sequence[int] = LEVELS) -> list[dict]:
-    """``n`` unique problems of ``split`` ('train' or 'test'), balanced over ``levels``; disjoint splits."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """``n`` unique lab problems of ``split`` ('train', 'val' or 'test'), balanced over ``levels``.
+
+    The splits never share a problem's numbers (see the module docstring), whatever ``n`` and ``seed``;
+    within one call no two problems share their numbers either.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     levels = _check_levels(levels)
-    want_test = split == "test"
     rng = random.Random(f"lab-{split}-{seed}")
     out: list[dict] = []
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     tries = 0
     while len(out) < n:
         level = levels[len(out) % len(levels)]
@@ -118,9 +191,10 @@ def lab_dataset(split: str, n: int, seed: int = 0, levels: Sequence[int] = LEVEL
         tries += 1
         if tries > 200 * (n + 10):
             raise RuntimeError(f"could not find {n} unique {split} problems for levels {levels}")
-        if is_test_problem(ex["problem"]) != want_test or ex["problem"] in seen:
+        key = tuple(ex["groups"])
+        if key in seen or split_of(ex) != split:
             continue
-        seen.add(ex["problem"])
+        seen.add(key)
         out.append(ex)
     return out
 

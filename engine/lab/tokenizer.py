@@ -23,11 +23,16 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """Train BPE (``vocab_size`` incl. specials and all printable ASCII) on ``corpus``; chat template set."""
+    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size {vocab_size} is below the {len(alphabet) + len(SPECIAL_TOKENS)} base tokens "
+            "(printable ASCII and the special tokens)"
+        )
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
     # Every char that is not a letter or space is its own piece; BPE merges only within letter/space runs.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^A-Za-z ]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r"))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,

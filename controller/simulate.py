@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         s = student_for(scenario, 0)
         print(f"\nscenario '{scenario}': {args.steps} steps, {args.seeds} seeds, best alpha at start "
               f"{s.best_alpha():.2f}, loss noise {s.noise:.4g} = {NOISE_RATIO:g} x per-step best progress\n")
-        print(table(summarize(res, late=min(40, args.steps)), late=min(40, args.steps)))
+        late = 40 if args.steps <= 200 else args.steps // 4  # the last 40 of ~100 steps; the last quarter else
+        print(table(summarize(res, late=late), late=late))
     if args.noise_sweep:
         print(f"\nnoise sweep ({args.steps} steps, {args.seeds} seeds)\n")
         print(noise_sweep(args.seeds, args.steps))

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from atesd.controller import DEFAULTS as CONTROLLER
 from atesd.engine.models import RECIPES, recipe_for
 
 RECIPE_FIELDS = (
@@ -58,8 +59,18 @@ class Config:
     exposure_mode: str = _f(
         "tokens", "truncate the reference reasoning by 'tokens' or by 'lines'", choices=("tokens", "lines")
     )
+    task: str | None = _f(
+        None,
+        "task supplying prompt templates, verifier and evaluation protocol: math (OPSD's prompts, the paper's "
+        "evaluation), lab, or package.module:ATTRIBUTE (default: the --data task if it names one, else math)",
+    )
+    prompts: str | None = _f(
+        None,
+        "YAML/JSON file overriding the task's prompt templates (keys student, teacher, instruction, "
+        "student_thinking, teacher_thinking; in a --config YAML also a mapping) (default: the task's)",
+    )
     instruction: str | None = _f(
-        None, "transition instruction after the exposed reference (default: the built-in wording)"
+        None, "transition instruction after the exposed reference (default: the task template's)"
     )
     teacher: str = _f(
         "base",
@@ -67,9 +78,34 @@ class Config:
         choices=("base", "current", "ema"),
     )
     ema_decay: float = _f(0.99, "EMA decay for --teacher ema")
-    teacher_thinking: bool = _f(
-        False, "Qwen3 thinking mode in the teacher prompt (the student's is always off)"
+    teacher_thinking: bool | None = _f(
+        None,
+        "Qwen3 thinking mode in the teacher prompt (default: the task's; on for math as in OPSD, off for lab)",
+        type=bool,
     )
+    # exposure controller (adaptive; --controller-hold also sets random's hold); docs/controller.md
+    controller_hold: int = _f(CONTROLLER["hold"], "K: student steps one sampled alpha is held")
+    controller_lookahead: int = _f(
+        CONTROLLER["lookahead"], "L > K: steps after a decision's first step that its reward looks at"
+    )
+    controller_gamma: float = _f(CONTROLLER["gamma"], "discount of the learning-progress reward")
+    controller_lambda_gt: float = _f(
+        CONTROLLER["lambda_gt"], "weight of the teacher-grounded credit in the reward (0: credit not computed)"
+    )
+    controller_clip: float = _f(CONTROLLER["clip"], "clip of the standardised progress term (standard deviations)")
+    controller_lr: float = _f(CONTROLLER["lr"], "learning rate of the policy")
+    controller_optimizer: str = _f(
+        CONTROLLER["optimizer"], "optimizer of the policy", choices=("sgd", "adam")
+    )
+    controller_update_batch: int = _f(CONTROLLER["update_batch"], "scored decisions per REINFORCE step")
+    controller_entropy_coef: float = _f(CONTROLLER["entropy_coef"], "weight of the capped entropy bonus")
+    controller_entropy_cap: float = _f(CONTROLLER["entropy_cap"], "entropy (nats) above which there is no bonus")
+    controller_hidden: int = _f(CONTROLLER["hidden"], "width of the policy MLP")
+    controller_ema: float = _f(CONTROLLER["ema"], "decay of the loss / mismatch / probe-NLL EMAs of the state")
+    controller_reward_ema: float = _f(
+        CONTROLLER["reward_ema"], "decay of the running mean / sd standardising progress and credit"
+    )
+    controller_grad_clip: float = _f(CONTROLLER["grad_clip"], "max grad norm of a policy step")
     # rollouts
     num_samples: int = _f(1, "rollouts per problem (G)")
     max_new_tokens: int | None = _f(None, "rollout length cap (recipe)")
@@ -121,11 +157,19 @@ class Config:
         "'' = none (default: lab when --data lab and --eval-problems > 0, else none)",
     )
     eval_max_new_tokens: int | None = _f(
-        None, "generation cap of the evaluations (default: 128 on lab, 32768 on math benchmarks)", type=int
+        None, "generation cap of the evaluations (default: the task's: 38912 for math, 128 for lab)", type=int
     )
-    eval_samples: int = _f(1, "samples per problem when --eval-temperature > 0 (accuracy = Average@n)")
-    eval_temperature: float = _f(
-        0.0, "evaluation sampling temperature (0 = greedy; else with the rollout --top-p/--top-k)"
+    eval_samples: int | None = _f(
+        None, "samples per problem, accuracy = Average@n (default: the task's: 12 for math, 1 for lab)", type=int
+    )
+    eval_temperature: float | None = _f(
+        None, "evaluation sampling temperature, 0 = greedy (default: the task's: 1.0 for math, 0 for lab)",
+        type=float,
+    )
+    eval_top_p: float | None = _f(None, "evaluation top-p (default: the task's: 0.95 for math)", type=float)
+    eval_top_k: int | None = _f(None, "evaluation top-k, 0 = off (default: the task's: off for math)", type=int)
+    eval_thinking: bool | None = _f(
+        None, "thinking mode of the evaluated student (default: the task's: on for math, off for lab)", type=bool
     )
     eval_limit: int | None = _f(
         None, "evaluate only the first N problems of each math benchmark (default: all)", type=int
@@ -145,6 +189,11 @@ class Config:
             raise ValueError(f"--lab-levels must name levels among 1,2,3,4, got {self.lab_levels!r}")
         return levels
 
+    def controller_settings(self) -> dict[str, Any]:
+        """The ``controller_*`` fields without the prefix: the exposure policy's constructor arguments."""
+        return {f.name[len("controller_"):]: getattr(self, f.name)
+                for f in dataclasses.fields(self) if f.name.startswith("controller_")}
+
     def resolve(self) -> Config:
         """Fill recipe-driven fields left unset and the model-dependent data default."""
         recipe = recipe_for(self.model)
@@ -155,6 +204,10 @@ class Config:
             from atesd.engine.data import DEFAULT_DATASET
 
             self.data = "lab" if self.model == "tiny" else DEFAULT_DATASET
+        if self.task is None:
+            from atesd.engine.task import is_task
+
+            self.task = self.data if is_task(self.data) else "math"
         if self.eval_benchmarks is None:
             self.eval_benchmarks = "lab" if self.data == "lab" and self.eval_problems else ""
         return self
@@ -186,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = {"help": text if "(default:" in text else f"{text} (default: {shown})"}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.metadata.get("type") is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kind = f.metadata.get("type") or {"clip": float, "lr": float}.get(f.name)

@@ -1,5 +1,5 @@
-"""Training rows (problem, solution, optional answer) from the lab task, a local json/jsonl/parquet file or
-a hub dataset.
+"""Training rows (problem, solution, optional answer) from a task that generates its problems (the lab), a
+local json/jsonl/parquet file or a hub dataset.
 
 Bad rows (missing fields, no boxed answer, over-long) are skipped and counted, never fatal.
 """
@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 
 from atesd.engine.exposure import last_boxed
+from atesd.engine.task import get_task, is_task
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
@@ -27,11 +28,11 @@ def load_rows(
     lab_levels: tuple[int, ...] = (1, 2, 3, 4),
     seed: int = 0,
 ) -> list[dict]:
-    """Raw rows as dicts with keys problem / solution / answer (answer may be None)."""
-    if source == "lab":
-        from atesd.engine.lab import lab_dataset
-
-        raw = lab_dataset(split, lab_size, seed, levels=lab_levels)
+    """Raw rows as dicts with keys problem / solution / answer (answer may be None). A ``source`` naming a
+    task that generates its problems (``engine.task``; e.g. ``lab``) draws ``lab_size`` rows of its split."""
+    task = get_task(source) if is_task(source) else None
+    if task is not None and task.dataset is not None:
+        raw = task.dataset(split, lab_size, seed, levels=lab_levels)
     else:
         import datasets
 

@@ -1,13 +1,18 @@
 """Evaluation: sample completions with HF ``generate`` in batches, grade, report Average@n and pass@k.
 
-    python -m engine.evaluate --model tiny --benchmarks lab --n 4
-    python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoint-100] \\
-        --benchmarks aime24,aime25,hmmt25 --n 12 --out eval_out
+    python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoints/step-000100] \\
+        --benchmarks aime24,aime25,hmmt25 --out eval_out     # the paper's protocol, Average@12
+    python -m engine.evaluate --model tiny --benchmarks lab  # the lab's protocol: greedy
     python -m engine.evaluate --model <dir> --data local.jsonl        # rows with problem + answer
 
-Python API: :func:`evaluate_problems` (any grader) and :func:`evaluate_lab` (lab task, exact verifier), the
-latter used by the trainer for before/after accuracy. Sampling defaults are Qwen3 thinking mode
-(temperature 0.6, top_p 0.95, top_k 20); temperature 0 means greedy decoding.
+Defaults come from the task (``engine.task``): math benchmarks use the ``math`` task, i.e. OPSD's student
+prompt and the paper's protocol (OPSD's): thinking on, T=1.0, top-p 0.95, no top-k, 38912 new tokens,
+n=12, Average@12; a task that generates its own problems (``--benchmarks lab``) uses its own (the lab:
+greedy, 128 tokens). Every flag overrides its part of the protocol; ``--greedy`` is T=0 with one sample.
+
+Python API: :func:`evaluate_problems` (any grader; the paper's protocol by default), :func:`evaluate_task`
+(a task's prompts, verifier and protocol) and :func:`evaluate_lab` (the lab task), the latter two used by the
+trainer's periodic evaluation.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 
 from atesd.engine.grading import average_at_n, mean_pass_at_k
-from atesd.engine.lab.prompts import student_messages
+from atesd.engine.task import PAPER_EVAL, PromptTemplates, Task, get_task, is_task, resolve_templates
 
 # name -> (hub dataset ids tried in order, split, problem column, answer column)
 BENCHMARKS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -31,7 +36,6 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
     "aime25": (("yentinglin/aime_2025", "math-ai/aime25"), "train", "problem", "answer"),
     "hmmt25": (("MathArena/hmmt_feb_2025",), "train", "problem", "answer"),
 }
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def _k_values(n: int) -> list[int]:
@@ -107,19 +111,23 @@ def evaluate_problems(
     problems: Sequence[dict],
     grader: Callable[[str, str], bool],
     *,
-    n_samples: int = 1,
-    max_new_tokens: int = 1024,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    top_k: int = 20,
+    n_samples: int = PAPER_EVAL.n_samples,
+    max_new_tokens: int = PAPER_EVAL.max_new_tokens,
+    temperature: float = PAPER_EVAL.temperature,
+    top_p: float = PAPER_EVAL.top_p,
+    top_k: int = PAPER_EVAL.top_k,
+    thinking: bool | None = PAPER_EVAL.thinking,
     batch_size: int = 32,
     seed: int = 0,
     prompt_suffix: str = "",
     chat_kwargs: dict | None = None,
     messages_fn: Callable[[dict], list[dict]] | None = None,
+    templates: PromptTemplates | None = None,
 ) -> dict:
     """Sample ``n_samples`` completions per problem (dicts with ``problem``, ``answer``, optional ``level``)
     from the student prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
+    Defaults: the paper's protocol and OPSD's student prompt (``templates``: default the math task's).
+    ``thinking`` is the chat template's ``enable_thinking`` (None: not passed); ``chat_kwargs`` adds more.
 
     Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
     "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
@@ -133,10 +141,11 @@ def evaluate_problems(
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     n = 1 if temperature == 0 else n_samples
-    chat_kwargs = chat_kwargs or {}
+    chat_kwargs = {**({} if thinking is None else {"enable_thinking": thinking}), **(chat_kwargs or {})}
+    templates = templates or get_task("math").templates
     prompts = [
         tokenizer.apply_chat_template(
-            messages_fn(p) if messages_fn else student_messages(p["problem"] + prompt_suffix),
+            messages_fn(p) if messages_fn else templates.student_messages(p["problem"] + prompt_suffix),
             tokenize=False,
             add_generation_prompt=True,
             **chat_kwargs,
@@ -188,6 +197,43 @@ def evaluate_problems(
     }
 
 
+def evaluate_task(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    task: Task | str,
+    *,
+    templates: PromptTemplates | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    keep_results: bool = False,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
+    workers: int = 2,
+    **protocol: float | int | bool | None,
+) -> dict:
+    """Accuracy on ``problems`` with a task's student prompt (or ``templates``), verifier (math-verify in
+    ``workers`` processes when it has none) and evaluation protocol; ``protocol`` keys of
+    :class:`engine.task.EvalProtocol` (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``,
+    ``n_samples``, ``thinking``) override it (None: keep). Returns :func:`evaluate_problems`' dict
+    (without ``results`` unless ``keep_results``) plus ``protocol``."""
+    task = get_task(task) if isinstance(task, str) else task
+    proto = task.eval.replace(**protocol)
+    kw = dict(n_samples=proto.n_samples, max_new_tokens=proto.max_new_tokens, temperature=proto.temperature,
+              top_p=proto.top_p, top_k=proto.top_k, thinking=proto.thinking, batch_size=batch_size, seed=seed,
+              messages_fn=messages_fn, templates=templates or task.templates)
+    if task.verify is not None:
+        res = evaluate_problems(model, tokenizer, problems, task.verify, **kw)
+    else:
+        from atesd.engine.grading import MathGrader
+
+        with MathGrader(workers=workers) as grader:
+            res = evaluate_problems(model, tokenizer, problems, grader, **kw)
+    if not keep_results:
+        res.pop("results")
+    res["protocol"] = dict(vars(proto))
+    return res
+
+
 def evaluate_lab(
     model,
     tokenizer,
@@ -203,30 +249,14 @@ def evaluate_lab(
     keep_results: bool = False,
     messages_fn: Callable[[dict], list[dict]] | None = None,
 ) -> dict:
-    """Lab-task accuracy with the exact verifier: ``{"accuracy", "per_level", "n", "n_samples", "pass@k"}``.
-
-    ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples otherwise.
-    ``messages_fn`` as in :func:`evaluate_problems` (default: the student prompt).
-    """
-    from atesd.engine.lab.task import verify
-
-    res = evaluate_problems(
-        model,
-        tokenizer,
-        problems,
-        verify,
-        n_samples=n_samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        batch_size=batch_size,
-        seed=seed,
-        messages_fn=messages_fn,
+    """Lab-task accuracy (:func:`evaluate_task` with the ``lab`` task): ``{"accuracy", "per_level", "n",
+    "n_samples", "pass@k"}``. ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples
+    otherwise. ``messages_fn`` as in :func:`evaluate_problems` (default: the lab's student prompt)."""
+    return evaluate_task(
+        model, tokenizer, problems, "lab", n_samples=n_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+        keep_results=keep_results, messages_fn=messages_fn,
     )
-    if not keep_results:
-        res.pop("results")
-    return res
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -297,9 +327,9 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     ``adapter``: optional peft adapter directory loaded on top."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from atesd.engine.lab import TINY_MODEL_DIR
+    from atesd.engine.models import resolve_model_path
 
-    path = TINY_MODEL_DIR if model == "tiny" else model
+    path = resolve_model_path(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -321,25 +351,30 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="local dir, hub id, or 'tiny' (shipped lab model)")
-    ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. run_dir/checkpoint-N")
-    ap.add_argument("--benchmarks", default="", help="comma list of aime24,aime25,hmmt25,lab")
+    ap.add_argument("--model", default="tiny", help="local dir, hub id, or 'tiny' (the lab's shipped model)")
+    ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. run_dir/checkpoints/step-000100")
+    ap.add_argument("--benchmarks", default="", help="comma list of aime24,aime25,hmmt25 and/or a task with "
+                    "its own problems (lab: its held-out split)")
     ap.add_argument("--data", default=None, help="local jsonl with problem + answer columns")
-    ap.add_argument("--n", type=int, default=12, help="samples per problem (Average@n, pass@k)")
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32768 for math, 128 for lab")
+    ap.add_argument("--task", default="math", help="task whose prompts, verifier and protocol the math "
+                    "benchmarks and --data use: math (OPSD's prompt, the paper's protocol), or module:ATTR")
+    ap.add_argument("--prompts", default=None, help="YAML/JSON file overriding the task's prompt templates")
+    ap.add_argument("--n", type=int, default=None, help="samples per problem, Average@n (default: the task's: "
+                    "12 for math, 1 for lab)")
+    ap.add_argument("--temperature", type=float, default=None, help="default: the task's (1.0 math, 0 lab)")
+    ap.add_argument("--top-p", type=float, default=None, help="default: the task's (0.95 math)")
+    ap.add_argument("--top-k", type=int, default=None, help="0 = off; default: the task's (off for math)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (38912 math, 128 lab)")
+    ap.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                    help="enable_thinking of the chat template (default: the task's: on for math)")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding, one sample (T=0)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
-    ap.add_argument("--lab-n", type=int, default=200, help="lab test problems")
+    ap.add_argument("--lab-n", type=int, default=200, help="problems of a task's held-out split (lab)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--workers", type=int, default=2, help="grading worker processes")
-    ap.add_argument(
-        "--no-thinking", action="store_true", help="pass enable_thinking=False to the chat template"
-    )
     ap.add_argument("--out", default="eval_out", help="directory for <bench>.jsonl and summary.json")
     args = ap.parse_args(argv)
 
@@ -349,66 +384,53 @@ def main(argv: list[str] | None = None) -> dict:
     if not names:
         ap.error("give --benchmarks and/or --data")
     for b in names:
-        if b not in BENCHMARKS and b not in ("lab", "data"):
-            ap.error(f"unknown benchmark {b!r}; choose from {sorted(BENCHMARKS) + ['lab']}")
+        if b not in BENCHMARKS and b != "data" and not is_task(b):
+            ap.error(f"unknown benchmark {b!r}; choose from {sorted(BENCHMARKS)} or a task with its own problems")
+    try:
+        default_task = get_task(args.task)
+    except ValueError as e:
+        ap.error(str(e))
     # Load every dataset before the model: a missing dataset fails in seconds, not after a model load.
-    sets: dict[str, list[dict]] = {}
+    sets: dict[str, tuple[Task, list[dict]]] = {}
     for b in names:
-        if b == "lab":
-            from atesd.engine.lab.task import lab_dataset
-
-            sets[b] = lab_dataset("test", args.lab_n, seed=0)
-        elif b == "data":
-            sets[b] = load_jsonl(args.data)
-        else:
+        if b == "data":
+            sets[b] = (default_task, load_jsonl(args.data))
+        elif b in BENCHMARKS:
             try:
-                sets[b] = load_benchmark(b)
+                sets[b] = (default_task, load_benchmark(b))
             except RuntimeError as e:
                 sys.exit(f"error: {e}")
+        else:
+            task = get_task(b)
+            if task.dataset is None:
+                ap.error(f"task {b!r} has no problems of its own; give a benchmark or --data")
+            sets[b] = (task, task.dataset("test", args.lab_n, 0))
         if args.limit:
-            sets[b] = sets[b][: args.limit]
+            sets[b] = (sets[b][0], sets[b][1][: args.limit])
 
     model, tok = load_model(args.model, args.adapter, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {
-        "model": args.model,
-        "adapter": args.adapter,
-        "n": args.n,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "benchmarks": {},
-    }
-    from atesd.engine.grading import MathGrader
-    from atesd.engine.lab.task import verify
-
-    with MathGrader(workers=args.workers) as math_grader:
-        for b, probs in sets.items():
-            is_lab = b == "lab"
-            res = evaluate_problems(
-                model,
-                tok,
-                probs,
-                verify if is_lab else math_grader,
-                n_samples=args.n,
-                max_new_tokens=args.max_new_tokens or (128 if is_lab else 32768),
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                prompt_suffix="" if is_lab else MATH_SUFFIX,
-                chat_kwargs={"enable_thinking": False} if args.no_thinking else None,
-            )
-            with open(out / f"{b}.jsonl", "w") as f:
-                for r in res.pop("results"):
-                    f.write(json.dumps(r) + "\n")
-            summary["benchmarks"][b] = res
-            pk = "  ".join(f"pass@{k} {v:.4f}" for k, v in res["pass@k"].items())
-            lv = "  ".join(f"L{k} {v:.3f}" for k, v in res["per_level"].items())
-            print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}")
+    overrides = dict(n_samples=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     max_new_tokens=args.max_new_tokens, thinking=args.thinking)
+    if args.greedy:
+        overrides.update(temperature=0.0, n_samples=1)
+    summary: dict = {"model": args.model, "adapter": args.adapter, "seed": args.seed, "benchmarks": {}}
+    for b, (task, probs) in sets.items():
+        res = evaluate_task(
+            model, tok, probs, task, templates=resolve_templates(task, args.prompts), batch_size=args.batch_size,
+            seed=args.seed, keep_results=True, workers=args.workers, **overrides,
+        )
+        with open(out / f"{b}.jsonl", "w") as f:
+            for r in res.pop("results"):
+                f.write(json.dumps(r) + "\n")
+        summary["benchmarks"][b] = res
+        pk = "  ".join(f"pass@{k} {v:.4f}" for k, v in res["pass@k"].items())
+        lv = "  ".join(f"L{k} {v:.3f}" for k, v in res["per_level"].items())
+        p = res["protocol"]
+        how = "greedy" if p["temperature"] == 0 else f"T={p['temperature']:g} top-p {p['top_p']:g} top-k {p['top_k']}"
+        print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}  "
+              f"({how}, {p['max_new_tokens']} tokens, thinking {'on' if p['thinking'] else 'off'})")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -73,15 +73,17 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_path(model: str) -> str:
+    """Hub id of a preset, the directory of a model a task ships (the lab's 'tiny'), else ``model``."""
+    if model in RECIPES and RECIPES[model].model_id != model:
+        return RECIPES[model].model_id
+    from atesd.engine.task import find_model
+
+    shipped = find_model(model)
+    if shipped is not None:
+        return shipped
     if model == "tiny":
-        try:
-            from atesd.engine.lab import TINY_MODEL_DIR
-        except ImportError as e:
-            raise ModelLoadError(
-                "model 'tiny' needs engine.lab (the embedded default), which is missing"
-            ) from e
-        return str(TINY_MODEL_DIR)
-    return RECIPES[model].model_id if model in RECIPES else model
+        raise ModelLoadError("model 'tiny' is shipped by the lab task (engine/lab), which is missing")
+    return model
 
 
 def hub_unreachable(timeout: float = 3.0) -> bool:

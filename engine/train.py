@@ -27,12 +27,13 @@ from atesd.engine.checkpoint import latest_checkpoint
 from atesd.engine.config import Config, parse
 from atesd.engine.data import DataStream, clean_rows, load_rows
 from atesd.engine.evaluator import Evaluator
-from atesd.engine.exposure import DEFAULT_INSTRUCTION, Example, make_example
+from atesd.engine.exposure import Example, make_example
 from atesd.engine.loss import distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
 from atesd.engine.packing import Segment, pack
 from atesd.engine.rollout import sample
 from atesd.engine.scoring import _gather, hidden_states, score_student, score_teacher
+from atesd.engine.task import get_task, resolve_templates
 
 log = logging.getLogger("engine")
 TIMING_KEYS = ("tokens_per_s", "step_time_s")
@@ -61,10 +62,14 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        try:
-            self.policy = controller.build(cfg.exposure)
+        try:  # every controller setting goes to the policy that takes it; --seed seeds every policy
+            self.policy = controller.build(cfg.exposure, seed=cfg.seed, strict=False, **cfg.controller_settings())
         except ValueError as e:
             raise ValueError(f"--exposure {cfg.exposure!r}: {e}") from e
+        self.task = get_task(cfg.task)
+        self.templates = resolve_templates(
+            self.task, cfg.prompts, instruction=cfg.instruction, teacher_thinking=cfg.teacher_thinking
+        )
         self.evaluator = Evaluator(cfg, run_dir)
         self.device = _device(cfg)
         self.attention = (
@@ -116,14 +121,7 @@ class Trainer:
         if i not in self.examples:
             r, cfg = self.rows[i], self.cfg
             try:
-                ex = make_example(
-                    self.tokenizer,
-                    r["problem"],
-                    r["solution"],
-                    r["answer"],
-                    instruction=cfg.instruction or DEFAULT_INSTRUCTION,
-                    teacher_thinking=cfg.teacher_thinking,
-                )
+                ex = make_example(self.tokenizer, r["problem"], r["solution"], r["answer"], templates=self.templates)
             except ValueError:
                 ex, reason = None, "malformed"
             else:
@@ -189,14 +187,18 @@ class Trainer:
         ks = [ex.revealed(alpha, cfg.exposure_mode) for ex in examples]
 
         weight = lm_head_weight(model)
+        with_credit = self.policy.uses_credit  # a teacher pass over every reference: only when it is used
         sums = Counter()
         self.optimizer.zero_grad(set_to_none=True)
         for lo in range(0, len(examples), cfg.micro_batch):
             mb = slice(lo, lo + cfg.micro_batch)
-            # 3. teacher scoring (no grad): rollout positions + the credit branch, one packed tree pass
+            # 3. teacher scoring (no grad): rollout positions (+ the credit branch), one packed tree pass
             with self.teacher.view():
-                ht, hc, tc = score_teacher(model, examples[mb], ks[mb], rollouts[mb], self.attention)
-                credit = token_logprobs(hc, weight.detach(), tc)
+                ht, hc, tc = score_teacher(
+                    model, examples[mb], ks[mb], rollouts[mb], self.attention, credit=with_credit
+                )
+                if with_credit:
+                    credit = token_logprobs(hc, weight.detach(), tc)
             # 4. student scoring (grad) over [prompt ; rollouts]
             model.train()
             hs, _ = score_student(model, examples[mb], rollouts[mb], self.attention)
@@ -209,8 +211,9 @@ class Trainer:
             sums["loss"] += loss_sum.item()
             for name, v in stats.items():
                 sums[name] += v.sum().item()
-            sums["credit"] += credit.sum().item()
-            sums["credit_tokens"] += credit.numel()
+            if with_credit:
+                sums["credit"] += credit.sum().item()
+                sums["credit_tokens"] += credit.numel()
 
         # 6. optimizer step, unless the loss or the gradient is not finite
         loss = sums["loss"] / n_tokens
@@ -235,9 +238,10 @@ class Trainer:
             "loss": loss,
             "mismatch": sums["kl"] / n_tokens,
             "confidence": sums["student_max_prob"] / n_tokens,
-            "credit": _mean(sums["credit"], sums["credit_tokens"]),
             "progress": self.step_no / cfg.steps,
         }
+        if with_credit:  # the paper's teacher-grounded credit (engine/scoring.py)
+            stats["credit"] = _mean(sums["credit"], sums["credit_tokens"])
         if cfg.probe_every and self.step_no % cfg.probe_every == 0 and self.probe:
             stats["probe_nll"] = self.probe_nll()
         if not skipped:

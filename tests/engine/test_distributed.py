@@ -38,15 +38,16 @@ def _args(model_dir, data, out, *extra):
         "--model", model_dir, "--data", data, "--output-dir", str(out), "--exposure", "adaptive",
         "--steps", "3", "--batch-size", "4", "--micro-batch", "2", "--num-samples", "2", "--max-new-tokens", "12",
         "--lr", "3e-3", "--save-every", "2", "--probe-every", "2", "--probe-size", "4", "--no-progress",
-        "--gradient-checkpointing", "on", "--dist-timeout", "60",
+        "--gradient-checkpointing", "on", "--dist-timeout", "120",
         "--eval-benchmarks", "lab", "--eval-problems", "4", "--eval-max-new-tokens", "6", *extra,
     ]  # fmt: skip
 
 
-def torchrun(args, tmp, env=None, timeout=240) -> subprocess.CompletedProcess:
+def torchrun(args, tmp, env=None, timeout=240, monitor_s=0.1) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 dist_worker.py ARGS`` from the repository root."""
     full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp), **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--monitor-interval", str(monitor_s), WORKER, *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -127,7 +128,8 @@ def test_other_parallel_modes_reproduce_one_process(one_process, tiny_model_dir,
 def test_killed_rank_then_resume_reproduces_the_run(one_process, two_full, tiny_model_dir, data, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, data, run, "--fsdp", "full")
-    killed = torchrun(args, tmp_path, env={"ATESD_TEST_KILL": "1:3"})  # rank 1 dies as step 3 begins
+    # rank 1 dies as step 3 begins; torchrun looks every 2 s, so rank 0 has time to report before it is stopped
+    killed = torchrun(args, tmp_path, env={"ATESD_TEST_KILL": "1:3"}, monitor_s=2)
     assert killed.returncode != 0
     assert "Signal 9 (SIGKILL)" in killed.stderr  # torchrun names the rank that died
     assert "[rank 0] error: rank 0 of 2 lost contact with another rank during a collective" in killed.stderr

@@ -35,14 +35,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: str, step: int, model, state: dict) -> str:
-    """Atomically write checkpoints/step-XXXXXX: the peft adapter + ``state`` (temp dir + rename)."""
+def save(run_dir: str, step: int, model, state: dict, adapter_state_dict: dict | None = None) -> str:
+    """Atomically write checkpoints/step-XXXXXX: the peft adapter + ``state`` (temp dir + rename).
+
+    ``adapter_state_dict``: the adapter's whole tensors by parameter name, when the model holds only shards of them
+    (data-parallel runs gather them first); by default the model's own."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(run_dir, checkpoint_name(step))
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if adapter_state_dict is None else {"state_dict": adapter_state_dict}))
     torch.save(state, os.path.join(tmp, STATE_FILE))
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -58,8 +61,8 @@ def load_adapter(model, path: str) -> None:
     set_peft_model_state_dict(model, load_file(os.path.join(path, ADAPTER_FILE)))
 
 
-def load_state(path: str) -> dict:
-    return torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+def load_state(path: str, map_location: str | None = None) -> dict:
+    return torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location=map_location)
 
 
 def latest_checkpoint(path: str) -> str:

@@ -141,6 +141,13 @@ class Config:
     )
     gradient_checkpointing: str = _f("auto", "auto (on for GPU) | on | off", choices=("auto", "on", "off"))
     seed: int = _f(0, "seed of data order, sampling and initialisation")
+    fsdp: str = _f(
+        "lora",
+        "under torchrun: FSDP2 over the adapter with the base replicated (lora), the base sharded too (full), "
+        "or no FSDP with all-reduced adapter gradients (off)",
+        choices=("lora", "full", "off"),
+    )
+    dist_timeout: float = _f(1800.0, "under torchrun: seconds a collective waits for the other ranks before failing")
     # outputs
     output_dir: str | None = _f(None, "run directory (default runs/<model>-<time>)")
     save_every: int = _f(10, "checkpoint every N steps (and at the end)")

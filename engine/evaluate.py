@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from atesd.engine import distributed
 from atesd.engine.grading import average_at_n, mean_pass_at_k
 from atesd.engine.task import PAPER_EVAL, PromptTemplates, Task, get_task, is_task, resolve_templates
 
@@ -132,6 +133,10 @@ def evaluate_problems(
     Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
     "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
     ``messages_fn(problem_dict) -> chat messages`` replaces the student prompt (e.g. to score a teacher).
+
+    Under torchrun every rank must call it with the same problems: rank r generates and grades problems
+    r, r+N, r+2N, ... and every rank returns the gathered whole. Greedy results do not depend on N; sampled ones
+    draw from a stream per rank.
     """
     if not problems:
         raise ValueError("no problems to evaluate")
@@ -143,6 +148,8 @@ def evaluate_problems(
     n = 1 if temperature == 0 else n_samples
     chat_kwargs = {**({} if thinking is None else {"enable_thinking": thinking}), **(chat_kwargs or {})}
     templates = templates or get_task("math").templates
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = [problems[i] for i in range(rank, len(problems), world)]  # all of them with one process
     prompts = [
         tokenizer.apply_chat_template(
             messages_fn(p) if messages_fn else templates.student_messages(p["problem"] + prompt_suffix),
@@ -150,7 +157,7 @@ def evaluate_problems(
             add_generation_prompt=True,
             **chat_kwargs,
         )
-        for p in problems
+        for p in mine
     ]
     flat = [pr for pr in prompts for _ in range(n)]
     t0 = time.time()
@@ -163,14 +170,16 @@ def evaluate_problems(
         top_p=top_p,
         top_k=top_k,
         batch_size=batch_size,
-        seed=seed,
+        seed=seed if world == 1 else seed + 1_000_003 * rank,
     )
     gen_s = time.time() - t0
-    golds = [str(p["answer"]) for p in problems for _ in range(n)]
+    golds = [str(p["answer"]) for p in mine for _ in range(n)]
     if hasattr(grader, "grade_many"):
         flags = grader.grade_many(comps, golds)
     else:
         flags = [bool(grader(c, g)) for c, g in zip(comps, golds)]
+    if world > 1:
+        comps, flags, gen_s = _gather_strided(comps, flags, gen_s, len(problems), n)
     correct = [flags[i * n : (i + 1) * n] for i in range(len(problems))]
     results, by_level = [], defaultdict(list)
     for p, c, row in zip(problems, [comps[i * n : (i + 1) * n] for i in range(len(problems))], correct):
@@ -232,6 +241,22 @@ def evaluate_task(
         res.pop("results")
     res["protocol"] = dict(vars(proto))
     return res
+
+
+def _gather_strided(
+    comps: list[str], flags: list[bool], gen_s: float, n_problems: int, n: int
+) -> tuple[list[str], list[bool], float]:
+    """Every rank's completions and grades (rank r holds problems r, r+N, ..., n samples each), back in problem
+    order on every rank; the generation time is the slowest rank's."""
+    parts = distributed.all_gather((comps, flags, gen_s))
+    world = len(parts)
+    all_comps: list[str] = [""] * (n_problems * n)
+    all_flags: list[bool] = [False] * (n_problems * n)
+    for r, (c, f, _) in enumerate(parts):
+        for k, i in enumerate(range(r, n_problems, world)):
+            all_comps[i * n : (i + 1) * n] = c[k * n : (k + 1) * n]
+            all_flags[i * n : (i + 1) * n] = f[k * n : (k + 1) * n]
+    return all_comps, all_flags, max(p[2] for p in parts)
 
 
 def evaluate_lab(
@@ -350,6 +375,16 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """CLI; under ``torchrun --nproc_per_node N -m engine.evaluate ...`` the problems are sharded over N processes
+    (one GPU each) and rank 0 writes the outputs."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default=None)
+    device = pre.parse_known_args(argv)[0].device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with distributed.process_group(torch.device(device).type):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="local dir, hub id, or 'tiny' (the lab's shipped model)")
     ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. run_dir/checkpoints/step-000100")
@@ -409,8 +444,10 @@ def main(argv: list[str] | None = None) -> dict:
             sets[b] = (sets[b][0], sets[b][1][: args.limit])
 
     model, tok = load_model(args.model, args.adapter, args.device, args.dtype)
+    main_rank = distributed.is_main()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     overrides = dict(n_samples=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, thinking=args.thinking)
     if args.greedy:
@@ -421,17 +458,21 @@ def main(argv: list[str] | None = None) -> dict:
             model, tok, probs, task, templates=resolve_templates(task, args.prompts), batch_size=args.batch_size,
             seed=args.seed, keep_results=True, workers=args.workers, **overrides,
         )
-        with open(out / f"{b}.jsonl", "w") as f:
-            for r in res.pop("results"):
-                f.write(json.dumps(r) + "\n")
+        results = res.pop("results")
         summary["benchmarks"][b] = res
+        if not main_rank:
+            continue
+        with open(out / f"{b}.jsonl", "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
         pk = "  ".join(f"pass@{k} {v:.4f}" for k, v in res["pass@k"].items())
         lv = "  ".join(f"L{k} {v:.3f}" for k, v in res["per_level"].items())
         p = res["protocol"]
         how = "greedy" if p["temperature"] == 0 else f"T={p['temperature']:g} top-p {p['top_p']:g} top-k {p['top_k']}"
         print(f"{b:8s} n={res['n']:4d}  Average@{res['n_samples']} {res['accuracy']:.4f}  {pk}  {lv}  "
               f"({how}, {p['max_new_tokens']} tokens, thinking {'on' if p['thinking'] else 'off'})")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if main_rank:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from atesd.engine import distributed
 from atesd.engine.checkpoint import checkpoint_name
 from atesd.engine.config import Config
 from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates
@@ -87,7 +88,10 @@ class Evaluator:
         return res
 
     def run(self, model, tokenizer, step: int) -> dict[str, float]:
-        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs."""
+        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs.
+
+        Under torchrun every rank calls it: the problems are sharded over the ranks and the results gathered
+        (``evaluate.evaluate_problems``), so every rank holds the same history; rank 0 reports and writes."""
         from tqdm import tqdm
 
         label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")
@@ -112,7 +116,8 @@ class Evaluator:
             t = self.protocol(name).temperature
             how = f"Average@{res['n_samples']}, T={t:g}" if t > 0 else "greedy"
             what = "held-out accuracy" if is_task(name) else f"{name} accuracy"
-            tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
+            if distributed.is_main():
+                tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
         sys.stdout.flush()
         self.write()
         return out
@@ -133,8 +138,8 @@ class Evaluator:
         }
 
     def write(self) -> None:
-        """eval_summary.json in the run directory (temp file + rename)."""
-        if not self.history:
+        """eval_summary.json in the run directory (temp file + rename; rank 0 only)."""
+        if not self.history or not distributed.is_main():
             return
         path = os.path.join(self.run_dir, "eval_summary.json")
         with open(path + ".tmp", "w") as fh:

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from atesd import controller
-from atesd.engine import checkpoint
+from atesd.engine import checkpoint, distributed
 from atesd.engine.checkpoint import latest_checkpoint
 from atesd.engine.config import Config, parse
 from atesd.engine.data import DataStream, clean_rows, load_rows
@@ -32,6 +32,7 @@ from atesd.engine.loss import distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
 from atesd.engine.packing import Segment, pack
 from atesd.engine.rollout import sample
+from atesd.engine.sampling import problem_seeds
 from atesd.engine.scoring import _gather, hidden_states, score_student, score_teacher
 from atesd.engine.task import get_task, resolve_templates
 
@@ -41,8 +42,14 @@ TIMING_KEYS = ("tokens_per_s", "step_time_s")
 
 def _device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if distributed.world_size() > 1 and device.type == "cuda":  # each rank on cuda:LOCAL_RANK
+        if device.index is not None:
+            raise ValueError(f"--device {cfg.device}: under torchrun pass --device cuda (rank r uses cuda:LOCAL_RANK)")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -81,6 +88,10 @@ class Trainer:
         ):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        # data parallel over the ranks (FSDP2 or replicated); nothing at all with one process
+        self.parallel = distributed.DataParallel(self.model, cfg.fsdp, self.device)
+        if distributed.rank() > 0:  # LoRA dropout masks: a stream of its own per rank
+            torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank())
         self.teacher = Teacher(self.model, cfg.teacher, cfg.ema_decay)
         self.params = list(adapter_params(self.model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -160,64 +171,76 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- step
     def step(self) -> dict:
-        cfg, model = self.cfg, self.model
+        cfg, model, parallel = self.cfg, self.model, self.parallel
         self.step_no += 1
         t0 = time.perf_counter()
-        examples = self.next_batch()
+        examples = self.next_batch()  # the step's global batch, the same on every rank
+        mine = distributed.shard(len(examples))  # this rank's problems (all of them with one process)
+        local = [examples[j] for j in mine]
 
-        # 1. rollout: the current student samples G continuations of each problem-only prompt
+        # 1. rollout: the current student samples G continuations of each of this rank's problem-only prompts;
+        # the draws depend on (seed, step, global problem index, sample, position) only, not on the rank
         model.eval()
-        generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.step_no)
-        rollouts = sample(
-            model,
-            [ex.student_prompt for ex in examples],
-            num_samples=cfg.num_samples,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_ids=self.eos_ids,
-            pad_id=self.tokenizer.pad_token_id,
-            temperature=cfg.rollout_temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            generator=generator,
-        )
-        n_tokens = sum(len(r) for group in rollouts for r in group)
+        with parallel.gathered():
+            rollouts = sample(
+                model,
+                [ex.student_prompt for ex in local],
+                num_samples=cfg.num_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_ids=self.eos_ids,
+                pad_id=self.tokenizer.pad_token_id,
+                temperature=cfg.rollout_temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                seeds=problem_seeds(cfg.seed, self.step_no, mine),
+            )
+        # the loss is normalised by the global token count, so N ranks make one process's update
+        n_tokens = int(distributed.all_reduce_sum({"n": sum(len(r) for g in rollouts for r in g)})["n"])
 
-        # 2. exposure: one alpha for the step; k reasoning tokens revealed per problem
-        alpha = float(self.policy.exposure())
+        # 2. exposure: one alpha for the step, decided on rank 0; k reasoning tokens revealed per problem
+        alpha = distributed.broadcast(float(self.policy.exposure()) if distributed.is_main() else None)
         ks = [ex.revealed(alpha, cfg.exposure_mode) for ex in examples]
+        local_ks = [ks[j] for j in mine]
 
-        weight = lm_head_weight(model)
         with_credit = self.policy.uses_credit  # a teacher pass over every reference: only when it is used
+        t_head = time.perf_counter()
+        weight = parallel.lm_head_weight()  # plain tensor: gathered once per step when --fsdp full shards it
+        t_head = time.perf_counter() - t_head
         sums = Counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for lo in range(0, len(examples), cfg.micro_batch):
+        for lo in range(0, len(local), cfg.micro_batch):
             mb = slice(lo, lo + cfg.micro_batch)
+            parallel.sync_gradients(lo + cfg.micro_batch >= len(local))  # reduce after the last micro-batch only
             # 3. teacher scoring (no grad): rollout positions (+ the credit branch), one packed tree pass
             with self.teacher.view():
                 ht, hc, tc = score_teacher(
-                    model, examples[mb], ks[mb], rollouts[mb], self.attention, credit=with_credit
+                    model, local[mb], local_ks[mb], rollouts[mb], self.attention, credit=with_credit
                 )
                 if with_credit:
                     credit = token_logprobs(hc, weight.detach(), tc)
             # 4. student scoring (grad) over [prompt ; rollouts]
             model.train()
-            hs, _ = score_student(model, examples[mb], rollouts[mb], self.attention)
+            hs, _ = score_student(model, local[mb], rollouts[mb], self.attention)
             model.eval()
             # 5. loss: summed over the micro-batch's rollout tokens, normalised by the step's token count
             loss_sum, stats = distillation_loss(
                 hs, ht, weight, temperature=cfg.kl_temperature, clip=cfg.clip, beta=cfg.beta, reduction="sum"
             )
-            (loss_sum / n_tokens).backward()
+            (loss_sum * parallel.grad_scale / n_tokens).backward()
             sums["loss"] += loss_sum.item()
             for name, v in stats.items():
                 sums[name] += v.sum().item()
             if with_credit:
                 sums["credit"] += credit.sum().item()
                 sums["credit_tokens"] += credit.numel()
+        parallel.reduce_gradients(self.params)
+        sums = distributed.all_reduce_sum(sums)  # global step statistics for the controller and the logs
 
         # 6. optimizer step, unless the loss or the gradient is not finite
         loss = sums["loss"] / n_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        grad_norm = float(
+            distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        )
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -243,8 +266,10 @@ class Trainer:
         if with_credit:  # the paper's teacher-grounded credit (engine/scoring.py)
             stats["credit"] = _mean(sums["credit"], sums["credit_tokens"])
         if cfg.probe_every and self.step_no % cfg.probe_every == 0 and self.probe:
-            stats["probe_nll"] = self.probe_nll()
-        if not skipped:
+            with parallel.gathered():
+                if distributed.is_main():
+                    stats["probe_nll"] = self.probe_nll()
+        if not skipped and distributed.is_main():
             self.policy.observe(stats)
 
         dt = time.perf_counter() - t0
@@ -264,6 +289,8 @@ class Trainer:
             "tokens_per_s": n_tokens / dt,
             "step_time_s": dt,
         }
+        if parallel.head_sharded:
+            metrics["head_gather_s"] = t_head
         metrics.update({f"controller/{k}": float(v) for k, v in self.policy.metrics().items()})
         return metrics
 
@@ -279,8 +306,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        """Everything but the adapter weights that an exact resume needs (trainer_state.pt)."""
-        return {
+        """Everything but the adapter weights that an exact resume needs (trainer_state.pt).
+
+        Under torchrun (a collective: every rank calls it) the sharded tensors are gathered whole, as one process
+        would save them, and ``ranks`` holds every rank's RNG and data position (the controller is rank 0's)."""
+        state = {
             "step": self.step_no,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -291,29 +321,90 @@ class Trainer:
             "eval_history": self.evaluator.history,
             "rng": checkpoint.rng_state(),
         }
+        if distributed.world_size() > 1:
+            state = distributed.to_full(state)
+            state["world_size"] = distributed.world_size()
+            state["ranks"] = distributed.all_gather({"rng": state["rng"], "data": state["data"]})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self.parallel.shard_optimizer_state(state["optimizer"], self.params))
         self.scheduler.load_state_dict(state["scheduler"])
         self.policy.load_state_dict(state["controller"])
         self.teacher.load_state_dict(state["teacher"])
+        if self.teacher.ema:  # whole tensors from the checkpoint -> this rank's pieces
+            params = adapter_params(self.model)
+            self.teacher.ema = {n: distributed.shard_like(t, params[n]) for n, t in self.teacher.ema.items()}
         self.stream.load_state_dict(state["data"])
         self.skipped = Counter(state["skipped"])
         self.evaluator.history = state.get("eval_history", {})
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(self._rank_rng(state))
+
+    def _rank_rng(self, state: dict) -> dict:
+        """This rank's saved RNG state. Under another world size the ranks' streams cannot be mapped one to one;
+        only LoRA dropout draws from them (rollouts are keyed by problem, not by rank), so the run continues with
+        rank 0's state on rank 0 and fresh streams elsewhere."""
+        saved, now, r = state.get("world_size", 1), distributed.world_size(), distributed.rank()
+        if saved == now:
+            return state["ranks"][r]["rng"] if "ranks" in state else state["rng"]
+        if distributed.is_main():
+            log.warning(
+                "resuming a %d-process checkpoint on %d processes: batch, data position, adapter, optimizer and "
+                "controller carry over; per-rank RNG streams (LoRA dropout only) are re-seeded",
+                saved,
+                now,
+            )
+        if r > 0:
+            torch.manual_seed(self.cfg.seed * 1_000_003 + r + 7919 * self.step_no)
+            return checkpoint.rng_state()
+        return state["rng"]
 
     def save(self) -> str:
-        """checkpoints/step-XXXXXX under the run directory, written atomically (engine/checkpoint.py)."""
-        return checkpoint.save(self.run_dir, self.step_no, self.model, self.state_dict())
+        """checkpoints/step-XXXXXX under the run directory, written atomically (engine/checkpoint.py); under
+        torchrun every rank gathers, rank 0 writes, and all return once the checkpoint is in place."""
+        state = self.state_dict()
+        adapter = None
+        if distributed.world_size() > 1:
+            adapter = distributed.to_full(adapter_params(self.model))
+        path = checkpoint.checkpoint_name(self.step_no)
+        if distributed.is_main():
+            path = checkpoint.save(self.run_dir, self.step_no, self.model, state, adapter_state_dict=adapter)
+        distributed.barrier()
+        return path
 
     def load(self, path: str) -> None:
-        checkpoint.load_adapter(self.model, path)
-        self.load_state_dict(checkpoint.load_state(path))
+        with self.parallel.loading():
+            checkpoint.load_adapter(self.model, path)
+        self.load_state_dict(checkpoint.load_state(path, map_location="cpu" if distributed.world_size() > 1 else None))
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out evaluation at ``step`` (problems sharded over the ranks, on whole parameters)."""
+        with self.parallel.gathered():
+            return self.evaluator.run(self.model, self.tokenizer, step)
 
 
 def train(cfg: Config, resume: str | None = None) -> str:
-    """Run (or continue) a training run; returns the run directory."""
+    """Run (or continue) a training run; returns the run directory. Under torchrun (WORLD_SIZE > 1) the ranks
+    join one process group and train one model data-parallel; rank 0 writes every output."""
+    with distributed.process_group(_device(cfg).type, cfg.dist_timeout):
+        try:
+            return _train_in_group(cfg, resume)
+        except RuntimeError as e:  # a rank died or stalled: say so in one line, not as a backend trace
+            if not distributed.is_collective_failure(e):
+                raise
+            raise RuntimeError(
+                f"rank {distributed.rank()} of {distributed.world_size()} lost contact with another rank during a "
+                f"collective (it died, or did not answer within --dist-timeout {cfg.dist_timeout:g}s; see the "
+                f"launcher's summary for which): {distributed.first_line(e)}"
+            ) from e
+
+
+def _train_in_group(cfg: Config, resume: str | None) -> str:
+    world = distributed.world_size()
+    distributed.check_same_config(dataclasses.asdict(cfg))
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     if resume == "auto" and not cfg.output_dir:
         raise FileNotFoundError("bare --resume needs --output-dir (or pass the run directory to --resume)")
     if resume and resume != "auto":
@@ -328,7 +419,10 @@ def train(cfg: Config, resume: str | None = None) -> str:
         run_dir = os.path.join(
             "runs", f"{os.path.basename(cfg.model.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
+        run_dir = distributed.broadcast(run_dir)  # the ranks' clocks may straddle a second
     os.makedirs(run_dir, exist_ok=True)
+    if not distributed.is_main():  # rank 0 keeps run.log; the others report warnings on stderr
+        return _train(cfg, resume, run_dir)
     handler = logging.FileHandler(os.path.join(run_dir, "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -341,27 +435,30 @@ def train(cfg: Config, resume: str | None = None) -> str:
 
 
 def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
-    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
-        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+    main = distributed.is_main()  # rank 0 writes every output; all ranks train and evaluate
+    if main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
     trainer = Trainer(cfg, run_dir)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume:
-        ckpt = latest_checkpoint(run_dir if resume == "auto" else resume)
+        ckpt = distributed.broadcast(latest_checkpoint(run_dir if resume == "auto" else resume))
         trainer.load(ckpt)
         log.info("resumed from %s at step %d", ckpt, trainer.step_no)
-        if os.path.exists(metrics_path):  # drop lines the interrupted run wrote after its last checkpoint
+        if main and os.path.exists(metrics_path):  # drop lines the interrupted run wrote after its last checkpoint
             with open(metrics_path) as fh:
                 kept = [ln for ln in fh if json.loads(ln).get("step", 0) <= trainer.step_no]
             with open(metrics_path, "w") as fh:
                 fh.writelines(kept)
         trainer.evaluator.write()  # drop evaluations the interrupted run made after its last checkpoint
     else:
-        open(metrics_path, "w").close()
-        for stale in ("summary.json", "eval_summary.json"):
-            if os.path.exists(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
+        if main:
+            open(metrics_path, "w").close()
+            for stale in ("summary.json", "eval_summary.json"):
+                if os.path.exists(os.path.join(run_dir, stale)):
+                    os.remove(os.path.join(run_dir, stale))
         if trainer.evaluator.due(0):
-            trainer.evaluator.run(trainer.model, trainer.tokenizer, 0)
+            trainer.evaluate(0)
     log.info(
         "run %s: model %s, data %s (%d rows; skipped %s), exposure %s",
         run_dir,
@@ -375,18 +472,18 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer = SummaryWriter(os.path.join(run_dir, "tb")) if main else _NoWriter()
     bar = tqdm(
-        total=cfg.steps, initial=trainer.step_no, disable=not cfg.progress, desc="train", file=sys.stderr
+        total=cfg.steps, initial=trainer.step_no, disable=not (cfg.progress and main), desc="train", file=sys.stderr
     )
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    with open(metrics_path, "a") as out:
+    with open(metrics_path if main else os.devnull, "a") as out:
         while trainer.step_no < last:
             m = trainer.step()
             # evaluated before the save, so the checkpoint's state holds this step's evaluation too
             evaluated = trainer.evaluator.due(m["step"])
             if evaluated:
-                m.update(trainer.evaluator.run(trainer.model, trainer.tokenizer, m["step"]))
+                m.update(trainer.evaluate(m["step"]))
             out.write(json.dumps(m) + "\n")
             out.flush()
             for k, v in m.items():
@@ -400,13 +497,15 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
                 trainer.save()
     bar.close()
     if trainer.step_no >= cfg.steps:
-        if hasattr(trainer.policy, "finish"):
+        if hasattr(trainer.policy, "finish") and main:
             trainer.policy.finish()
         log.info("finished %d steps; skipped rows %s", trainer.step_no, dict(trainer.skipped))
         ev = trainer.evaluator
         if ev.due(cfg.steps) and not ev.done(cfg.steps):  # resumed after the last save, before its evaluation
-            for k, v in ev.run(trainer.model, trainer.tokenizer, cfg.steps).items():
+            for k, v in trainer.evaluate(cfg.steps).items():
                 writer.add_scalar(k, v, cfg.steps)
+        if not main:
+            return run_dir
         for name in ev.history:
             b = ev.best(name)
             where = os.path.join(run_dir, b["checkpoint"]) if b["checkpoint"] else "the base model"
@@ -415,6 +514,16 @@ def _train(cfg: Config, resume: str | None, run_dir: str) -> str:
             json.dump(run_summary(run_dir, cfg, ev), fh, indent=1)
     writer.close()
     return run_dir
+
+
+class _NoWriter:
+    """TensorBoard stand-in on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
@@ -463,13 +572,18 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry point; returns the run's summary.json content (``{"run_dir", "finished": False}`` if stopped
     early by --stop-after)."""
     cfg, resume = parse(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    rank = distributed.launched_rank()
+    who = f"[rank {rank}] " if distributed.launched_world_size() > 1 else ""
+    logging.basicConfig(level=logging.WARNING, format=f"{who}%(levelname)s %(message)s")
     from atesd.engine.models import ModelLoadError
 
     try:
         run_dir = train(cfg, resume)
     except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
+        distributed.record_error(e)  # torchrun's failure summary then names the cause
+        raise SystemExit(f"{who}error: {e}") from None
+    if rank > 0:
+        return {"run_dir": run_dir, "rank": rank}
     print(f"run directory: {run_dir}")
     path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(path):

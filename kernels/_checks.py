@@ -207,5 +207,6 @@ def reduce_loss(token_loss: torch.Tensor, weights: torch.Tensor | None, reductio
         denominator = torch.tensor(float(token_loss.numel()), device=total.device)
     else:
         denominator = weights.sum()
-    tiny = torch.finfo(torch.float32).tiny
-    return torch.where(denominator > 0, total / denominator.clamp_min(tiny), torch.zeros((), device=total.device))
+    # 0 / 0 is 0 (nothing counted); a NaN weight makes the denominator NaN and the loss NaN
+    safe = torch.where(denominator == 0, torch.ones((), device=total.device), denominator)
+    return torch.where(denominator == 0, torch.zeros((), device=total.device), total / safe)

@@ -181,6 +181,7 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
         b = lpt + log_beta
         hi = tl.maximum(a, b)
         lm = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
+        lm = tl.where((a == a) & (b == b), lm, a + b)  # tl.maximum / tl.minimum may drop a NaN operand
         gp = (1.0 - beta) * ps * (lps - lm)
         lv = beta * pt * (lpt - lm) + gp
     return lv, gp, ps
@@ -467,7 +468,7 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
     elif cross == 0:  # KL(t||s) = sum pt (zt - mt) - log dt - sum pt (zs - ms) + log ds
         c = (a_t * (cr + (ms - max_s) * dt)).sum(1)
         kl = (e_t - c) / d_t - log_dt + log_ds
-        loss, g = kl.clone(), torch.where(kl.isfinite(), -1.0, math.nan)  # NaN with the row's kl
+        loss, g = kl.clone(), torch.full_like(kl, -1.0)
     else:  # KL(s||t), symmetric; g = sum ps (log ps - log pt + 1) = kl + 1
         c = (a_s * (cr + (mt - max_t) * ds)).sum(1)
         kl = (e_s - c) / d_s - log_ds + log_dt

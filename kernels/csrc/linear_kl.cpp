@@ -228,10 +228,10 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
       MP[i] = 1.f / ss;
       EN[i] = std::log(ss) - es / ss;
       // kl = E_w[log pw - log po] = (E_w[zw - mw] - E_w[zo - mo]) - log sw + log so; the unclipped g is
-      // sum_v gp_v = -1 (forward) or kl + 1 (reverse), NaN with the row's kl when an input was not finite
+      // sum_v gp_v = -1 (forward) or kl + 1 (reverse); a NaN row still gets a NaN gradient through lse_s / lse_t
       if (kind == kForward) {
         K[i] = (et - a) / st - std::log(st) + std::log(ss);
-        G[i] = std::isfinite(K[i]) ? -1.f : std::numeric_limits<float>::quiet_NaN();
+        G[i] = -1.f;
       } else if (kind == kReverse) {
         K[i] = (es - a) / ss - std::log(ss) + std::log(st);
         G[i] = K[i] + 1.f;

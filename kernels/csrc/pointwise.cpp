@@ -39,11 +39,13 @@ inline float fast_exp(float x) {
   return x == x ? y * scale : x;
 }
 
-// log m = log((1 - beta) exp(lps) + beta exp(lpt)), stable.
+// log m = log((1 - beta) exp(lps) + beta exp(lpt)), stable; NaN when either is NaN (std::max / std::min would
+// drop a NaN operand).
 inline float log_mix(float lps, float lpt, float log1mb, float logb) {
   const float a = lps + log1mb, b = lpt + logb;
   const float hi = std::max(a, b), lo = std::min(a, b);
-  return hi + std::log1p(std::exp(lo - hi));
+  const float lm = hi + std::log1p(std::exp(lo - hi));
+  return (a == a && b == b) ? lm : a + b;
 }
 
 // Generalized-JSD pointwise term at one vocabulary entry: l = beta pt (lpt - lm) + gp, with the student part

@@ -219,8 +219,11 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V,
         tmax_s = tl.max(zs, 1)
         tmax_t = tl.max(zt, 1)
         # strict '>' keeps the earlier (lower) index on ties across tiles; tl.argmax breaks ties to the left
-        idx_s = tl.where(tmax_s > ms, tl.argmax(zs, 1) + v0, idx_s)
-        idx_t = tl.where(tmax_t > mt, tl.argmax(zt, 1) + v0, idx_t)
+        # (NaN logits read as -inf for the arg-max only: the interpreter's argmax refuses an all-NaN row)
+        arg_s = tl.argmax(tl.where(zs == zs, zs, float("-inf")), 1)
+        arg_t = tl.argmax(tl.where(zt == zt, zt, float("-inf")), 1)
+        idx_s = tl.where(tmax_s > ms, arg_s + v0, idx_s)
+        idx_t = tl.where(tmax_t > mt, arg_t + v0, idx_t)
         ms_new = tl.maximum(ms, tmax_s)
         mt_new = tl.maximum(mt, tmax_t)
         a_s = tl.exp(ms - ms_new)
@@ -464,7 +467,7 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
                            HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
                            SHARED_W=sc["SHARED_W"], DOT_PREC=sc["DOT_PREC"], DOT_PREC_T=sc["DOT_PREC_T"],
                            GROUP_N=_GROUP_N)
-        loss, kl, g = part2.sum(2).unbind(0)
+        loss, kl, g = (t.clone() for t in part2.sum(2).unbind(0))  # a custom op's outputs may not alias
     elif cross == 0:  # KL(t||s) = sum pt (zt - mt) - log dt - sum pt (zs - ms) + log ds
         c = (a_t * (cr + (ms - max_s) * dt)).sum(1)
         kl = (e_t - c) / d_t - log_dt + log_ds

@@ -2,7 +2,7 @@
 
     from atesd.kernels import fused_linear_kl
     loss, stats = fused_linear_kl(student_hidden, teacher_hidden, lm_head.weight,
-                                  temperature=1.1, clip=0.05, mask=mask, return_stats=True)
+                                  temperature=1.1, clip=0.05, labels=labels, return_stats=True)
 
 ``atesd.kernels.reference.linear_kl`` is the plain-torch meaning (materialises logits); see its docstring for the math.
 """

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.atesd-setup.stamp
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml CMakeLists.txt | $(PY)
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*) | $(PY)
 	# torch is pinned on the command line so pip takes the CPU wheel and never a multi-GB CUDA build; the native
 	# kernel (CMakeLists.txt) is then built against that torch, without build isolation.
 	$(PY) -m pip install -q torch==2.13.0 "scikit-build-core>=0.10" cmake ninja

@@ -28,7 +28,7 @@ from atesd.engine.config import Config, parse
 from atesd.engine.data import DataStream, clean_rows, load_rows
 from atesd.engine.evaluator import Evaluator
 from atesd.engine.exposure import Example, make_example
-from atesd.engine.loss import distillation_loss, token_logprobs
+from atesd.engine.loss import describe_loss_backend, distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
 from atesd.engine.packing import Segment, pack
 from atesd.engine.rollout import sample
@@ -79,6 +79,7 @@ class Trainer:
         )
         self.evaluator = Evaluator(cfg, run_dir)
         self.device = _device(cfg)
+        log.info("loss backend: %s", describe_loss_backend(self.device))
         self.attention = (
             cfg.attention if cfg.attention != "auto" else ("flex" if self.device.type == "cuda" else "dense")
         )

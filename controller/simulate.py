@@ -1,6 +1,7 @@
 """A toy student with a delayed, competence-dependent response to exposure, to test exposure policies.
 
-    python -m controller.simulate --seeds 5 --out docs/controller_sim.png
+    python -m controller.simulate                                  # figure in runs/controller_sim.png
+    python -m controller.simulate --seeds 5 --out docs/controller_sim.png   # regenerate the docs' figure
 
 Hidden state: competence c in [0, 1] (starts at c0), an unrealised-knowledge buffer q, a superficial-fit
 term h. The best exposure moves with competence, alpha*(c) = a0 + a1 c. One student step under alpha:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -203,7 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Exposure policies on a toy student with delayed effects.")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--out", default="docs/controller_sim.png", help="PNG path ('' to skip the plot)")
+    ap.add_argument(
+        "--out",
+        default="runs/controller_sim.png",
+        help="PNG path ('' to skip the plot); the docs' figure, docs/controller_sim.png, only when named",
+    )
     ap.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     args = ap.parse_args(argv)
     t = time.perf_counter()
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     print(f"\n{args.seeds} seeds x {args.steps} steps, {time.perf_counter() - t:.1f} s")
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         plot({k: v for k, v in res.items() if k in POLICIES}, args.out)
         print(f"wrote {args.out}")
 

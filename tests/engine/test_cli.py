@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from engine_tiny import write_dataset
 
 from atesd.engine.config import Config, parse
 from atesd.engine.models import ModelLoadError, load_model
@@ -13,10 +14,10 @@ from atesd.engine.models import ModelLoadError, load_model
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(*args, env=None):
+def _run(*args, env=None, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "engine.train", *args],
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
@@ -58,10 +59,14 @@ def test_no_model_means_tiny_on_lab():
     assert cfg.model == "tiny" and cfg.data == "lab" and cfg.lr > 5e-6
 
 
-def test_offline_fails_fast_naming_the_model(monkeypatch):
+def test_offline_fails_fast_naming_the_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="nobody/no-such-model-xyz"):
         load_model("nobody/no-such-model-xyz")
-    out = _run("--model", "qwen3-8b", "--exposure", "full", env={"HF_HUB_OFFLINE": "1"})
-    assert out.returncode != 0 and "qwen3-8b" in out.stderr and "Qwen/Qwen3-8B" in out.stderr
-    assert "Traceback" not in out.stderr
+    data = write_dataset(tmp_path / "d.jsonl", n=4)
+    run = tmp_path / "run"
+    args = ("--model", "qwen3-8b", "--data", data, "--exposure", "full", "--output-dir", str(run))
+    out = _run(*args, env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "qwen3-8b" in out.stderr and "Qwen/Qwen3-8B" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Qwen/Qwen3-8B" in (run / "run.log").read_text()  # the failure is recorded in the run

@@ -177,15 +177,6 @@ def apply_adapter(model, adapter: dict) -> None:
     set_peft_model_state_dict(model, adapter)
 
 
-def load_adapter(model, path: str) -> None:
-    """Load the checkpoint's adapter weights into the peft ``model``."""
-    apply_adapter(model, read(path)[0])
-
-
-def load_state(path: str) -> dict:
-    return read(path)[1]
-
-
 def checkpoints(run_dir: str) -> list[str]:
     """The run's checkpoint directories, oldest first."""
     root = os.path.join(run_dir, "checkpoints")
@@ -196,7 +187,8 @@ def checkpoints(run_dir: str) -> list[str]:
 
 def load_latest(run_dir: str, named: str | None = None) -> tuple[str, dict, dict] | None:
     """(path, adapter, state) of the newest intact checkpoint of the run, or of the ``named`` one (which must be
-    intact); None when the run has no checkpoint. Each broken newer checkpoint is skipped with a warning."""
+    intact); None when the run has no checkpoint. Each damaged newer checkpoint is skipped with a warning; all of
+    them damaged is a BrokenCheckpoint."""
     if named is not None:
         try:
             return (named, *read(named))
@@ -205,11 +197,15 @@ def load_latest(run_dir: str, named: str | None = None) -> tuple[str, dict, dict
             raise BrokenCheckpoint(
                 f"checkpoint {named} is damaged: {e}; intact checkpoints: {', '.join(intact) or 'none'}"
             ) from None
-    for path in reversed(checkpoints(run_dir)):
+    found, damaged = checkpoints(run_dir), []
+    for path in reversed(found):
         try:
             return (path, *read(path))
         except BrokenCheckpoint as e:
             log.warning("checkpoint %s is damaged (%s); falling back to the one before it", path, e)
+            damaged.append(f"{os.path.basename(path)}: {e}")
+    if found:
+        raise BrokenCheckpoint(f"no intact checkpoint under {run_dir} ({'; '.join(damaged)})")
     return None
 
 
@@ -219,16 +215,6 @@ def _intact(path: str) -> bool:
         return True
     except BrokenCheckpoint:
         return False
-
-
-def latest_checkpoint(path: str) -> str:
-    """``path`` itself if it is a checkpoint, else the newest checkpoints/step-* under the run directory."""
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        return path
-    found = checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"no checkpoint to resume under {path!r}")
-    return found[-1]
 
 
 def base_model(path: str) -> str | None:

@@ -542,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         default = f.default
         shown = "the model recipe" if default is None and f.name in RECIPE_FIELDS else _show(default)
+        shown = "unset" if default is None and f.name not in RECIPE_FIELDS else shown
         text = f.metadata["help"]
         kw: dict[str, Any] = {"help": text if "(default:" in text else f"{text} (default: {shown})"}
         kind, _ = _kind(f.name)

@@ -636,7 +636,10 @@ def _loop(trainer: Trainer, cfg: Config, metrics_path: str, reporters: Reporters
                 trainer.save()
                 saved_at = trainer.step_no
     bar.close()
-    if stop.signal is not None:
+    if stop.signal is not None and trainer.step_no < cfg.steps:  # (a signal during the last step: it finishes)
+        if saved_at != trainer.step_no:
+            trainer.save()
+            saved_at = trainer.step_no
         path = os.path.join(trainer.run_dir, checkpoint.checkpoint_name(saved_at))
         raise Interrupted(
             f"stopped by {stop.signal} after step {trainer.step_no}; checkpoint {path}; continue with "

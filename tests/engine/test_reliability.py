@@ -214,6 +214,17 @@ def test_damaged_newest_checkpoint_falls_back(tiny_model_dir, data, tmp_path, re
     assert _metrics(run) == reference
 
 
+def test_every_checkpoint_damaged_is_an_error_not_a_restart(tiny_model_dir, data, tmp_path):
+    run = tmp_path / "run"
+    train(*parse(_args(tiny_model_dir, data, run, "--save-every", "1", "--stop-after", "2")))
+    for step in (1, 2):
+        adapter = run / "checkpoints" / f"step-{step:06d}" / checkpoint.ADAPTER_FILE
+        adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(UsageError, match=r"no intact checkpoint under .*step-000002: adapter_model.safetensors has"):
+        train(*parse(["--resume", str(run)]))
+    assert len(_metrics(run)) == 2  # the run's record is untouched
+
+
 # ---------------------------------------------------------------------------------------------- item 6
 def test_jsonl_with_bad_lines_is_read_and_counted(tiny_model_dir, tmp_path):
     good = write_dataset(tmp_path / "good.jsonl", n=6, extra_bad=False)

@@ -105,7 +105,6 @@ def _levels(v: str) -> str | None:
 
 def _f(default: Any, help: str, **kw) -> Any:
     """A Config field: ``help`` and the optional ``choices``, ``check``, ``sep``, ``on_resume`` (see the module)."""
-    assert kw.get("on_resume", "run") in RESUME_MODES, kw
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -288,6 +287,15 @@ _HINTS = typing.get_type_hints(Config)
 _KIND_TEXT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+def _check_declarations() -> None:
+    for name, f in FIELDS.items():
+        kind = _kind(name)[0]
+        if kind not in _KIND_TEXT:
+            raise TypeError(f"Config.{name}: options are bool, int, float or str (or X | None), not {kind}")
+        if f.metadata.get("on_resume", "run") not in RESUME_MODES:
+            raise TypeError(f"Config.{name}: on_resume must be one of {RESUME_MODES}")
+
+
 def _meta(name: str) -> dict:
     return FIELDS[name].metadata
 
@@ -297,6 +305,9 @@ def _kind(name: str) -> tuple[type, bool]:
     hint = _HINTS[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return (args[0], True) if args else (hint, False)
+
+
+_check_declarations()
 
 
 def flag(name: str) -> str:
@@ -463,14 +474,19 @@ def _eval_problem(cfg: Config) -> str | None:
 
 
 def _output_problem(cfg: Config) -> str | None:
-    path = cfg.output_dir
-    if path and os.path.exists(path) and not os.path.isdir(path):
+    """The run directory must be a directory, or creatable: its nearest existing ancestor a writable directory."""
+    if not cfg.output_dir:
+        return None
+    path = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a directory"
-    parent = os.path.dirname(os.path.abspath(path)) if path else None
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        return f"{parent!r} is a file, not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable"
     return None
 
 

@@ -80,7 +80,7 @@ def read_records(path: str) -> tuple[list[dict], SkippedLines]:
     skipped = SkippedLines(path)
     records: list[dict] | None = None
     if path.lower().endswith(".json"):
-        records = _whole_json(raw)
+        records = _whole_json(raw, path)
     if records is None:
         records = []
         for number, line in enumerate(raw.split(b"\n"), 1):
@@ -113,14 +113,18 @@ def read_records(path: str) -> tuple[list[dict], SkippedLines]:
     return records, skipped
 
 
-def _whole_json(raw: bytes) -> list[dict] | None:
+def _whole_json(raw: bytes, path: str) -> list[dict] | None:
     """The records of a file holding one JSON document (array of objects, or {column: [values]}), else None."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     if isinstance(doc, list):
-        return [r for r in doc if isinstance(r, dict)]
+        records = [r for r in doc if isinstance(r, dict)]
+        if len(records) < len(doc):
+            skipped = len(doc) - len(records)
+            log.warning("data file %s: skipped %d array item(s) that are not JSON objects", path, skipped)
+        return records
     if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
         n = max(len(v) for v in doc.values())
         return [{k: (v[i] if i < len(v) else None) for k, v in doc.items()} for i in range(n)]

@@ -496,10 +496,11 @@ def train(cfg: Config, resume: str | None = None) -> str:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    # the outcome goes to run.log only: the entry point prints it once, as one line
-    record = lambda level, msg, exc=None: handler.handle(  # noqa: E731
-        log.makeRecord(log.name, level, __file__, 0, "%s", (msg,), exc)
-    )
+
+    def record(level: int, message: str, exc_info=None) -> None:
+        """The run's outcome, into run.log only: the entry point prints it once, as one line."""
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, "%s", (message,), exc_info))
+
     try:
         return _train(cfg, run_dir, bool(resume), named, changed)
     except Interrupted as e:

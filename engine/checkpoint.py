@@ -98,7 +98,9 @@ def save(run_dir: str, step: int, model, state: dict, *, tokenizer=None, base_mo
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     with _recorded_base(model, base_model):
-        model.save_pretrained(tmp)
+        # the adapter never touches the embeddings (engine.models.LORA_TARGETS) nor resizes the vocabulary; saying
+        # so skips peft's probe of the base model's config on the hub at every save
+        model.save_pretrained(tmp, save_embedding_layers=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, STATE_FILE))

@@ -28,10 +28,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# One line per benchmark as it finishes (-v), the slowest listed at the end, and the total time. About 15 minutes
-# on a 2-core CPU (benchmarks/RESULTS.md); the CUDA suites skip without a GPU.
+# One line per benchmark as it finishes (-v), the slowest listed at the end, and the total time: 19 min on the
+# 2-core CPU (2026-11-26, load average 4-6 from other jobs; 29 benchmarks, the CPU kernel suite is 95% of it);
+# the CUDA suites skip without a GPU.
 bench: setup
-	@echo "make bench: all benchmarks/ suites, about 15 min on a 2-core CPU; started $$(date '+%H:%M:%S')"
+	@echo "make bench: all benchmarks/ suites, about 20 min on a 2-core CPU; started $$(date '+%H:%M:%S')"
 	@start=$$(date +%s); $(PY) -m pytest benchmarks/ --benchmark -v -s --durations=10; status=$$?; \
 	echo "make bench: finished in $$(( $$(date +%s) - start )) s"; exit $$status
 

@@ -45,10 +45,14 @@ git clone -q "$repo" "$work/atesd"
 cd "$work/atesd"
 
 echo "== make run"
-make run PYTHON="$python" 2>&1 | tail -n 5
+t=$(date +%s)
+make run PYTHON="$python" 2>&1 | tr '\r' '\n' | { grep -a -E "accuracy|run directory|^error|Error" || true; }
+echo "   make run: $(( $(date +%s) - t )) s"
 
 echo "== make test"
+t=$(date +%s)
 make test PYTHON="$python" 2>&1 | tail -n 5
+echo "   make test: $(( $(date +%s) - t )) s"
 
 echo "== the clone holds nothing but .venv, build/ and runs/ of make run"
 git status --porcelain --ignored | grep -v -E '^!! (\.venv/|build/|runs/|\.pytest_cache/|\.hypothesis/|\.benchmarks/)' \

@@ -1,8 +1,8 @@
 """Evaluation: sample completions with HF ``generate`` in batches, grade, report Average@n and pass@k.
 
     python -m engine.evaluate --model tiny --benchmarks lab --n 4
-    python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoint-100] \\
-        --benchmarks aime24,aime25,hmmt25 --n 12 --out runs/eval-8b
+    python -m engine.evaluate --adapter runs/x/checkpoints/step-000100 \\
+        --benchmarks aime24,aime25,hmmt25 --n 12        # base model from the checkpoint; --model overrides
     python -m engine.evaluate --model <dir> --data local.jsonl        # rows with problem + answer
 
 Python API: :func:`evaluate_problems` (any grader) and :func:`evaluate_lab` (lab task, exact verifier), the
@@ -324,9 +324,10 @@ def load_model(
                 f"({models.model_problem(model)}); give --model"
             )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(
-        torch, dtype
-    )
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
     m, tok = models.load_model(model, dtype=torch_dtype, device=device)
     if adapter:
         from peft import PeftModel
@@ -352,7 +353,7 @@ def _default_out(model: str | None, adapter: str | None) -> Path:
         ckpt = Path(adapter).resolve()
         if ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").exists():
             return ckpt.parent.parent / "eval" / ckpt.name
-    name = Path((model or "tiny").rstrip("/")).name
+    name = Path((model or (Path(adapter).resolve().name if adapter else "tiny")).rstrip("/")).name
     return Path("runs") / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -1,7 +1,8 @@
 """A toy student with a delayed, competence-dependent response to exposure, to test exposure policies.
 
-    python -m controller.simulate                       # 'low' and 'high' scenarios, 100 steps, 5 seeds
-    python -m controller.simulate --scenario moving --steps 2000 --out docs/controller_sim.png
+    python -m controller.simulate                       # 'low' and 'high' scenarios, 100 steps, 5 seeds;
+                                                        # figure in runs/controller_sim.png
+    python -m controller.simulate --scenario moving --steps 2000 --out docs/controller_sim.png  # the docs' figure
     python -m controller.simulate --noise-sweep         # where the 100-step result stops holding
 
 Hidden state: competence c in [0, 1] (starts at c0), an unrealised-knowledge buffer q, a superficial-fit
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -262,7 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--scenario", default="low,high", help=f"comma list of {', '.join(SCENARIOS)}")
-    ap.add_argument("--out", default="", help="PNG path of the plot ('' to skip)")
+    ap.add_argument(
+        "--out",
+        default="runs/controller_sim.png",
+        help="PNG path ('' to skip the plot); the docs' figure, docs/controller_sim.png, only when named",
+    )
     ap.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     ap.add_argument("--noise-sweep", action="store_true", help="adaptive vs random at several noise levels")
     args = ap.parse_args(argv)
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         print(noise_sweep(args.seeds, args.steps))
     print(f"\n{time.perf_counter() - t:.1f} s")
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         plot(results, args.out)
         print(f"wrote {args.out}")
 

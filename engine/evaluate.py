@@ -1,7 +1,9 @@
 """Evaluation: sample completions with HF ``generate`` in batches, grade, report Average@n and pass@k.
 
     python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoints/step-000100] \\
-        --benchmarks aime24,aime25,hmmt25 --out eval_out     # the paper's protocol, Average@12
+        --benchmarks aime24,aime25,hmmt25                # the paper's protocol, Average@12
+    python -m engine.evaluate --adapter runs/x/checkpoints/step-000100 \\
+        --benchmarks aime24,aime25,hmmt25                # base model from the checkpoint; --model overrides
     python -m engine.evaluate --model tiny --benchmarks lab  # the lab's protocol: greedy
     python -m engine.evaluate --model <dir> --data local.jsonl        # rows with problem + answer
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +32,8 @@ from pathlib import Path
 import torch
 
 from atesd.engine import distributed
+from atesd.engine.config import OneLineParser
+from atesd.engine.errors import DataError, UsageError
 from atesd.engine.grading import average_at_n, mean_pass_at_k
 from atesd.engine.task import PAPER_EVAL, PromptTemplates, Task, get_task, is_task, resolve_templates
 
@@ -37,6 +43,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
     "aime25": (("yentinglin/aime_2025", "math-ai/aime25"), "train", "problem", "answer"),
     "hmmt25": (("MathArena/hmmt_feb_2025",), "train", "problem", "answer"),
 }
+log = logging.getLogger("engine.evaluate")
 
 
 def _k_values(n: int) -> list[int]:
@@ -331,63 +338,159 @@ def load_benchmark(name: str) -> list[dict]:
 
 
 def load_jsonl(path: str) -> list[dict]:
-    """Local jsonl with ``problem`` and ``answer`` fields per line."""
-    rows = []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if "problem" not in r or "answer" not in r:
-                raise ValueError(f"{path}:{ln}: row lacks 'problem'/'answer' (keys: {sorted(r)})")
-            rows.append({"problem": str(r["problem"]), "answer": str(r["answer"]), "level": r.get("level")})
+    """Local jsonl with ``problem`` and ``answer`` fields per line. Unreadable lines and rows lacking a field are
+    skipped and counted (logged); a file with no usable row is a DataError naming it and the counts."""
+    from atesd.engine.data import read_records
+
+    records, skipped = read_records(path)
+    rows = [
+        {"problem": str(r["problem"]), "answer": str(r["answer"]), "level": r.get("level")}
+        for r in records
+        if r.get("problem") is not None and r.get("answer") is not None
+    ]
+    missing = len(records) - len(rows)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        keys = sorted({k for r in records for k in r})[:8]
+        raise DataError(
+            f"{path}: no usable row: {missing} row(s) lack 'problem'/'answer' (keys seen: {', '.join(keys)})"
+            + (f"; skipped lines: {skipped.describe()}" if skipped.lines else "")
+        )
+    if missing:
+        log.warning("%s: skipped %d row(s) lacking 'problem'/'answer'", path, missing)
     return rows
 
 
-def load_model(model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto"):
+def load_model(
+    model: str | None, adapter: str | None = None, device: str | None = None, dtype: str = "auto"
+):
     """``(model, tokenizer)`` from a local dir, a hub id or ``tiny`` (the shipped lab model).
 
-    ``adapter``: optional peft adapter directory loaded on top."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``adapter``: optional peft adapter directory (a training checkpoint) loaded on top; with ``model=None`` its
+    recorded base model is used, and a tokenizer saved in it is preferred. Failures are one-line UsageErrors."""
+    from transformers import AutoTokenizer
 
-    from atesd.engine.models import resolve_model_path
+    from atesd.engine import checkpoint, models
 
-    path = resolve_model_path(model)
+    if model is None:
+        model = checkpoint.base_model(adapter) if adapter else "tiny"
+        if model is None:
+            raise UsageError(f"--adapter {adapter!r} records no base model; give --model")
+        if models.model_problem(model):
+            raise UsageError(
+                f"--adapter {adapter!r} was trained on {model!r}, which is not here "
+                f"({models.model_problem(model)}); give --model"
+            )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    m, tok = models.load_model(model, dtype=torch_dtype, device=device)
     if adapter:
         from peft import PeftModel
 
-        if not Path(adapter).exists():
-            raise FileNotFoundError(f"adapter directory {adapter!r} does not exist")
+        if not Path(adapter).is_dir():
+            raise UsageError(f"--adapter {adapter!r}: no such directory")
+        try:
+            checkpoint.verify(adapter)
+        except checkpoint.BrokenCheckpoint as e:
+            raise UsageError(f"--adapter {adapter!r} is damaged: {e}") from None
+        if (Path(adapter) / "tokenizer_config.json").exists():  # the checkpoint's own tokenizer
+            tok = AutoTokenizer.from_pretrained(adapter)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
         m = PeftModel.from_pretrained(m, adapter).to(device)
     m.eval()
     return m, tok
 
 
+def _default_out(model: str | None, adapter: str | None) -> Path:
+    """<run>/eval/<step-N> for a training checkpoint, else runs/eval-<model>-<time> (never the working dir)."""
+    if adapter:
+        ckpt = Path(adapter).resolve()
+        if ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").exists():
+            return ckpt.parent.parent / "eval" / ckpt.name
+    name = Path((model or (Path(adapter).resolve().name if adapter else "tiny")).rstrip("/")).name
+    return Path("runs") / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_args(args) -> None:
+    """Every argument checked before any data or model loads; the first problem is a one-line UsageError."""
+    from atesd.engine.config import device_problem
+    from atesd.engine.models import model_problem
+
+    def need(ok: bool, flag: str, value, problem: str) -> None:
+        if not ok:
+            raise UsageError(f"{flag}: {problem}, got {value!r}")
+
+    t = args.temperature
+    need(args.n is None or args.n >= 1, "--n", args.n, "must be >= 1")
+    need(t is None or (math.isfinite(t) and t >= 0), "--temperature", t, "must be >= 0")
+    need(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
+    need(args.top_k is None or args.top_k >= 0, "--top-k", args.top_k, "must be >= 0")
+    cap = args.max_new_tokens
+    need(cap is None or cap >= 1, "--max-new-tokens", cap, "must be >= 1")
+    need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be >= 1")
+    need(args.limit is None or args.limit >= 1, "--limit", args.limit, "must be >= 1")
+    need(args.lab_n >= 1, "--lab-n", args.lab_n, "must be >= 1")
+    need(args.workers >= 1, "--workers", args.workers, "must be >= 1")
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    need(args.dtype in dtypes, "--dtype", args.dtype, f"must be one of {', '.join(dtypes)}")
+    if args.device and device_problem(args.device):
+        raise UsageError(f"--device {args.device!r}: {device_problem(args.device)}")
+    if args.model is not None and model_problem(args.model):
+        raise UsageError(f"--model {args.model!r}: {model_problem(args.model)}")
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise UsageError(f"--adapter {args.adapter!r}: no such directory")
+    if args.data is not None and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data!r}: no such file")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file, not a directory")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """CLI; under ``torchrun --nproc_per_node N -m engine.evaluate ...`` the problems are sharded over N processes
-    (one GPU each) and rank 0 writes the outputs."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--device", default=None)
-    device = pre.parse_known_args(argv)[0].device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with distributed.process_group(torch.device(device).type):
-        return _main(argv)
+    """CLI entry point; returns the summary. Bad input is one line on stderr and exit code 2 (traceback with
+    --debug); any other failure one line and exit code 1. Under ``torchrun --nproc_per_node N -m engine.evaluate``
+    the problems are sharded over N processes (one GPU each) and rank 0 writes the outputs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--device", default=None)
+        device = pre.parse_known_args(argv)[0].device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = "cpu"  # _main's checks name the bad --device
+        with distributed.process_group(kind):
+            return _main(argv)
+    except UsageError as e:
+        if "--debug" in argv:
+            raise
+        _exit(f"error: {'; '.join(ln.strip() for ln in str(e).splitlines() if ln.strip())}", 2)
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        _exit("interrupted", 130)
+    except Exception as e:
+        if "--debug" in argv:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        _exit(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", 1)
 
 
-def _main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="local dir, hub id, or 'tiny' (the lab's shipped model)")
-    ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. run_dir/checkpoints/step-000100")
+def _exit(message: str, code: int):
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _main(argv: list[str]) -> dict:
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="local dir, hub id, or 'tiny' (the lab's shipped model); default: the --adapter's base model, else tiny",
+    )
+    ap.add_argument("--adapter", default=None, help="peft adapter dir, e.g. <run>/checkpoints/step-000080")
     ap.add_argument("--benchmarks", default="", help="comma list of aime24,aime25,hmmt25 and/or a task with "
                     "its own problems (lab: its held-out split)")
     ap.add_argument("--data", default=None, help="local jsonl with problem + answer columns")
@@ -410,8 +513,15 @@ def _main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--workers", type=int, default=2, help="grading worker processes")
-    ap.add_argument("--out", default="eval_out", help="directory for <bench>.jsonl and summary.json")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="directory for <bench>.jsonl and summary.json (default: <run>/eval/<step-N> for a training checkpoint "
+        "given as --adapter, else runs/eval-<model>-<time>)",
+    )
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    _check_args(args)
 
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if args.data:
@@ -423,6 +533,7 @@ def _main(argv: list[str] | None = None) -> dict:
             ap.error(f"unknown benchmark {b!r}; choose from {sorted(BENCHMARKS)} or a task with its own problems")
     try:
         default_task = get_task(args.task)
+        resolve_templates(default_task, args.prompts)  # a bad --prompts file fails here, before anything loads
     except ValueError as e:
         ap.error(str(e))
     # Load every dataset before the model: a missing dataset fails in seconds, not after a model load.
@@ -434,7 +545,7 @@ def _main(argv: list[str] | None = None) -> dict:
             try:
                 sets[b] = (default_task, load_benchmark(b))
             except RuntimeError as e:
-                sys.exit(f"error: {e}")
+                raise DataError(str(e)) from None
         else:
             task = get_task(b)
             if task.dataset is None:
@@ -443,16 +554,24 @@ def _main(argv: list[str] | None = None) -> dict:
         if args.limit:
             sets[b] = (sets[b][0], sets[b][1][: args.limit])
 
+    from atesd.engine import checkpoint as _checkpoint
+
     model, tok = load_model(args.model, args.adapter, args.device, args.dtype)
     main_rank = distributed.is_main()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else _default_out(args.model, args.adapter)
+    out = Path(distributed.broadcast(str(out)))  # one directory: the ranks' clocks may straddle a second
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
     overrides = dict(n_samples=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, thinking=args.thinking)
     if args.greedy:
         overrides.update(temperature=0.0, n_samples=1)
-    summary: dict = {"model": args.model, "adapter": args.adapter, "seed": args.seed, "benchmarks": {}}
+    summary: dict = {
+        "model": args.model or (_checkpoint.base_model(args.adapter) if args.adapter else "tiny"),
+        "adapter": args.adapter,
+        "seed": args.seed,
+        "benchmarks": {},
+    }
     for b, (task, probs) in sets.items():
         res = evaluate_task(
             model, tok, probs, task, templates=resolve_templates(task, args.prompts), batch_size=args.batch_size,
@@ -473,6 +592,7 @@ def _main(argv: list[str] | None = None) -> dict:
               f"({how}, {p['max_new_tokens']} tokens, thinking {'on' if p['thinking'] else 'off'})")
     if main_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"results: {out}")
     return summary
 
 

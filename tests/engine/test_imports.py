@@ -63,7 +63,7 @@ sys.meta_path.insert(0, Block())
 import atesd.engine.train, atesd.engine.evaluate, atesd.engine.evaluator, atesd.engine.sweep
 from atesd.engine.config import parse
 from atesd.engine.task import get_task
-cfg, _ = parse(["--model", "qwen3-1.7b", "--data", "rows.jsonl"])
+cfg, _ = parse(["--model", "qwen3-1.7b", "--data", "someorg/math-rows"])  # a hub id: parsed, not loaded
 assert cfg.task == "math" and cfg.eval_benchmarks == ""
 try:
     get_task("lab")

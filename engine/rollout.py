@@ -1,14 +1,18 @@
 """On-policy rollouts: each prompt is prefilled once and its KV cache is shared by its G samples.
 
 Prompts are left-padded into one batch with explicit position ids, prefilled, the cache is repeated G times
-(``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p from a caller-owned
-``torch.Generator`` on the model's device, so a step's rollouts depend only on the weights and that
-generator's seed.
+(``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p by inverse-CDF sampling at
+per-row uniforms (``engine/sampling.py``): row (prompt b, sample g) depends only on the weights and ``seeds[b]``,
+whatever else is in the batch, so the ranks of a data-parallel run sample what one process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from atesd.engine.sampling import inverse_cdf, row_uniforms
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -38,8 +42,11 @@ def sample(
     top_p: float = 0.95,
     top_k: int = 20,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[list[list[int]]]:
-    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn."""
+    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn.
+
+    ``seeds``: one per prompt (``sampling.problem_seeds``); without them, they are drawn from ``generator``."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     device = next(model.parameters()).device
@@ -60,12 +67,16 @@ def sample(
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
     eos = torch.tensor(sorted(eos_ids), device=device)
     done = torch.zeros(B * G, dtype=torch.bool, device=device)
+    if temperature > 0:
+        if seeds is None:
+            seeds = torch.randint(2**62, (B,), generator=generator, device=getattr(generator, "device", "cpu")).tolist()
+        uniforms = row_uniforms(seeds, G, max_new_tokens, device)
     tokens = []
     for t in range(max_new_tokens):
         scores = filter_logits(logits / temperature, top_k, top_p) if temperature > 0 else logits
         if temperature > 0:
             probs = scores.softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tok = inverse_cdf(probs, uniforms[:, t])
         else:
             tok = scores.argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_one(argv: list[str], threads: int, log_path: str) -> dict:
-    """Train one run (in this process) with its stdout in ``log_path``; returns its summary.json."""
+    """Train one run (in this process) with its stdout and stderr (warnings) in ``log_path``; returns its
+    summary.json."""
     import torch
 
     from atesd.engine.config import parse
@@ -109,7 +110,7 @@ def _train_one(argv: list[str], threads: int, log_path: str) -> dict:
     torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        with open(log_path, "a") as fh, contextlib.redirect_stdout(fh):
+        with open(log_path, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             try:
                 run_dir = train(*parse(argv))
             except Exception:

@@ -76,6 +76,12 @@ class Config:
     rollout_temperature: float = _f(1.1, "sampling temperature of the rollouts")
     top_p: float = _f(0.95, "nucleus sampling threshold")
     top_k: int = _f(20, "top-k sampling (0 = off)")
+    rollout: str = _f(
+        "auto",
+        "rollout decoder: auto (compiled static-cache loop on CUDA, eager static-cache loop on CPU) | hf (the eager "
+        "HF loop) | static (static KV cache, LoRA merged) | compiled (static + torch.compile, CUDA graphs on GPU)",
+        choices=("auto", "hf", "static", "compiled"),
+    )
     max_prompt_tokens: int | None = _f(None, "skip problems whose student prompt is longer (recipe)")
     max_reference_tokens: int | None = _f(None, "skip problems whose reference is longer (recipe)")
     # loss and optimisation

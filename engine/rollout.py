@@ -1,14 +1,27 @@
 """On-policy rollouts: each prompt is prefilled once and its KV cache is shared by its G samples.
 
-Prompts are left-padded into one batch with explicit position ids, prefilled, the cache is repeated G times
-(``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p from a caller-owned
-``torch.Generator`` on the model's device, so a step's rollouts depend only on the weights and that
-generator's seed.
+Two implementations behind one ``sample(prompts, ...)`` contract, chosen by ``--rollout`` (:func:`build_rollout`):
+
+- ``hf``: :func:`sample`, the reference loop. Prompts are left-padded into one batch with explicit position ids,
+  prefilled, the cache is repeated G times (``batch_repeat_interleave``) and every token is one eager HF forward
+  over a DynamicCache, finished rows kept to the end.
+- ``static`` / ``compiled``: ``engine/decode.py``, a static KV cache, finished rows leaving the batch, LoRA merged
+  into fused copies, on-device sampling; ``compiled`` puts each decode step through ``torch.compile`` (CUDA
+  graphs on GPU).
+
+Tokens are drawn with temperature / top-k / top-p from a caller-owned ``torch.Generator`` on the model's device,
+so a step's rollouts depend only on the weights and that generator's seed. Greedy decoding gives the same tokens
+on every path; sampling draws from the same distribution (``tests/engine/test_rollout_static.py``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("engine")
+ROLLOUTS = ("auto", "hf", "static", "compiled")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -92,3 +105,42 @@ def sample(
             group.append(seq[:cut])
         result.append(group)
     return result
+
+
+class HFRollout:
+    """The reference loop (:func:`sample`) behind the rollout-engine interface."""
+
+    name = "hf"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def sample(self, prompts: list[list[int]], **kw) -> list[list[list[int]]]:
+        return sample(self.model, prompts, **kw)
+
+
+def build_rollout(kind: str, model, device: torch.device | str | None = None):
+    """The rollout engine for ``--rollout kind``, built once per run; ``.sample(prompts, ...)`` as :func:`sample`.
+
+    ``auto`` picks per device (measured, benchmarks/RESULTS.md section 8): on CUDA the compiled static-cache loop
+    (launch-bound decoding is what CUDA graphs remove); on CPU the eager static-cache loop, because inductor's
+    compile time (tens of seconds) outweighs what it saves on a short CPU run. A model the static decoder does not
+    implement gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``.
+    """
+    from atesd.engine.decode import StaticRollout, unsupported
+
+    if kind not in ROLLOUTS:
+        raise ValueError(f"--rollout must be one of {', '.join(ROLLOUTS)}, got {kind!r}")
+    if kind == "hf":
+        return HFRollout(model)
+    reason = unsupported(model)
+    if reason:
+        if kind != "auto":
+            raise ValueError(f"--rollout {kind}: the static decoder does not support this model: {reason}")
+        log.info("rollout: %s; using the HF loop (--rollout hf)", reason)
+        return HFRollout(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    compiled = kind == "compiled" or (kind == "auto" and device.type == "cuda")
+    engine = StaticRollout(model, compile=compiled)
+    log.info("rollout: %s", engine.name)
+    return engine

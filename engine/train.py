@@ -31,7 +31,7 @@ from atesd.engine.exposure import DEFAULT_INSTRUCTION, Example, make_example
 from atesd.engine.loss import distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
 from atesd.engine.packing import Segment, pack
-from atesd.engine.rollout import sample
+from atesd.engine.rollout import build_rollout
 from atesd.engine.scoring import _gather, hidden_states, score_student, score_teacher
 
 log = logging.getLogger("engine")
@@ -77,6 +77,7 @@ class Trainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.teacher = Teacher(self.model, cfg.teacher, cfg.ema_decay)
+        self.rollout = build_rollout(cfg.rollout, self.model, self.device)
         self.params = list(adapter_params(self.model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -170,8 +171,7 @@ class Trainer:
         # 1. rollout: the current student samples G continuations of each problem-only prompt
         model.eval()
         generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.step_no)
-        rollouts = sample(
-            model,
+        rollouts = self.rollout.sample(
             [ex.student_prompt for ex in examples],
             num_samples=cfg.num_samples,
             max_new_tokens=cfg.max_new_tokens,

@@ -1,0 +1,288 @@
+"""Rollout throughput: the reference HF loop vs the static-cache loop, eager and compiled (DESIGN 4.2b, issue 16).
+
+    pytest benchmarks/bench_rollout.py --benchmark -s          # CPU shapes; BENCH_ROLLOUT_SHAPES=tiny,h512 overrides
+    python -c "import benchmarks.bench_rollout as b; b.gpu_measurement()"     # Qwen3-1.7B shape, on a GPU
+
+Implementations (``--rollout`` names where they are one):
+
+    hf               engine.rollout.sample: one eager HF forward per token over a DynamicCache (the old loop)
+    hf-static        the HF model over transformers' StaticCache, eager: the alternative to our own decoder
+    static           engine.decode.StaticRollout, eager, LoRA merged into fused copies (the CPU default)
+    static-unmerged  the same with LoRA applied on the fly (no weight copies)
+    compiled         static + torch.compile of the decode step (CUDA graphs on GPU; the GPU default)
+    generate         transformers' model.generate (GPU measurement only)
+
+Figure of merit: generated tokens per second. Fixed budget: no EOS, so every row of every implementation produces
+exactly ``new`` tokens; sampling as in training (T=1.1, top-k 20, top-p 0.95). ``tiny-lab`` is the training
+workload instead: the shipped tiny model on lab prompts with its EOS, rows finishing early. A compiled
+implementation's first call (compile + warm-up) is timed and reported apart from its throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from atesd.engine.decode import StaticRollout
+from atesd.engine.models import add_lora
+from atesd.engine.rollout import HFRollout, filter_logits
+
+QWEN3_1P7B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+)
+SHAPES = {
+    # name: (model: "tiny" or Qwen3Config kwargs, LoRA rank, prompts B, samples G, prompt tokens, new tokens)
+    "tiny": ("tiny", 16, 8, 1, 24, 96),
+    "tiny-lab": ("tiny", 16, 8, 1, None, 96),
+    "h512": (
+        dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=32768,
+        ),
+        16,
+        8,
+        1,
+        64,
+        96,
+    ),
+    "1.7b": (QWEN3_1P7B, 64, 32, 1, 256, 1024),
+}
+SAMPLING = dict(temperature=1.1, top_k=20, top_p=0.95)
+
+
+def build(shape: str, device: str, dtype: torch.dtype):
+    """(peft LoRA model in eval mode, prompts, eos ids, pad id) for a shape; LoRA B random so the adapter acts."""
+    spec, r, B, _, P, _ = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    if spec == "tiny":
+        from atesd.engine.models import load_model
+
+        base, tok = load_model("tiny", dtype=dtype, device=device)
+        vocab, eos, pad = base.config.vocab_size, {tok.eos_token_id}, tok.pad_token_id
+        if P is None:  # lab prompts, as the training loop builds them
+            from atesd.engine.data import load_rows
+            from atesd.engine.exposure import make_example
+
+            rows = load_rows("lab", split="train", lab_size=4 * B, lab_levels=(1, 2), seed=0)
+            prompts = [make_example(tok, x["problem"], x["solution"], x["answer"]).student_prompt for x in rows[:B]]
+        else:
+            prompts = [torch.randint(10, vocab, (P,), generator=g).tolist() for _ in range(B)]
+    else:
+        torch.manual_seed(0)
+        cfg = Qwen3Config(max_position_embeddings=4096, attn_implementation="sdpa", **spec)
+        base = Qwen3ForCausalLM(cfg).to(device=device, dtype=dtype)
+        vocab, eos, pad = spec["vocab_size"], set(), 0
+        prompts = [torch.randint(10, vocab, (P,), generator=g).tolist() for _ in range(B)]
+    model = add_lora(base, r, 2 * r).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.01)
+    if P is not None:
+        eos = set()  # fixed budget: every row runs to the end
+    return model, prompts, eos, pad
+
+
+class HFStaticCache:
+    """The HF model driven over transformers' ``StaticCache`` (eager), sampling as the reference loop.
+
+    transformers' static cache has no batch repeat of a prefilled cache and one length for all rows, so prompts
+    are prefilled G times and finished rows stay in the batch; the mask covers the whole preallocated length.
+    """
+
+    name = "hf-static"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def sample(self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, generator):
+        from transformers import StaticCache
+
+        model, G = self.model, num_samples
+        device = next(model.parameters()).device
+        width = max(map(len, prompts))
+        rows = [p for p in prompts for _ in range(G)]
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width + max_new_tokens), dtype=torch.long)
+        for i, p in enumerate(rows):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) : width] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn[:, :width].cumsum(-1) - 1).clamp_min(0)
+        cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+        out = model(input_ids=ids, attention_mask=attn[:, :width], position_ids=pos, cache=cache, logits_to_keep=1)
+        logits, nxt, tokens = out.logits[:, -1].float(), pos[:, -1:] + 1, []
+        eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1).masked_fill(done, pad_id)
+            tokens.append(tok)
+            done = done | torch.isin(tok, eos)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            attn[:, width + t] = 1
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=nxt, cache=cache)
+            logits, nxt = out.logits[:, -1].float(), nxt + 1
+        seqs = torch.stack(tokens, 1).tolist()
+        return [[seqs[b * G + g] for g in range(G)] for b in range(len(prompts))]
+
+
+class Generate:
+    """transformers' ``model.generate`` (dynamic cache, sampling), EOS off: a fixed budget."""
+
+    name = "generate"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def sample(self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, generator):
+        device = next(self.model.parameters()).device
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :], attn[i, width - len(p) :] = torch.tensor(p), 1
+        out = self.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if not eos_ids else 0,
+            num_return_sequences=num_samples,
+            eos_token_id=sorted(eos_ids) or None,
+            pad_token_id=pad_id,
+        )
+        seqs = out[:, width:].tolist()
+        return [[seqs[b * num_samples + g] for g in range(num_samples)] for b in range(len(prompts))]
+
+
+def engine(impl: str, model):
+    return {
+        "hf": lambda: HFRollout(model),
+        "hf-static": lambda: HFStaticCache(model),
+        "static": lambda: StaticRollout(model, merge=True),
+        "static-unmerged": lambda: StaticRollout(model, merge=False),
+        "compiled": lambda: StaticRollout(model, compile=True),
+        "generate": lambda: Generate(model),
+    }[impl]()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_rollout(rollout, prompts, shape: str, eos, pad, device: str, seed: int) -> tuple[float, int]:
+    """(seconds, generated tokens) of one rollout call."""
+    _, _, _, G, _, new = SHAPES[shape]
+    kw = dict(num_samples=G, max_new_tokens=new, eos_ids=eos, pad_id=pad, **SAMPLING)
+    gen = torch.Generator(device).manual_seed(seed)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = rollout.sample(prompts, generator=gen, **kw)
+    _sync(device)
+    return time.perf_counter() - t0, sum(len(r) for group in out for r in group)
+
+
+def measure(shape: str, impls, *, device: str, dtype: torch.dtype, rounds: int = 3) -> dict:
+    """Tokens/s of each implementation on one model, rounds interleaved across implementations (so load drift
+    hits all alike); per implementation: median seconds, tokens/s, first-call seconds (compile + warm-up)."""
+    model, prompts, eos, pad = build(shape, device, dtype)
+    engines = {impl: engine(impl, model) for impl in impls}
+    first = {impl: timed_rollout(e, prompts, shape, eos, pad, device, 0)[0] for impl, e in engines.items()}
+    runs: dict[str, list[tuple[float, int]]] = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl, e in engines.items():
+            runs[impl].append(timed_rollout(e, prompts, shape, eos, pad, device, r + 1))
+    result = {}
+    for impl in impls:
+        seconds = sorted(s for s, _ in runs[impl])[len(runs[impl]) // 2]
+        tokens = sum(n for _, n in runs[impl]) / len(runs[impl])
+        result[impl] = dict(
+            seconds=seconds,
+            tokens=tokens,
+            tokens_per_s=tokens / seconds,
+            first_call_s=first[impl],
+            name=getattr(engines[impl], "name", impl),
+        )
+    return result
+
+
+def table(shape: str, result: dict, baseline: str = "hf") -> str:
+    base = result[baseline]["tokens_per_s"] if baseline in result else None
+    lines = [f"| {shape} | implementation | tokens/s | vs {baseline} | median s | first call s |", "|---" * 6 + "|"]
+    for impl, r in result.items():
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"| {shape} | {impl} ({r['name']}) | {r['tokens_per_s']:.0f} | {ratio} | {r['seconds']:.3f} | "
+            f"{r['first_call_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_measurement(
+    shape: str = "1.7b",
+    impls=("hf", "compiled", "generate"),
+    *,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    rounds: int = 1,
+) -> dict:
+    """Issue 16's GPU figure: Qwen3-1.7B's shape (random weights, LoRA r=64, bf16), 32 prompts of 256 tokens,
+    1024 new tokens, old loop vs compiled static loop vs ``model.generate``, in one process. Prints a table."""
+    result = measure(shape, impls, device=device, dtype=dtype, rounds=rounds)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"\n[rollout] {shape} on {name}, {dtype}, {time.strftime('%Y-%m-%d')}\n{table(shape, result)}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- pytest benchmarks
+def _shapes() -> list[str]:
+    env = os.environ.get("BENCH_ROLLOUT_SHAPES")
+    if env:
+        return env.split(",")
+    return ["tiny", "tiny-lab", "h512"] + (["1.7b"] if torch.cuda.is_available() else [])
+
+
+IMPLS = ["hf", "hf-static", "static", "static-unmerged", "compiled"]
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("shape", _shapes())
+def test_rollout_throughput(benchmark, shape):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    impls = IMPLS + (["generate"] if device == "cuda" else [])
+    # the interleaved measurement of every implementation; pytest-benchmark times the default one on top
+    result = measure(shape, impls, device=device, dtype=dtype)
+    RESULTS[shape] = result
+    print(f"\n[rollout] {shape} {device} {dtype}\n{table(shape, result)}")
+    model, prompts, eos, pad = build(shape, device, dtype)
+    default = engine("compiled" if device == "cuda" else "static", model)
+    timed_rollout(default, prompts, shape, eos, pad, device, 0)
+    benchmark.pedantic(lambda: timed_rollout(default, prompts, shape, eos, pad, device, 1), rounds=3, iterations=1)
+    benchmark.extra_info.update({f"{impl}_tokens_per_s": r["tokens_per_s"] for impl, r in result.items()})
+    benchmark.extra_info.update({f"{impl}_first_call_s": r["first_call_s"] for impl, r in result.items()})

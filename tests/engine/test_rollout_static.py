@@ -1,0 +1,341 @@
+"""The static-cache rollout loop (engine/decode.py) against the reference HF loop (engine/rollout.py: sample).
+
+Greedy: token-identical on random Qwen3s (GQA, MQA, attention bias) and the shipped tiny model, with LoRA merged
+or not, rows finishing early (compaction) and any host-check cadence. Sampling: the sampler and the whole loop
+draw from the exact reference distribution (chi-square tests with a fixed budget, each shown to reject a
+deliberately wrong sampler). Also: the model's weights are never written, adapter updates are seen, a failing
+compile falls back (logged) to the same rollouts, and the compiled path's bucketing keeps results unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import pytest
+import torch
+from engine_tiny import build_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from atesd.engine import decode
+from atesd.engine.decode import StaticRollout, next_token
+from atesd.engine.models import add_lora
+from atesd.engine.rollout import HFRollout, build_rollout, filter_logits, sample
+
+
+def lora_model(base, r: int = 8, seed: int = 0, scale: float = 0.3):
+    """peft LoRA on every projection with a random (non-zero) B, so the adapter changes the outputs."""
+    model = add_lora(base, r, 2 * r)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def random_qwen3(vocab: int, *, hidden=64, layers=2, heads=4, kv_heads=2, bias=False, seed=0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        attention_bias=bias,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+        attn_implementation="sdpa",
+    )
+    return Qwen3ForCausalLM(cfg).float().eval()
+
+
+def prompts_of(tok) -> list[list[int]]:
+    return [tok(s)["input_ids"] for s in ("a longer prompt here", "hi", "(3+4)*5=?", "x")]
+
+
+def early_eos(model, prompts, max_new: int) -> set[int]:
+    """An EOS id that ends greedy rows at different steps, some early and at least one never (so rows leave the
+    batch one by one and the loop still runs to ``max_new``)."""
+    ref = sample(model, prompts, num_samples=1, max_new_tokens=max_new, eos_ids=set(), pad_id=0, temperature=0.0)
+    rows = [g[0] for g in ref]
+
+    def ends(t: int) -> list[int]:
+        return [r.index(t) if t in r else max_new for r in rows]
+
+    best = max({t for r in rows for t in r}, key=lambda t: (max_new in ends(t), len(set(ends(t)))))
+    return {best}
+
+
+def greedy(engine_or_model, prompts, eos, max_new, G=2):
+    kw = dict(num_samples=G, max_new_tokens=max_new, eos_ids=eos, pad_id=0, temperature=0.0)
+    if isinstance(engine_or_model, (StaticRollout, HFRollout)):
+        return engine_or_model.sample(prompts, **kw)
+    return sample(engine_or_model, prompts, **kw)
+
+
+# --------------------------------------------------------------------------------------------- greedy identity
+@pytest.mark.parametrize(
+    "shape",
+    [dict(), dict(kv_heads=1, bias=True, layers=3), dict(heads=8, kv_heads=2, hidden=64)],
+    ids=["gqa", "mqa-bias", "gqa4"],
+)
+def test_greedy_token_identical_random_qwen3(tiny_tokenizer, shape):
+    model = lora_model(random_qwen3(len(tiny_tokenizer), **shape))
+    prompts = prompts_of(tiny_tokenizer)
+    eos = early_eos(model, prompts, 24)
+    ref = greedy(model, prompts, eos, 24)
+    assert len({len(r) for g in ref for r in g}) > 1  # rows really end at different steps
+    for merge in (True, False):
+        for every in (1, 5):
+            got = greedy(StaticRollout(model, merge=merge, check_every=every), prompts, eos, 24)
+            assert got == ref, (merge, every)
+
+
+def test_greedy_token_identical_tiny_model():
+    from atesd.engine.models import load_model
+
+    pytest.importorskip("atesd.engine.lab")
+    base, tok = load_model("tiny")
+    model = lora_model(base, r=16, scale=0.02)
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False, enable_thinking=False
+        )
+        for q in ("Compute 12+7*3.", "What is (4+5)*6?", "Compute 81-9.")
+    ]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = {tok.eos_token_id}
+    ref = sample(model, prompts, num_samples=2, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0)
+    for merge in (True, False):
+        got = StaticRollout(model, merge=merge).sample(
+            prompts, num_samples=2, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0
+        )
+        assert got == ref
+
+
+def test_max_new_tokens_one_and_generate(tiny_tokenizer):
+    model = lora_model(build_model(len(tiny_tokenizer)))
+    prompts = prompts_of(tiny_tokenizer)
+    engine = StaticRollout(model)
+    assert greedy(engine, prompts, {1}, 1) == greedy(model, prompts, {1}, 1)
+    flat = engine.generate(prompts, max_new_tokens=12, eos_ids={1}, pad_id=0)
+    assert flat == [g[0] for g in greedy(model, prompts, {1}, 12, G=1)]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.sample(prompts, num_samples=1, max_new_tokens=0, eos_ids={1}, pad_id=0)
+
+
+# ----------------------------------------------------------------------------------------- weights and adapters
+@pytest.mark.parametrize("merge", [True, False])
+def test_model_weights_untouched_and_adapter_updates_seen(tiny_tokenizer, merge):
+    model = lora_model(build_model(len(tiny_tokenizer)))
+    prompts = prompts_of(tiny_tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = StaticRollout(model, merge=merge)
+    greedy(engine, prompts, {1}, 16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bitwise: nothing to restore
+    # an optimizer step moves the adapter in place: the next rollout follows it
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1.5)
+    assert greedy(engine, prompts, {1}, 16) == greedy(model, prompts, {1}, 16)
+    # the adapter switched off (the base-teacher view): the rollout is the base model's
+    with model.disable_adapter():
+        assert greedy(engine, prompts, {1}, 16) == greedy(model, prompts, {1}, 16)
+    # weights replaced by new tensors (not in place): detected, the decoder is rebuilt
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.data = p.data.clone() * 0.5
+    assert greedy(engine, prompts, {1}, 16) == greedy(model, prompts, {1}, 16)
+
+
+def test_unsupported_models_and_build_rollout(tiny_tokenizer, caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    )
+    assert decode.unsupported(llama) is not None
+    with caplog.at_level(logging.INFO, logger="engine"):
+        assert isinstance(build_rollout("auto", llama), HFRollout)
+    assert "HF loop" in caplog.text
+    with pytest.raises(ValueError, match="does not support"):
+        build_rollout("static", llama)
+    with pytest.raises(ValueError, match="--rollout"):
+        build_rollout("vllm", llama)
+    qwen = lora_model(build_model(len(tiny_tokenizer)))
+    assert isinstance(build_rollout("auto", qwen, "cpu"), StaticRollout)  # CPU: eager static cache
+    assert build_rollout("auto", qwen, "cpu").compiled is None
+    assert isinstance(build_rollout("hf", qwen), HFRollout)
+
+
+# -------------------------------------------------------------------------------------------- compiled path
+class EagerStandIn:
+    """Stands in for the torch.compile'd step: runs it eagerly, records the shapes a compiled graph would see."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, int]] = []
+
+    def __call__(self, dec, tok, col, start, done, eos, gumbel, cols, *rest):
+        self.shapes.append((tok.shape[0], cols.shape[0]))
+        return decode.decode_one(dec, tok, col, start, done, eos, gumbel, cols, *rest)
+
+
+def test_compiled_path_buckets_shapes_without_changing_rollouts(tiny_tokenizer):
+    model = lora_model(random_qwen3(len(tiny_tokenizer)))
+    prompts = prompts_of(tiny_tokenizer)
+    eos = early_eos(model, prompts, 30)
+    ref = greedy(model, prompts, eos, 30, G=3)
+    engine = StaticRollout(model, check_every=4, window_multiple=16)
+    engine.compiled = EagerStandIn()
+    assert greedy(engine, prompts, eos, 30, G=3) == ref
+    rows = {r for r, _ in engine.compiled.shapes}
+    windows = {w for _, w in engine.compiled.shapes}
+    # the full batch (12 rows), then powers of two as rows leave
+    assert engine.compiled.shapes[0][0] == 12 and all(r & (r - 1) == 0 for r in rows - {12}) and len(rows) > 1
+    assert all(w % 16 == 0 or w == engine.decoder.cache_shape()[1] - 1 for w in windows) and len(windows) > 1
+    # sampled rollouts do not depend on bucketing or the check cadence: noise is fixed per (seed, row, step)
+    kw = dict(num_samples=3, max_new_tokens=30, eos_ids=eos, pad_id=0, temperature=1.3, top_k=10, top_p=0.9)
+    a = engine.sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
+    b = StaticRollout(model, check_every=1).sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
+    assert a == b
+    assert a != StaticRollout(model).sample(prompts, generator=torch.Generator().manual_seed(6), **kw)
+
+
+def test_compile_failure_falls_back_loudly(tiny_tokenizer, caplog, monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded")
+
+        return run
+
+    model = lora_model(build_model(len(tiny_tokenizer)))
+    prompts = prompts_of(tiny_tokenizer)
+    kw = dict(num_samples=2, max_new_tokens=12, eos_ids={1}, pad_id=0, temperature=1.1)
+    want = StaticRollout(model).sample(prompts, generator=torch.Generator().manual_seed(3), **kw)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = StaticRollout(model, compile=True)
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        got = engine.sample(prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert got == want and engine.compiled is None
+    assert "torch.compile failed" in caplog.text and "inductor exploded" in caplog.text
+
+
+def test_torch_compile_cpu_greedy_identical(tiny_tokenizer):
+    """The real torch.compile (inductor, C++ on CPU) on a one-layer model: the same greedy tokens while rows leave
+    the batch and the window grows, from one compiled graph (rows and window are dynamic sizes), no fallback."""
+    from torch._dynamo.utils import counters
+
+    model = lora_model(build_model(len(tiny_tokenizer), layers=1, hidden=32))
+    prompts = prompts_of(tiny_tokenizer)
+    eos = early_eos(model, prompts, 40)
+    engine = StaticRollout(model, compile=True, check_every=4, window_multiple=16)
+    counters.clear()
+    got = greedy(engine, prompts, eos, 40, G=3)
+    assert engine.compiled is not None, "compile fell back to eager"
+    assert got == greedy(model, prompts, eos, 40, G=3)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def chi_square_pvalue(counts: dict, probs: dict, n: int, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit (cells with expected count < min_expected pooled into one)."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for cell in set(probs) | set(counts):
+        expected, observed = n * probs.get(cell, 0.0), counts.get(cell, 0)
+        if expected < min_expected:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+            continue
+        stat, df = stat + (observed - expected) ** 2 / expected, df + 1
+    if pooled_exp > 0:
+        stat, df = stat + (pooled_obs - pooled_exp) ** 2 / pooled_exp, df + 1
+    elif pooled_obs:
+        return 0.0  # a token the reference never draws
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    return filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+
+
+SETTINGS = [(1.1, 6, 0.9), (0.7, 0, 0.8), (1.5, 3, 1.0), (1.0, 0, 1.0)]
+
+
+def draw_sampler(sampler, logits, temperature, top_k, top_p, n=100_000, seed=0) -> Counter:
+    g = torch.Generator().manual_seed(seed)
+    width = decode.noise_width(logits.shape[-1], temperature, top_k)
+    gumbel = -torch.empty(n, width).exponential_(generator=g).log()
+    return Counter(sampler(logits.expand(n, -1), gumbel, temperature, top_k, top_p).tolist())
+
+
+def wrong_temperature(logits, gumbel, temperature, top_k, top_p):
+    return next_token(logits, gumbel, 1.0, top_k, top_p)
+
+
+def wrong_top_p(logits, gumbel, temperature, top_k, top_p):  # drops the token that crosses top_p
+    values, index = torch.topk(logits, gumbel.shape[-1], dim=-1)
+    values = values / temperature
+    values = values.masked_fill(values.softmax(-1).cumsum(-1) >= top_p, float("-inf"))
+    return index.gather(-1, (values + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_sampler_matches_reference_distribution(temperature, top_k, top_p):
+    logits = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.04, 0.01]))[None]
+    probs = reference_probs(logits, temperature, top_k, top_p)[0]
+    expected = {i: p for i, p in enumerate(probs.tolist()) if p > 0}
+    counts = draw_sampler(next_token, logits, temperature, top_k, top_p)
+    assert chi_square_pvalue(counts, expected, 100_000) > 1e-4
+    tv = 0.5 * sum(abs(counts.get(i, 0) / 100_000 - expected.get(i, 0.0)) for i in range(8))
+    assert tv < 0.01
+    # the same test rejects samplers that are wrong in the ways a real bug would be
+    wrong = [wrong_temperature] if temperature != 1.0 else []
+    wrong += [wrong_top_p] if top_p < 1.0 else []
+    for bad in wrong:
+        assert chi_square_pvalue(draw_sampler(bad, logits, temperature, top_k, top_p), expected, 100_000) < 1e-6
+
+
+def exact_two_token_distribution(model, prompt, temperature, top_k, top_p) -> dict:
+    """P(t1, t2) of the reference sampler, from exact next-token distributions."""
+    with torch.no_grad():
+        p1 = reference_probs(model(torch.tensor([prompt])).logits[:, -1].float(), temperature, top_k, top_p)[0]
+        firsts = [t for t in range(p1.numel()) if p1[t] > 0]
+        rows = torch.tensor([prompt + [t] for t in firsts])
+        p2 = reference_probs(model(rows).logits[:, -1].float(), temperature, top_k, top_p)
+    return {
+        (t1, t2): float(p1[t1] * p2[i, t2]) for i, t1 in enumerate(firsts) for t2 in range(p2.shape[1]) if p2[i, t2] > 0
+    }
+
+
+def test_rollout_loop_samples_the_reference_distribution(tiny_tokenizer, monkeypatch):
+    """Whole loop (prefill, cache copy, one static decode step, sampling), G rollouts of one prompt: the pair of
+    tokens drawn matches P(t1, t2) exactly computed; the HF loop passes the same test; a wrong sampler fails."""
+    model = lora_model(build_model(len(tiny_tokenizer), hidden=32), scale=0.1)
+    prompt = tiny_tokenizer("(3+4)*5=")["input_ids"]
+    T, k, p, G = 2.0, 12, 0.9, 20_000
+    exact = exact_two_token_distribution(model, prompt, T, k, p)
+    assert len(exact) > 30  # a distribution with real spread
+    kw = dict(num_samples=G, max_new_tokens=2, eos_ids=set(), pad_id=0, temperature=T, top_k=k, top_p=p)
+
+    def pairs(engine) -> Counter:
+        return Counter(tuple(r) for r in engine.sample([prompt], generator=torch.Generator().manual_seed(0), **kw)[0])
+
+    assert chi_square_pvalue(pairs(StaticRollout(model)), exact, G) > 1e-4
+    assert chi_square_pvalue(pairs(HFRollout(model)), exact, G) > 1e-4
+    monkeypatch.setattr(decode, "next_token", wrong_temperature)
+    assert chi_square_pvalue(pairs(StaticRollout(model)), exact, G) < 1e-6
+
+
+def test_chi_square_pvalue_calibration():
+    """The p-value helper: uniform data fits, a 2% shift in a 10k-sample does not; pooling keeps rare cells."""
+    probs = {i: 0.25 for i in range(4)}
+    assert chi_square_pvalue({0: 2500, 1: 2510, 2: 2490, 3: 2500}, probs, 10_000) > 0.5
+    assert chi_square_pvalue({0: 2700, 1: 2300, 2: 2500, 3: 2500}, probs, 10_000) < 1e-6
+    assert chi_square_pvalue({0: 10, 9: 1}, {0: 1.0}, 11) == 0.0
+    assert math.isclose(chi_square_pvalue({0: 50, 1: 50}, {0: 0.5, 1: 0.5}, 100), 1.0)

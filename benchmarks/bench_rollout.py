@@ -63,6 +63,24 @@ SHAPES = {
         96,
     ),
     "1.7b": (QWEN3_1P7B, 64, 32, 1, 256, 1024),
+    # a 1.7b stand-in small enough for a CPU test of gpu_measurement (tests/engine/test_rollout_static.py)
+    "smoke": (
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=256,
+            tie_word_embeddings=True,
+        ),
+        4,
+        2,
+        1,
+        8,
+        6,
+    ),
 }
 SAMPLING = dict(temperature=1.1, top_k=20, top_p=0.95)
 

@@ -339,3 +339,20 @@ def test_chi_square_pvalue_calibration():
     assert chi_square_pvalue({0: 2700, 1: 2300, 2: 2500, 3: 2500}, probs, 10_000) < 1e-6
     assert chi_square_pvalue({0: 10, 9: 1}, {0: 1.0}, 11) == 0.0
     assert math.isclose(chi_square_pvalue({0: 50, 1: 50}, {0: 0.5, 1: 0.5}, 100), 1.0)
+
+
+def test_gpu_measurement_runs_at_a_tiny_shape_on_cpu():
+    """benchmarks/bench_rollout.py: gpu_measurement (old loop vs compiled vs model.generate, issue 16's GPU figure)
+    runs end to end at a tiny shape, so a GPU session only has to call it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.gpu_measurement("smoke", device="cpu", dtype=torch.float32)
+    assert set(result) == {"hf", "compiled", "generate"}
+    for r in result.values():
+        assert r["tokens"] == 2 * 6 and r["tokens_per_s"] > 0  # 2 prompts x 6 new tokens, no EOS
+    assert result["compiled"]["name"].startswith("compiled")  # compiled, not fallen back

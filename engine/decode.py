@@ -18,10 +18,11 @@ LoRA: ``merge=True`` (the default) runs each projection group with one fused cop
 before every rollout; ``merge=False`` reads the model's own weights and adds ``scaling * B(A x)`` per adapter. The
 model's parameters are never written, so nothing has to be restored after a rollout.
 
-Sampling draws from the reference distribution (temperature, then top-k, then top-p over the kept tokens) by the
-Gumbel-max rule ``argmax(logit/T + g)`` over the kept tokens, with ``g = -log E``, ``E ~ Exp(1)`` i.i.d. from the
-caller's generator: token i wins with probability ``softmax(logit/T)_i`` restricted to the kept set, there is no
-host sync, and each original row's noise is fixed by (seed, row, step), whatever rows were dropped before.
+Sampling is the reference loop's own draw, moved on device: ``torch.multinomial(p, 1, generator=g)`` is
+``argmax(p / E)`` with ``E ~ Exp(1)`` of p's shape drawn from g, so the static loop draws ``E`` [rows, V] for every
+original row at every step exactly as the reference loop's multinomial does (dropped rows included) and takes the
+argmax in the step: no host sync, and with the same seed the same rollouts as the reference loop token for token
+wherever both compute the same logits (fp32: equal to ~1e-5, so only a near-tie of two ``p / E`` can flip a draw).
 """
 
 from __future__ import annotations
@@ -34,65 +35,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from atesd.engine.models import causal_lm
+from atesd.engine.rollout import filter_logits
 
 log = logging.getLogger("engine")
 
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # position tables that do not depend on the length seen
-NOISE_ELEMENTS = 1 << 24  # cap on one block of pre-drawn sampling noise (64 MiB of fp32)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
 def next_token(
-    logits: torch.Tensor, gumbel: torch.Tensor | None, temperature: float, top_k: int, top_p: float
+    logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k: int, top_p: float
 ) -> torch.Tensor:
     """One token per row from fp32 logits [n, V] -> [n] int64, without a host sync.
 
-    ``gumbel is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference filter (divide by the
-    temperature, keep the top-k, then the smallest prefix of them whose mass reaches top-p) and the Gumbel-max
-    draw ``argmax(kept logit / T + gumbel)``, ``gumbel`` [n, k] i.i.d. Gumbel(0, 1), k = top_k (V when top-k is
-    off). Ties at the k-th logit keep exactly k tokens (the reference keeps every tied one).
+    ``noise is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference loop's draw: the reference
+    filter (divide by the temperature, keep the top-k, then the smallest prefix whose mass reaches top-p),
+    softmax, and ``argmax(p / noise)`` with ``noise`` [n, V] i.i.d. Exp(1), which is what ``torch.multinomial(p,
+    1)`` computes (token i wins with probability p_i).
     """
-    if gumbel is None or temperature <= 0:
+    if noise is None or temperature <= 0:
         return logits.argmax(-1)
-    values, index = torch.topk(logits, gumbel.shape[-1], dim=-1)  # sorted, descending
-    values = values / temperature
-    if top_p < 1.0:
-        probs = values.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
-        values = values.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
-    choice = (values + gumbel).argmax(-1, keepdim=True)
-    return index.gather(-1, choice).squeeze(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return (probs / noise).argmax(-1)
 
 
-def noise_width(vocab_size: int, temperature: float, top_k: int) -> int:
-    """Columns of Gumbel noise :func:`next_token` takes per row (0: greedy, none)."""
-    if temperature <= 0:
-        return 0
-    return top_k if 0 < top_k < vocab_size else vocab_size
-
-
-class Noise:
-    """Gumbel noise for ``rows`` x ``width`` per step, drawn from ``generator`` in blocks of steps.
-
-    Block i covers steps [i*s, (i+1)*s) for every original row, so the noise a row sees at a step depends only on
-    the seed, the row and the step (never on which rows were compacted away or how often the host checked).
-    """
-
-    def __init__(self, rows: int, width: int, generator, device: torch.device) -> None:
-        self.rows, self.width, self.generator, self.device = rows, width, generator, device
-        self.steps = max(1, min(64, NOISE_ELEMENTS // max(1, rows * width)))
-        self.block, self.first = None, -1
-
-    def at(self, step: int, rows: torch.Tensor | None) -> torch.Tensor:
-        """[n, width] noise of ``step`` for the original rows ``rows`` (None: all rows, in order)."""
-        if self.block is None or not (self.first <= step < self.first + self.steps):
-            self.first = step - step % self.steps
-            e = torch.empty(self.steps, self.rows, self.width, device=self.device)
-            # Exp(1) -> Gumbel; the clamp keeps an exact 0 draw from becoming +inf (and -inf + inf = NaN)
-            self.block = e.exponential_(generator=self.generator).clamp_min_(1e-30).log_().neg_()
-        noise = self.block[step - self.first]
-        # a fresh tensor either way: a view's storage offset would be one more thing a compiled graph guards on
-        return noise.clone() if rows is None else noise.index_select(0, rows)
+def draw_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The Exp(1) draw ``torch.multinomial`` makes for probabilities [rows, vocab]: same shape, same generator
+    consumption."""
+    return torch.empty(rows, vocab, device=device).exponential_(generator=generator)
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -409,7 +379,7 @@ def decode_one(
     start: torch.Tensor,
     done: torch.Tensor,
     eos: torch.Tensor,
-    gumbel: torch.Tensor | None,
+    noise: torch.Tensor | None,
     cols: torch.Tensor,
     temperature: float,
     top_k: int,
@@ -417,7 +387,7 @@ def decode_one(
     pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step, the unit ``torch.compile`` sees: (next tokens [n], done [n]); finished rows emit pad."""
-    nxt = next_token(dec(tok, col, start, cols), gumbel, temperature, top_k, top_p).masked_fill(done, pad_id)
+    nxt = next_token(dec(tok, col, start, cols), noise, temperature, top_k, top_p).masked_fill(done, pad_id)
     return nxt, done | torch.isin(nxt, eos)
 
 
@@ -487,9 +457,9 @@ class StaticRollout:
     def _step(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
             return decode_one(self.decoder, *args)
-        tok, _, start, done, _, gumbel, cols = args[:7]
+        tok, _, start, done, _, noise, cols = args[:7]
         # rows and window as dynamic sizes from the first call: one compile serves every bucket
-        for t in (tok, start, done, gumbel, cols):
+        for t in (tok, start, done, noise, cols):
             if t is not None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         try:
@@ -581,13 +551,13 @@ class StaticRollout:
         logits = out.logits[:, -1].float().repeat_interleave(G, 0)
         del out
 
-        k = noise_width(logits.shape[-1], temperature, top_k)
-        noise = Noise(R, k, generator, device) if k else None
+        sampled, vocab = temperature > 0, logits.shape[-1]
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         rows = None  # the original row of each batch row (None: all rows, in order)
         col = torch.tensor([width - 1], device=device)  # the column the step's input token is written at
         tokens = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
-        tok = next_token(logits, noise.at(0, None) if noise else None, temperature, top_k, top_p)
+        noise = draw_noise(R, vocab, generator, device) if sampled else None
+        tok = next_token(logits, noise, temperature, top_k, top_p)
         done = torch.isin(tok, eos)
         tokens[:, 0] = tok
         columns, n, every = dec.cache_shape()[1], R, self.check_every
@@ -606,9 +576,12 @@ class StaticRollout:
                     tok, done, start, n = tok[keep], done[keep], start[keep], target
                     rows = keep if rows is None else rows[keep]
             col += 1
-            gumbel = noise.at(t, rows) if noise else None
+            noise = None
+            if sampled:  # every original row's draw, as the reference loop's multinomial makes it
+                noise = draw_noise(R, vocab, generator, device)
+                noise = noise if rows is None else noise.index_select(0, rows)
             cols = dec.columns[: self._window(width + t, columns)]
-            tok, done = self._step(tok, col, start, done, eos, gumbel, cols, temperature, top_k, top_p, pad_id)
+            tok, done = self._step(tok, col, start, done, eos, noise, cols, temperature, top_k, top_p, pad_id)
             if rows is None:
                 tokens[:, t] = tok
             else:

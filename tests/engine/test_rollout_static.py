@@ -116,6 +116,25 @@ def test_greedy_token_identical_tiny_model():
             prompts, num_samples=2, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0
         )
         assert got == ref
+    # sampled as in training (T=1.1, top-k 20, top-p 0.95): the same rollouts from the same seed
+    kw = dict(num_samples=4, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id)
+    ref = sample(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert StaticRollout(model).sample(prompts, generator=torch.Generator().manual_seed(3), **kw) == ref
+
+
+def test_sampled_rollouts_token_identical_with_the_same_seed(tiny_tokenizer):
+    """Sampling: the same generator seed gives the reference loop's rollouts token for token (the same Exp(1)
+    draw as its torch.multinomial, on logits equal to ~1e-5), also while rows leave the batch."""
+    model = lora_model(random_qwen3(len(tiny_tokenizer)), scale=0.1)
+    prompts = prompts_of(tiny_tokenizer)
+    eos = early_eos(model, prompts, 24)
+    kw = dict(num_samples=3, max_new_tokens=24, eos_ids=eos, pad_id=0, temperature=1.3, top_k=12, top_p=0.9)
+    ref = sample(model, prompts, generator=torch.Generator().manual_seed(7), **kw)
+    assert len({len(r) for g in ref for r in g}) > 1 and len({tuple(r) for r in ref[0]}) > 1
+    for merge in (True, False):
+        for every in (1, 5):
+            engine = StaticRollout(model, merge=merge, check_every=every)
+            assert engine.sample(prompts, generator=torch.Generator().manual_seed(7), **kw) == ref, (merge, every)
 
 
 def test_max_new_tokens_one_and_generate(tiny_tokenizer):
@@ -182,9 +201,9 @@ class EagerStandIn:
     def __init__(self) -> None:
         self.shapes: list[tuple[int, int]] = []
 
-    def __call__(self, dec, tok, col, start, done, eos, gumbel, cols, *rest):
+    def __call__(self, dec, tok, col, start, done, eos, noise, cols, *rest):
         self.shapes.append((tok.shape[0], cols.shape[0]))
-        return decode.decode_one(dec, tok, col, start, done, eos, gumbel, cols, *rest)
+        return decode.decode_one(dec, tok, col, start, done, eos, noise, cols, *rest)
 
 
 def test_compiled_path_buckets_shapes_without_changing_rollouts(tiny_tokenizer):
@@ -200,7 +219,7 @@ def test_compiled_path_buckets_shapes_without_changing_rollouts(tiny_tokenizer):
     # the full batch (12 rows), then powers of two as rows leave
     assert engine.compiled.shapes[0][0] == 12 and all(r & (r - 1) == 0 for r in rows - {12}) and len(rows) > 1
     assert all(w % 16 == 0 or w == engine.decoder.cache_shape()[1] - 1 for w in windows) and len(windows) > 1
-    # sampled rollouts do not depend on bucketing or the check cadence: noise is fixed per (seed, row, step)
+    # sampled rollouts do not depend on bucketing or the check cadence: every original row draws at every step
     kw = dict(num_samples=3, max_new_tokens=30, eos_ids=eos, pad_id=0, temperature=1.3, top_k=10, top_p=0.9)
     a = engine.sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
     b = StaticRollout(model, check_every=1).sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
@@ -268,21 +287,30 @@ SETTINGS = [(1.1, 6, 0.9), (0.7, 0, 0.8), (1.5, 3, 1.0), (1.0, 0, 1.0)]
 
 
 def draw_sampler(sampler, logits, temperature, top_k, top_p, n=100_000, seed=0) -> Counter:
-    g = torch.Generator().manual_seed(seed)
-    width = decode.noise_width(logits.shape[-1], temperature, top_k)
-    gumbel = -torch.empty(n, width).exponential_(generator=g).log()
-    return Counter(sampler(logits.expand(n, -1), gumbel, temperature, top_k, top_p).tolist())
+    noise = torch.empty(n, logits.shape[-1]).exponential_(generator=torch.Generator().manual_seed(seed))
+    return Counter(sampler(logits.expand(n, -1), noise, temperature, top_k, top_p).tolist())
 
 
-def wrong_temperature(logits, gumbel, temperature, top_k, top_p):
-    return next_token(logits, gumbel, 1.0, top_k, top_p)
+def wrong_temperature(logits, noise, temperature, top_k, top_p):
+    return next_token(logits, noise, 1.0, top_k, top_p)
 
 
-def wrong_top_p(logits, gumbel, temperature, top_k, top_p):  # drops the token that crosses top_p
-    values, index = torch.topk(logits, gumbel.shape[-1], dim=-1)
-    values = values / temperature
-    values = values.masked_fill(values.softmax(-1).cumsum(-1) >= top_p, float("-inf"))
-    return index.gather(-1, (values + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+def wrong_top_p(logits, noise, temperature, top_k, top_p):  # also drops the token that crosses top_p
+    probs = filter_logits(logits / temperature, top_k, 1.0).softmax(-1)
+    ordered, order = probs.sort(descending=True)
+    drop = ordered.cumsum(-1) >= top_p
+    drop[:, 0] = False
+    return (probs.masked_fill(drop.scatter(-1, order, drop), 0.0) / noise).argmax(-1)
+
+
+def test_sampler_is_torch_multinomial_on_device():
+    """next_token with draw_noise's Exp(1) noise draws what torch.multinomial draws from the same generator."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    probs = filter_logits(logits / 1.1, 20, 0.95).softmax(-1)
+    g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(5):
+        want = torch.multinomial(probs, 1, generator=g).squeeze(-1)
+        assert torch.equal(next_token(logits, decode.draw_noise(64, 50, h, torch.device("cpu")), 1.1, 20, 0.95), want)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)

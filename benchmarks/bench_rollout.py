@@ -368,3 +368,54 @@ def test_lora_merge_precision_bf16():
             f"| {r['scale']:g} | {r['dw_lost']:.3f} | {r['kl_exact_merged']:.2e} | {r['kl_exact_unmerged']:.2e} | "
             f"{r['kl_student_base']:.2e} |"
         )
+
+
+def main_job_steps(steps: int = 80, seed: int = 0, kinds=("hf", "static"), out_dir: str | None = None) -> dict:
+    """The main job's training steps (``python -m engine.train`` defaults: tiny model, lab) under each
+    ``--rollout`` kind, in one process, steps interleaved (step i of every kind before step i+1 of any, the
+    order alternating) so the machine's load hits all alike. Per kind: seconds in ``Trainer.step`` and in its
+    rollout call, summed over the steps, and the final loss (the kinds sample the same rollouts, so the runs match).
+    The held-out evaluations (``model.generate``, the same code for every kind) are skipped."""
+    import tempfile
+
+    from atesd.engine.config import parse
+    from atesd.engine.train import Trainer
+
+    root = out_dir or tempfile.mkdtemp(prefix="bench-main-job-")
+    trainers, clock = {}, {k: {"step_s": 0.0, "rollout_s": 0.0} for k in kinds}
+    for kind in kinds:
+        cfg, _ = parse(["--rollout", kind, "--seed", str(seed), "--steps", str(steps), "--eval-problems", "0"])
+        trainer = Trainer(cfg, os.path.join(root, kind))
+        inner = trainer.rollout.sample
+
+        def timed(*a, _inner=inner, _kind=kind, **kw):
+            t0 = time.perf_counter()
+            out = _inner(*a, **kw)
+            clock[_kind]["rollout_s"] += time.perf_counter() - t0
+            return out
+
+        trainer.rollout.sample = timed
+        trainers[kind] = trainer
+    last = {}
+    for i in range(steps):
+        for kind in kinds if i % 2 == 0 else tuple(reversed(kinds)):
+            t0 = time.perf_counter()
+            last[kind] = trainers[kind].step()
+            clock[kind]["step_s"] += time.perf_counter() - t0
+    for kind in kinds:
+        clock[kind]["final_loss"] = last[kind]["loss"]
+        clock[kind]["rollout_tokens"] = last[kind]["rollout_tokens"]
+    return clock
+
+
+def test_main_job_steps_interleaved():
+    """`python -m engine.train`'s 80 steps, old (hf) vs new (static) rollouts, interleaved in one process."""
+    pytest.importorskip("atesd.engine.lab")
+    result = main_job_steps()
+    hf, st = result["hf"], result["static"]
+    print(
+        f"\n[main job, 80 steps interleaved] hf: steps {hf['step_s']:.1f} s (rollouts {hf['rollout_s']:.1f} s); "
+        f"static: steps {st['step_s']:.1f} s (rollouts {st['rollout_s']:.1f} s); step time ratio "
+        f"{st['step_s'] / hf['step_s']:.2f}, rollout ratio {st['rollout_s'] / hf['rollout_s']:.2f}; final loss "
+        f"{hf['final_loss']:.6f} / {st['final_loss']:.6f}"
+    )

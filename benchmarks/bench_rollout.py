@@ -1,7 +1,7 @@
 """Rollout throughput: the reference HF loop vs the static-cache loop, eager and compiled (DESIGN 4.2b, issue 16).
 
     pytest benchmarks/bench_rollout.py --benchmark -s          # CPU shapes; BENCH_ROLLOUT_SHAPES=tiny,h512 overrides
-    python -c "import benchmarks.bench_rollout as b; b.gpu_measurement()"     # Qwen3-1.7B shape, on a GPU
+    python -m benchmarks.bench_rollout --gpu [--out FILE]      # Qwen3-1.7B shape on a GPU (gpu_measurement)
 
 Implementations (``--rollout`` names where they are one):
 
@@ -13,8 +13,9 @@ Implementations (``--rollout`` names where they are one):
     generate         transformers' model.generate (GPU measurement only)
 
 Figure of merit: generated tokens per second. Fixed budget: no EOS, so every row of every implementation produces
-exactly ``new`` tokens; sampling as in training (T=1.1, top-k 20, top-p 0.95). ``tiny-lab`` is the training
-workload instead: the shipped tiny model on lab prompts with its EOS, rows finishing early. A compiled
+exactly ``new`` tokens; sampling as in training (T=1.1, top-k 20, top-p 0.95, per-row uniforms from the step's
+problem seeds: ``engine/sampling.py``; ``generate`` samples with its own torch.multinomial). ``tiny-lab`` is the
+training workload instead: the shipped tiny model on lab prompts with its EOS, rows finishing early. A compiled
 implementation's first call (compile + warm-up) is timed and reported apart from its throughput.
 """
 
@@ -29,7 +30,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from atesd.engine.decode import StaticRollout
 from atesd.engine.models import add_lora
-from atesd.engine.rollout import HFRollout, filter_logits
+from atesd.engine.rollout import HFRollout, filter_logits, rollout_seeds
+from atesd.engine.sampling import inverse_cdf, problem_seeds, row_uniforms
 
 QWEN3_1P7B = dict(
     hidden_size=2048,
@@ -97,9 +99,14 @@ def build(shape: str, device: str, dtype: torch.dtype):
         if P is None:  # lab prompts, as the training loop builds them
             from atesd.engine.data import load_rows
             from atesd.engine.exposure import make_example
+            from atesd.engine.task import get_task
 
             rows = load_rows("lab", split="train", lab_size=4 * B, lab_levels=(1, 2), seed=0)
-            prompts = [make_example(tok, x["problem"], x["solution"], x["answer"]).student_prompt for x in rows[:B]]
+            lab = get_task("lab").templates  # the lab task's prompts, as `python -m engine.train` builds them
+            prompts = [
+                make_example(tok, x["problem"], x["solution"], x["answer"], templates=lab).student_prompt
+                for x in rows[:B]
+            ]
         else:
             prompts = [torch.randint(10, vocab, (P,), generator=g).tolist() for _ in range(B)]
     else:
@@ -131,7 +138,10 @@ class HFStaticCache:
         self.model = model
 
     @torch.no_grad()
-    def sample(self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, generator):
+    def sample(
+        self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, seeds=None,
+        generator=None,
+    ):
         from transformers import StaticCache
 
         model, G = self.model, num_samples
@@ -150,9 +160,10 @@ class HFStaticCache:
         logits, nxt, tokens = out.logits[:, -1].float(), pos[:, -1:] + 1, []
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        uniforms = row_uniforms(rollout_seeds(len(prompts), seeds, generator), G, max_new_tokens, device)
         for t in range(max_new_tokens):
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1).masked_fill(done, pad_id)
+            tok = inverse_cdf(probs, uniforms[:, t]).masked_fill(done, pad_id)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
             if t == max_new_tokens - 1 or bool(done.all()):
@@ -173,7 +184,7 @@ class Generate:
         self.model = model
 
     @torch.no_grad()
-    def sample(self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, generator):
+    def sample(self, prompts, *, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, **_):
         device = next(self.model.parameters()).device
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -217,10 +228,10 @@ def timed_rollout(rollout, prompts, shape: str, eos, pad, device: str, seed: int
     """(seconds, generated tokens) of one rollout call."""
     _, _, _, G, _, new = SHAPES[shape]
     kw = dict(num_samples=G, max_new_tokens=new, eos_ids=eos, pad_id=pad, **SAMPLING)
-    gen = torch.Generator(device).manual_seed(seed)
+    seeds = problem_seeds(0, seed, range(len(prompts)))  # as a training step's (run seed 0, step `seed`)
     _sync(device)
     t0 = time.perf_counter()
-    out = rollout.sample(prompts, generator=gen, **kw)
+    out = rollout.sample(prompts, seeds=seeds, **kw)
     _sync(device)
     return time.perf_counter() - t0, sum(len(r) for group in out for r in group)
 
@@ -419,3 +430,35 @@ def test_main_job_steps_interleaved():
         f"{st['step_s'] / hf['step_s']:.2f}, rollout ratio {st['rollout_s'] / hf['rollout_s']:.2f}; final loss "
         f"{hf['final_loss']:.6f} / {st['final_loss']:.6f}"
     )
+
+
+GPU_COMMAND = "PYTHONPATH=. python3 -m benchmarks.bench_rollout --gpu --out OUT_DIR/rollout-cuda.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.bench_rollout --gpu [--shape 1.7b] [--out FILE]``: :func:`gpu_measurement` (issue 16's
+    GPU figure); the table is printed and, with ``--out``, written to FILE. Without ``--gpu``: print the command."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_rollout", description=main.__doc__)
+    parser.add_argument("--gpu", action="store_true", help="run gpu_measurement on cuda")
+    parser.add_argument("--shape", default="1.7b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = parser.parse_args(argv)
+    if not args.gpu:
+        print(f"issue 16's GPU measurement, from the repository root:\n  {GPU_COMMAND}")
+        return
+    result = gpu_measurement(args.shape, device=args.device, dtype=getattr(torch, args.dtype), rounds=args.rounds)
+    if args.out:
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+        head = f"{args.shape} on {name}, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(f"{head}\n\n{table(args.shape, result)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """The interface every exposure policy implements; the engine calls exactly these methods.
 
     alpha = policy.exposure()   # float in [0, 1] for the next student step (idempotent until observe)
-    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, credit,
-                                # progress (floats), probe_nll optional
+    policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, progress
+                                # (floats); credit and probe_nll optional (see `uses_credit`)
     policy.finish()             # end of training: score/flush whatever is still pending
     policy.state_dict() / policy.load_state_dict(d)
     policy.metrics()            # latest diagnostics for logging
@@ -17,8 +17,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-REQUIRED_KEYS = ("loss", "mismatch", "confidence", "credit", "progress")
-OPTIONAL_KEYS = ("probe_nll",)
+REQUIRED_KEYS = ("loss", "mismatch", "confidence", "progress")
+OPTIONAL_KEYS = ("credit", "probe_nll")
 
 
 def check_stats(stats: Mapping[str, Any], keys: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, float]:
@@ -47,7 +47,12 @@ def check_stats(stats: Mapping[str, Any], keys: tuple[str, ...] = REQUIRED_KEYS)
 
 
 class ExposurePolicy:
-    """Base class: a policy that decides how much reference reasoning the teacher sees."""
+    """Base class: a policy that decides how much reference reasoning the teacher sees.
+
+    `uses_credit`: whether observe() needs the teacher-grounded credit (the engine computes it only then,
+    since it costs a teacher pass over every reference solution)."""
+
+    uses_credit = False
 
     def exposure(self) -> float:
         raise NotImplementedError

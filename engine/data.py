@@ -1,19 +1,136 @@
-"""Training rows (problem, solution, optional answer) from the lab task, a local json/jsonl/parquet file or
-a hub dataset.
+"""Training rows (problem, solution, optional answer) from a task that generates its problems (the lab), a
+local json/jsonl/parquet file or a hub dataset.
 
-Bad rows (missing fields, no boxed answer, over-long) are skipped and counted, never fatal.
+Bad rows (missing fields, no boxed answer, over-long) are skipped and counted, never fatal. Local JSON / JSON
+Lines files are read by :func:`read_records`, which skips unreadable lines (not UTF-8, not JSON, not an object)
+and counts them by reason with their line numbers; a source with no usable row is a :class:`DataError` naming
+the file and the counts.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from atesd.engine.errors import DataError
 from atesd.engine.exposure import last_boxed
+from atesd.engine.task import get_task, is_task
+
+log = logging.getLogger("engine.data")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
+
+
+def source_problem(source: str | None) -> str | None:
+    """Why ``source`` cannot be a data source (checked before anything loads), or None: a local file must exist
+    and be .json/.jsonl/.parquet; a task's name ('lab') and hub ids (``name`` or ``org/name``) pass (they fail
+    when loaded)."""
+    from atesd.engine.models import looks_like_path
+
+    if source is None or is_task(source):
+        return None
+    path = os.path.expanduser(source)
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        return "is a directory; give a .json, .jsonl or .parquet file, 'lab' or a hub dataset id"
+    if os.path.isfile(path):
+        return None if ext in LOCAL_FORMATS else "expected a .json, .jsonl or .parquet file"
+    if ext in LOCAL_FORMATS or looks_like_path(source):
+        return "no such file"
+    return None
+
+
+@dataclass
+class SkippedLines:
+    """Lines of a local file that gave no record, by reason ('not_utf8', 'bad_json', 'not_an_object'), with
+    their 1-based line numbers."""
+
+    path: str
+    lines: dict[str, list[int]] = field(default_factory=dict)
+    total: int = 0
+
+    def add(self, reason: str, line: int) -> None:
+        self.lines.setdefault(reason, []).append(line)
+
+    def counts(self) -> dict[str, int]:
+        return {reason: len(lines) for reason, lines in self.lines.items()}
+
+    def describe(self, first: int = 5) -> str:
+        """'bad_json 2 (lines 3, 9), not_utf8 1 (line 5)'."""
+        parts = []
+        for reason, lines in self.lines.items():
+            shown = ", ".join(map(str, lines[:first])) + (", ..." if len(lines) > first else "")
+            parts.append(f"{reason} {len(lines)} (line{'s' if len(lines) > 1 else ''} {shown})")
+        return ", ".join(parts)
+
+
+def read_records(path: str) -> tuple[list[dict], SkippedLines]:
+    """Records of a local .json (one array or mapping of columns, else JSON Lines) or .jsonl file, tolerating
+    bad lines: a line that is not UTF-8, not JSON or not a JSON object is skipped and counted by reason with its
+    line number (and logged). A file with no usable record is a DataError naming it and the counts."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise DataError(f"data file {path!r}: {e.strerror or e}") from None
+    skipped = SkippedLines(path)
+    records: list[dict] | None = None
+    if path.lower().endswith(".json"):
+        records = _whole_json(raw, path)
+    if records is None:
+        records = []
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            skipped.total += 1
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped.add("not_utf8", number)
+                continue
+            except json.JSONDecodeError:
+                skipped.add("bad_json", number)
+                continue
+            if isinstance(row, dict):
+                records.append(row)
+            else:
+                skipped.add("not_an_object", number)
+    if not records:
+        counts = f"; skipped {skipped.describe()}" if skipped.lines else ""
+        raise DataError(f"data file {path!r} has no usable row ({skipped.total} non-empty lines{counts})")
+    if skipped.lines:
+        log.warning(
+            "data file %s: skipped %d of %d lines: %s",
+            path,
+            sum(skipped.counts().values()),
+            skipped.total,
+            skipped.describe(),
+        )
+    return records, skipped
+
+
+def _whole_json(raw: bytes, path: str) -> list[dict] | None:
+    """The records of a file holding one JSON document (array of objects, or {column: [values]}), else None."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(doc, list):
+        records = [r for r in doc if isinstance(r, dict)]
+        if len(records) < len(doc):
+            skipped = len(doc) - len(records)
+            log.warning("data file %s: skipped %d array item(s) that are not JSON objects", path, skipped)
+        return records
+    if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+        n = max(len(v) for v in doc.values())
+        return [{k: (v[i] if i < len(v) else None) for k, v in doc.items()} for i in range(n)]
+    return [doc] if isinstance(doc, dict) else None
 
 
 def load_rows(
@@ -27,31 +144,42 @@ def load_rows(
     lab_levels: tuple[int, ...] = (1, 2, 3, 4),
     seed: int = 0,
 ) -> list[dict]:
-    """Raw rows as dicts with keys problem / solution / answer (answer may be None)."""
-    if source == "lab":
-        from atesd.engine.lab import lab_dataset
-
-        raw = lab_dataset(split, lab_size, seed, levels=lab_levels)
+    """Raw rows as dicts with keys problem / solution / answer (answer may be None). A ``source`` naming a
+    task that generates its problems (``engine.task``; e.g. ``lab``) draws ``lab_size`` rows of its split."""
+    task = get_task(source) if is_task(source) else None
+    if task is not None and task.dataset is not None:
+        raw = task.dataset(split, lab_size, seed, levels=lab_levels)
+    elif os.path.isfile(os.path.expanduser(source)) or source_problem(source):
+        problem = source_problem(source)
+        if problem:
+            raise DataError(f"data file {source!r}: {problem}")
+        path = os.path.expanduser(source)
+        if LOCAL_FORMATS[os.path.splitext(path)[1].lower()] == "json":
+            raw, _ = read_records(path)
+        else:
+            raw = _load_parquet(path)
     else:
         import datasets
 
         try:
-            if os.path.isfile(source):
-                ext = os.path.splitext(source)[1].lower()
-                kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
-                if kind is None:
-                    raise ValueError(f"data file {source!r}: expected .json, .jsonl or .parquet")
-                raw = datasets.load_dataset(kind, data_files=source, split="train")
-            else:
-                raw = _load_hub(datasets, source, split)
-        except ValueError:
-            raise
+            raw = _load_hub(datasets, source, split)
         except Exception as e:  # hub/network/format errors: name the dataset
-            raise RuntimeError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {first}") from e
     return [
         {"problem": r.get(problem_column), "solution": r.get(solution_column), "answer": r.get(answer_column)}
         for r in raw
     ]
+
+
+def _load_parquet(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # not parquet, truncated, unreadable
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"data file {path!r}: not a readable parquet file: {type(e).__name__}: {first}") from None
 
 
 def _load_hub(datasets, source: str, split: str):

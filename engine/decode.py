@@ -11,31 +11,35 @@ follows the live rows.
 Why our own decode step rather than the HF model over a ``StaticCache``: the step is a pure function of a few
 tensors we own (cache, per-row first column, one write column), so dropping finished rows is an index on our
 buffers; there is no per-token mask construction, output dataclass or peft dispatch; q and k share one RMSNorm
-and one RoPE call, and the graph compiles without breaks (measured: ``benchmarks/RESULTS.md`` section 8).
+and one RoPE call, and the graph compiles without breaks (measured: ``benchmarks/RESULTS.md`` section 10).
 
 LoRA: ``merge=True`` (the default) runs each projection group with one fused copy of the merged weights,
 ``[W_q+dW_q; W_k+dW_k; W_v+dW_v]``, ``[W_gate+dW; W_up+dW]``, ``W_o+dW``, ``W_down+dW``, recomputed in place
 before every rollout; ``merge=False`` reads the model's own weights and adds ``scaling * B(A x)`` per adapter. The
 model's parameters are never written, so nothing has to be restored after a rollout.
 
-Sampling is the reference loop's own draw, moved on device: ``torch.multinomial(p, 1, generator=g)`` is
-``argmax(p / E)`` with ``E ~ Exp(1)`` of p's shape drawn from g, so the static loop draws ``E`` [rows, V] for every
-original row at every step exactly as the reference loop's multinomial does (dropped rows included) and takes the
-argmax in the step: no host sync, and with the same seed the same rollouts as the reference loop token for token
-wherever both compute the same logits (fp32: equal to ~1e-5, so only a near-tie of two ``p / E`` can flip a draw).
+Sampling is the reference loop's own draw (``engine/sampling.py``), moved inside the step: each original row
+(prompt b, sample g) owns a stream of float64 uniforms ``u[t]`` drawn up front from the prompt's seed, and token t
+is the inverse CDF of the row's filtered distribution (``engine.rollout.filter_logits``: temperature, top-k, top-p)
+at ``u[t]``. The step gets ``u[original row, t]`` for its live rows (an on-device gather: compaction keeps every
+row on its own stream), so there is no host sync, and the same seeds give the reference loop's rollouts token for
+token wherever both compute the same logits (fp32: equal to ~1e-5, so only a ``u`` within that of a CDF step can
+flip a draw).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atesd.engine.models import causal_lm
-from atesd.engine.rollout import filter_logits
+from atesd.engine.rollout import filter_logits, rollout_seeds
+from atesd.engine.sampling import inverse_cdf, row_uniforms
 
 log = logging.getLogger("engine")
 
@@ -44,25 +48,19 @@ ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # position tables that do 
 
 # ------------------------------------------------------------------------------------------------------ sampling
 def next_token(
-    logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k: int, top_p: float
+    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int, top_p: float
 ) -> torch.Tensor:
     """One token per row from fp32 logits [n, V] -> [n] int64, without a host sync.
 
-    ``noise is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference loop's draw: the reference
-    filter (divide by the temperature, keep the top-k, then the smallest prefix whose mass reaches top-p),
-    softmax, and ``argmax(p / noise)`` with ``noise`` [n, V] i.i.d. Exp(1), which is what ``torch.multinomial(p,
-    1)`` computes (token i wins with probability p_i).
+    ``u is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference loop's draw: the reference filter
+    (divide by the temperature, keep the top-k, then the smallest prefix whose mass reaches top-p), softmax, and
+    the inverse CDF at the rows' uniforms ``u`` [n] float64 in [0, 1) (``sampling.inverse_cdf``): token i is drawn
+    with its filtered probability.
     """
-    if noise is None or temperature <= 0:
+    if u is None or temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return (probs / noise).argmax(-1)
-
-
-def draw_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """The Exp(1) draw ``torch.multinomial`` makes for probabilities [rows, vocab]: same shape, same generator
-    consumption."""
-    return torch.empty(rows, vocab, device=device).exponential_(generator=generator)
+    return inverse_cdf(probs, u)
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -379,7 +377,7 @@ def decode_one(
     start: torch.Tensor,
     done: torch.Tensor,
     eos: torch.Tensor,
-    noise: torch.Tensor | None,
+    u: torch.Tensor | None,
     cols: torch.Tensor,
     temperature: float,
     top_k: int,
@@ -387,12 +385,12 @@ def decode_one(
     pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step, the unit ``torch.compile`` sees: (next tokens [n], done [n]); finished rows emit pad."""
-    nxt = next_token(dec(tok, col, start, cols), noise, temperature, top_k, top_p).masked_fill(done, pad_id)
+    nxt = next_token(dec(tok, col, start, cols), u, temperature, top_k, top_p).masked_fill(done, pad_id)
     return nxt, done | torch.isin(nxt, eos)
 
 
 class CompileFailed(RuntimeError):
-    """The compiled step failed; the rollout is redone eagerly from the same generator state."""
+    """The compiled step failed; the rollout is redone eagerly with the same seeds."""
 
 
 class StaticRollout:
@@ -421,8 +419,12 @@ class StaticRollout:
         self.window_multiple = window_multiple or (256 if cuda else 64)
         self.compiled = None
         if compile:
-            self.compiled = torch.compile(decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
-        self.name = f"{'compiled' if compile else 'static'} ({'merged' if merge else 'unmerged'} LoRA)"
+            try:
+                self.compiled = torch.compile(decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
+            except Exception as e:  # torch.compile unavailable here (platform, Python version): eager, loudly
+                log.warning("rollout: torch.compile unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
+        kind = "compiled" if self.compiled is not None else "static"
+        self.name = f"{kind} ({'merged' if merge else 'unmerged'} LoRA)"
 
     def _sync_weights(self) -> None:
         if self.decoder.stale():
@@ -457,9 +459,9 @@ class StaticRollout:
     def _step(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
             return decode_one(self.decoder, *args)
-        tok, _, start, done, _, noise, cols = args[:7]
+        tok, _, start, done, _, u, cols = args[:7]
         # rows and window as dynamic sizes from the first call: one compile serves every bucket
-        for t in (tok, start, done, noise, cols):
+        for t in (tok, start, done, u, cols):
             if t is not None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         try:
@@ -487,20 +489,21 @@ class StaticRollout:
         top_p: float = 0.95,
         top_k: int = 20,
         generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[list[int]]]:
         """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn
-        (``engine.rollout.sample``'s contract)."""
+        (``engine.rollout.sample``'s contract, the same tokens for the same ``seeds``; without them, one seed per
+        prompt is drawn from ``generator`` as there)."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if not prompts or num_samples < 1 or any(len(p) == 0 for p in prompts):
             raise ValueError("rollouts need at least one prompt, none of them empty, and num_samples >= 1")
-        args = (prompts, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, generator)
-        state = generator.get_state() if generator is not None else None
+        if temperature > 0:
+            seeds = rollout_seeds(len(prompts), seeds, generator)
+        args = (prompts, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, seeds)
         try:
             return self._sample(*args)
         except CompileFailed:
-            if generator is not None:
-                generator.set_state(state)
             return self._sample(*args)
 
     def generate(
@@ -514,6 +517,7 @@ class StaticRollout:
         top_p: float = 1.0,
         top_k: int = 0,
         generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[int]]:
         """One completion per prompt (what evaluation asks ``model.generate`` for): [B] token lists, EOS kept."""
         groups = self.sample(
@@ -526,11 +530,12 @@ class StaticRollout:
             top_p=top_p,
             top_k=top_k,
             generator=generator,
+            seeds=seeds,
         )
         return [g[0] for g in groups]
 
     @torch.inference_mode()
-    def _sample(self, prompts, G, max_new, eos_ids, pad_id, temperature, top_p, top_k, generator):
+    def _sample(self, prompts, G, max_new, eos_ids, pad_id, temperature, top_p, top_k, seeds):
         self._sync_weights()
         model, dec = self.model, self.decoder
         device = dec.device
@@ -551,13 +556,13 @@ class StaticRollout:
         logits = out.logits[:, -1].float().repeat_interleave(G, 0)
         del out
 
-        sampled, vocab = temperature > 0, logits.shape[-1]
+        # every original row's uniforms [R, max_new] float64, drawn up front; step t reads column t of its live rows
+        uniforms = row_uniforms(seeds, G, max_new, device) if temperature > 0 else None
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         rows = None  # the original row of each batch row (None: all rows, in order)
         col = torch.tensor([width - 1], device=device)  # the column the step's input token is written at
         tokens = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
-        noise = draw_noise(R, vocab, generator, device) if sampled else None
-        tok = next_token(logits, noise, temperature, top_k, top_p)
+        tok = next_token(logits, None if uniforms is None else uniforms[:, 0], temperature, top_k, top_p)
         done = torch.isin(tok, eos)
         tokens[:, 0] = tok
         columns, n, every = dec.cache_shape()[1], R, self.check_every
@@ -576,12 +581,11 @@ class StaticRollout:
                     tok, done, start, n = tok[keep], done[keep], start[keep], target
                     rows = keep if rows is None else rows[keep]
             col += 1
-            noise = None
-            if sampled:  # every original row's draw, as the reference loop's multinomial makes it
-                noise = draw_noise(R, vocab, generator, device)
-                noise = noise if rows is None else noise.index_select(0, rows)
+            u = None
+            if uniforms is not None:  # each row's own stream, wherever compaction moved it
+                u = uniforms[:, t] if rows is None else uniforms[rows, t]
             cols = dec.columns[: self._window(width + t, columns)]
-            tok, done = self._step(tok, col, start, done, eos, noise, cols, temperature, top_k, top_p, pad_id)
+            tok, done = self._step(tok, col, start, done, eos, u, cols, temperature, top_k, top_p, pad_id)
             if rows is None:
                 tokens[:, t] = tok
             else:

@@ -8,8 +8,10 @@ import os
 import sys
 import time
 
+from atesd.engine import distributed
 from atesd.engine.checkpoint import checkpoint_name
 from atesd.engine.config import Config
+from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates
 
 log = logging.getLogger("engine")
 
@@ -25,34 +27,46 @@ class Evaluator:
     def __init__(self, cfg: Config, run_dir: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.sets: dict[str, list[dict]] = {}
+        self.tasks: dict[str, Task] = {}  # the task whose prompts, verifier and protocol each set uses
         self.history: dict[str, list[dict]] = {}
         names = [b.strip() for b in (cfg.eval_benchmarks or "").split(",") if b.strip()]
         if cfg.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
         if not names:
             return
-        try:
-            from atesd.engine import evaluate
-        except ImportError:
-            log.warning("evaluation skipped: engine.evaluate / engine.lab not available")
-            return
-        for name in names:
-            if name == "lab":
-                if not cfg.eval_problems:
-                    raise ValueError("--eval-benchmarks lab needs --eval-problems > 0")
-                from atesd.engine.lab import lab_dataset
+        from atesd.engine import evaluate
 
-                self.sets[name] = lab_dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
+        run_task = get_task(cfg.task)
+        self.templates = resolve_templates(run_task, cfg.prompts)
+        for name in names:
+            if is_task(name):  # a task with its own problems (lab): its held-out split, its own protocol
+                task = get_task(name)
+                if task.dataset is None:
+                    raise ValueError(f"--eval-benchmarks: task {name!r} has no problems of its own")
+                if not cfg.eval_problems:
+                    raise ValueError(f"--eval-benchmarks {name} needs --eval-problems > 0")
+                self.sets[name] = task.dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
+                self.tasks[name] = task
             elif name.endswith(".jsonl"):
                 key = os.path.splitext(os.path.basename(name))[0]
                 self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]
+                self.tasks[key] = run_task
             elif name in evaluate.BENCHMARKS:
                 self.sets[name] = evaluate.load_benchmark(name)[: cfg.eval_limit]
+                self.tasks[name] = run_task
             else:
                 raise ValueError(
-                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from lab, "
-                    f"{', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
+                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from a task with its own problems "
+                    f"(lab), {', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
                 )
+
+    def protocol(self, name: str) -> EvalProtocol:
+        """The set's task protocol with the run's --eval-* overrides (math: the paper's; lab: greedy)."""
+        cfg = self.cfg
+        return self.tasks[name].eval.replace(
+            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
+            max_new_tokens=cfg.eval_max_new_tokens, n_samples=cfg.eval_samples, thinking=cfg.eval_thinking,
+        )
 
     def due(self, step: int) -> bool:
         cfg = self.cfg
@@ -66,36 +80,18 @@ class Evaluator:
     def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
         from atesd.engine import evaluate
 
-        cfg = self.cfg
-        kw = dict(
-            n_samples=cfg.eval_samples,
-            temperature=cfg.eval_temperature,
-            top_p=cfg.top_p if cfg.eval_temperature > 0 else 1.0,
-            top_k=cfg.top_k if cfg.eval_temperature > 0 else 0,
-            seed=cfg.seed,
-        )
-        if name == "lab":
-            return evaluate.evaluate_lab(
-                model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens or 128, **kw
-            )
-        from atesd.engine.grading import MathGrader
-
-        with MathGrader(workers=2) as grader:
-            res = evaluate.evaluate_problems(
-                model,
-                tokenizer,
-                problems,
-                grader,
-                max_new_tokens=cfg.eval_max_new_tokens or 32768,
-                prompt_suffix=evaluate.MATH_SUFFIX,
-                chat_kwargs={"enable_thinking": False},  # the student's rollouts are non-thinking too
-                **kw,
-            )
+        task = self.tasks[name]
+        templates = self.templates if task.name == self.cfg.task else task.templates
+        res = evaluate.evaluate_task(model, tokenizer, problems, task, templates=templates, seed=self.cfg.seed,
+                                     **vars(self.protocol(name)))
         res.pop("results", None)
         return res
 
     def run(self, model, tokenizer, step: int) -> dict[str, float]:
-        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs."""
+        """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs.
+
+        Under torchrun every rank calls it: the problems are sharded over the ranks and the results gathered
+        (``evaluate.evaluate_problems``), so every rank holds the same history; rank 0 reports and writes."""
         from tqdm import tqdm
 
         label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")
@@ -117,10 +113,11 @@ class Evaluator:
             out[f"eval/{name}/accuracy"] = entry["accuracy"]
             for lv, acc in entry["per_level"].items():
                 out[f"eval/{name}/level_{lv}"] = acc
-            t = self.cfg.eval_temperature
+            t = self.protocol(name).temperature
             how = f"Average@{res['n_samples']}, T={t:g}" if t > 0 else "greedy"
-            what = "held-out accuracy" if name == "lab" else f"{name} accuracy"
-            tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
+            what = "held-out accuracy" if is_task(name) else f"{name} accuracy"
+            if distributed.is_main():
+                tqdm.write(f"{what} {label}: {entry['accuracy']:.3f} (n={res['n']}, {how})", file=sys.stdout)
         sys.stdout.flush()
         self.write()
         return out
@@ -141,8 +138,8 @@ class Evaluator:
         }
 
     def write(self) -> None:
-        """eval_summary.json in the run directory (temp file + rename)."""
-        if not self.history:
+        """eval_summary.json in the run directory (temp file + rename; rank 0 only)."""
+        if not self.history or not distributed.is_main():
             return
         path = os.path.join(self.run_dir, "eval_summary.json")
         with open(path + ".tmp", "w") as fh:

@@ -6,10 +6,11 @@ the answer block (that line onward). For exposure ``alpha`` in [0, 1] the teache
     tokens mode:  the first floor(alpha * m) of the m reasoning tokens
     lines  mode:  the first floor(alpha * L) of the L reasoning lines
 
-followed by the answer block, which is always kept, then a fixed transition instruction. alpha = 1 is OPSD's
-full-reference teacher, alpha = 0 shows the answer only. Everything is built from token ids, so the teacher
-sequence is the exact concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree
-uses.
+followed by the answer block, which is always kept, inside the teacher template's ``{reference}`` slot
+(OPSD's: between begin/end markers, then the transition instruction). alpha = 1 is OPSD's full-reference
+teacher, alpha = 0 shows the answer only. The prompts come from the task's templates
+(``engine.task.PromptTemplates``). Everything is built from token ids, so the teacher sequence is the exact
+concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree uses.
 """
 
 from __future__ import annotations
@@ -17,15 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DEFAULT_INSTRUCTION = (
-    "Now solve the problem yourself, step by step, ending with the final answer in \\boxed{}."
-)
-_PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
+from atesd.engine.task import OPSD_TEMPLATES, PromptTemplates
 
-try:  # the embedded default's prompt formats, so prompts match what the tiny model was trained on
-    from atesd.engine.lab import prompts as _lab_prompts
-except ImportError:  # pragma: no cover - depends on the checkout
-    _lab_prompts = None
+DEFAULT_INSTRUCTION = OPSD_TEMPLATES.instruction
+_PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
 
 
 def last_boxed(text: str) -> str | None:
@@ -51,22 +47,6 @@ def split_reference(solution: str) -> tuple[list[str], str]:
     return reasoning.splitlines(keepends=True), answer
 
 
-def student_messages(problem: str) -> list[dict[str, str]]:
-    if _lab_prompts is not None:
-        return _lab_prompts.student_messages(problem)
-    return [{"role": "user", "content": problem}]
-
-
-def teacher_messages(
-    problem: str, exposed_reference: str, instruction: str = DEFAULT_INSTRUCTION
-) -> list[dict]:
-    if _lab_prompts is not None:
-        return _lab_prompts.teacher_messages(problem, exposed_reference, instruction=instruction)
-    return [
-        {"role": "user", "content": f"{problem}\n\nReference solution:\n{exposed_reference}\n\n{instruction}"}
-    ]
-
-
 def render(tokenizer, messages: list[dict], thinking: bool) -> str:
     """Chat-template text with the generation prompt; Qwen3's thinking switch via ``enable_thinking``."""
     if getattr(tokenizer, "chat_template", None):
@@ -87,8 +67,8 @@ class Example:
     problem: str
     answer: str
     student_prompt: list[int]
-    teacher_head: list[int]  # chat prefix + problem + "Reference solution:\n"
-    teacher_tail: list[int]  # "\n\n" + instruction + chat suffix (+ generation prompt)
+    teacher_head: list[int]  # chat prefix + the teacher template up to {reference}
+    teacher_tail: list[int]  # the template after {reference} (markers, instruction) + the assistant turn
     reasoning: list[list[int]]  # reasoning token ids, one list per line
     answer_ids: list[int]  # the answer block, always revealed
 
@@ -119,15 +99,19 @@ def make_example(
     solution: str,
     answer: str | None = None,
     *,
-    instruction: str = DEFAULT_INSTRUCTION,
-    teacher_thinking: bool = False,
+    templates: PromptTemplates = OPSD_TEMPLATES,
+    instruction: str | None = None,
+    teacher_thinking: bool | None = None,
 ) -> Example:
-    """Tokenize one row. Raises ValueError when the solution has no boxed answer."""
+    """Tokenize one row with the task's templates (default: OPSD's); ``instruction`` and
+    ``teacher_thinking`` override the templates' own. Raises ValueError when the solution has no boxed
+    answer."""
+    templates = templates.replace(instruction=instruction, teacher_thinking=teacher_thinking)
     lines, answer_block = split_reference(solution)
     answer = answer if answer is not None else last_boxed(solution)
-    student = render(tokenizer, student_messages(problem), thinking=False)
+    student = render(tokenizer, templates.student_messages(problem), thinking=templates.student_thinking)
     teacher = render(
-        tokenizer, teacher_messages(problem, _PLACEHOLDER, instruction), thinking=teacher_thinking
+        tokenizer, templates.teacher_messages(problem, _PLACEHOLDER), thinking=templates.teacher_thinking
     )
     if teacher.count(_PLACEHOLDER) != 1:
         raise ValueError("the teacher prompt template must contain the exposed reference exactly once")

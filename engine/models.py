@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
+
+from atesd.engine.errors import UsageError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,20 +71,55 @@ def recipe_for(model: str) -> Recipe:
     return Recipe(model)
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(UsageError, RuntimeError):
+    """A model that cannot be loaded, named with the reason (missing path, empty directory, not in the cache)."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def resolve_model_path(model: str) -> str:
+    """Hub id of a preset, the directory of a model a task ships (the lab's 'tiny'), else ``model``."""
+    if model in RECIPES and RECIPES[model].model_id != model:
+        return RECIPES[model].model_id
+    from atesd.engine.task import find_model
+
+    shipped = find_model(model)
+    if shipped is not None:
+        return shipped
     if model == "tiny":
-        try:
-            from atesd.engine.lab import TINY_MODEL_DIR
-        except ImportError as e:
-            raise ModelLoadError(
-                "model 'tiny' needs engine.lab (the embedded default), which is missing"
-            ) from e
-        return str(TINY_MODEL_DIR)
-    return RECIPES[model].model_id if model in RECIPES else model
+        raise ModelLoadError("model 'tiny' is shipped by the lab task (engine/lab), which is missing")
+    return model
+
+
+def looks_like_path(spec: str) -> bool:
+    """A model or dataset spec meant as a local path (not a hub id ``name`` or ``org/name``)."""
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec in (".", "..")
+        or os.sep != "/" and os.sep in spec
+        or not _HUB_ID.match(spec)
+    )
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be a model (checked before anything loads), or None. Only local paths are checked
+    here; a hub id's problems (not found, offline and not cached) surface when it loads."""
+    if model in RECIPES:
+        return None
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        entries = [e for e in os.listdir(path) if not e.startswith(".")]
+        if not entries:
+            return "the model directory is empty"
+        if "config.json" not in entries:
+            return "the model directory has no config.json (not a Hugging Face model directory)"
+        return None
+    if os.path.exists(path):
+        return "is a file; give the model's directory, a preset or a hub id"
+    if looks_like_path(model) or not model.strip():
+        return "no such model directory (and not a hub id: those look like org/name)"
+    return None
 
 
 def hub_unreachable(timeout: float = 3.0) -> bool:
@@ -104,26 +142,34 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
 
 
 def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa"):
-    """(model, tokenizer) from a preset name, hub id or local directory; a clear error naming what failed."""
+    """(model, tokenizer) from a preset name, hub id or local directory; a one-line ModelLoadError naming the model
+    and the reason (missing or empty directory, no tokenizer, hub unreachable and not cached)."""
+    problem = model_problem(model)
+    if problem:
+        raise ModelLoadError(f"model {model!r}: {problem}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(model)
+    path = os.path.expanduser(resolve_model_path(model))
+    local = os.path.isdir(path)
     # without a network, hub downloads retry for about a minute; go straight to the local cache instead
-    local_only = not os.path.isdir(path) and hub_unreachable()
+    local_only = not local and hub_unreachable()
+    where = f"local directory {path!r}" if local else f"hub id {path!r}"
+    hint = (
+        " (the hub is unreachable from this machine and the model is not in the local cache)"
+        if local_only
+        else "" if local else " -- check the name, or the network"
+    )
+    step = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        step = "weights"
         net = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn, local_files_only=local_only
         )
     except Exception as e:  # hub unreachable, offline, bad id, broken files: all end here
-        where = "local directory" if os.path.isdir(path) else "hub id"
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ModelLoadError(
-            f"could not load model {model!r} ({where} {path!r}): {type(e).__name__}: {str(e).splitlines()[0]}"
-            + (
-                " (the hub is unreachable from this machine and the model is not in the local cache)"
-                if local_only
-                else " -- check the name or the path"
-            )
+            f"could not load the {step} of model {model!r} ({where}): {type(e).__name__}: {first}{hint}"
         ) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -6,19 +6,23 @@ Two implementations behind one ``sample(prompts, ...)`` contract, chosen by ``--
   prefilled, the cache is repeated G times (``batch_repeat_interleave``) and every token is one eager HF forward
   over a DynamicCache, finished rows kept to the end.
 - ``static`` / ``compiled``: ``engine/decode.py``, a static KV cache, finished rows leaving the batch, LoRA merged
-  into fused copies, on-device sampling; ``compiled`` puts each decode step through ``torch.compile`` (CUDA
-  graphs on GPU).
+  into fused copies, sampling on device; ``compiled`` puts each decode step through ``torch.compile`` (CUDA graphs
+  on GPU).
 
-Tokens are drawn with temperature / top-k / top-p from a caller-owned ``torch.Generator`` on the model's device,
-so a step's rollouts depend only on the weights and that generator's seed. Greedy decoding gives the same tokens
-on every path; sampling draws from the same distribution (``tests/engine/test_rollout_static.py``).
+Both draw tokens with temperature / top-k / top-p by inverse-CDF sampling at per-row uniforms
+(``engine/sampling.py``): row (prompt b, sample g) depends only on the weights and ``seeds[b]``, whatever else is
+in the batch, so the ranks of a data-parallel run sample what one process would, and the implementations give
+the same rollouts for the same seeds (up to float ties; ``tests/engine/test_rollout_static.py``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
+
+from atesd.engine.sampling import inverse_cdf, row_uniforms
 
 log = logging.getLogger("engine")
 ROLLOUTS = ("auto", "hf", "static", "compiled")
@@ -38,6 +42,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def rollout_seeds(
+    num_prompts: int, seeds: Sequence[int] | None, generator: torch.Generator | None
+) -> Sequence[int]:
+    """One seed per prompt: ``seeds`` as given (``sampling.problem_seeds``), else drawn from ``generator``."""
+    if seeds is None:
+        device = getattr(generator, "device", "cpu")
+        return torch.randint(2**62, (num_prompts,), generator=generator, device=device).tolist()
+    if len(seeds) != num_prompts:
+        raise ValueError(f"one seed per prompt: {num_prompts} prompts, {len(seeds)} seeds")
+    return seeds
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -51,8 +67,11 @@ def sample(
     top_p: float = 0.95,
     top_k: int = 20,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[list[list[int]]]:
-    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn."""
+    """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn.
+
+    ``seeds``: one per prompt (``sampling.problem_seeds``); without them, they are drawn from ``generator``."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     device = next(model.parameters()).device
@@ -73,12 +92,14 @@ def sample(
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
     eos = torch.tensor(sorted(eos_ids), device=device)
     done = torch.zeros(B * G, dtype=torch.bool, device=device)
+    if temperature > 0:
+        uniforms = row_uniforms(rollout_seeds(B, seeds, generator), G, max_new_tokens, device)
     tokens = []
     for t in range(max_new_tokens):
         scores = filter_logits(logits / temperature, top_k, top_p) if temperature > 0 else logits
         if temperature > 0:
             probs = scores.softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tok = inverse_cdf(probs, uniforms[:, t])
         else:
             tok = scores.argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -122,21 +143,22 @@ class HFRollout:
 def build_rollout(kind: str, model, device: torch.device | str | None = None):
     """The rollout engine for ``--rollout kind``, built once per run; ``.sample(prompts, ...)`` as :func:`sample`.
 
-    ``auto`` picks per device (measured, benchmarks/RESULTS.md section 8): on CUDA the compiled static-cache loop
+    ``auto`` picks per device (measured, benchmarks/RESULTS.md): on CUDA the compiled static-cache loop
     (launch-bound decoding is what CUDA graphs remove); on CPU the eager static-cache loop, because inductor's
     compile time (tens of seconds) outweighs what it saves on a short CPU run. A model the static decoder does not
-    implement gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``.
+    implement (or sharded weights) gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``.
     """
     from atesd.engine.decode import StaticRollout, unsupported
+    from atesd.engine.errors import UsageError
 
     if kind not in ROLLOUTS:
-        raise ValueError(f"--rollout must be one of {', '.join(ROLLOUTS)}, got {kind!r}")
+        raise UsageError(f"--rollout: {kind!r} is not one of {', '.join(ROLLOUTS)}")
     if kind == "hf":
         return HFRollout(model)
     reason = unsupported(model)
     if reason:
         if kind != "auto":
-            raise ValueError(f"--rollout {kind}: the static decoder does not support this model: {reason}")
+            raise UsageError(f"--rollout {kind}: the static decoder does not support this model: {reason}")
         log.info("rollout: %s; using the HF loop (--rollout hf)", reason)
         return HFRollout(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device

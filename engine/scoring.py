@@ -2,12 +2,20 @@
 
 Per problem, with k revealed reasoning tokens and rollouts r_1..r_G:
 
-    teacher tree   [head ; reasoning[:k]] -> [answer ; instruction tail] -> r_1 | ... | r_G
-                                          -> [reasoning[k:] ; answer]            (credit branch)
+    teacher tree   [head ; reasoning[:k] ; answer ; tail] -> r_1 | ... | r_G
+                                                          -> y* = [reasoning ; answer]   (credit branch)
     student tree   [student prompt] -> r_1 | ... | r_G
 
-so the problem prompt and the exposed reference are run once per problem, not once per branch. The teacher's
-credit is its log-probability of the not-yet-revealed reasoning and the answer, given the revealed part.
+so the teacher prompt (problem, exposed reference, instruction, assistant turn) is run once per problem, not
+once per branch. The credit branch is the paper's teacher-grounded score: the verified reference solution y*
+(all of it, whatever alpha) teacher-forced as the reply in the very context the teacher scores rollouts
+from, so for step t over its B problems
+
+    credit_t = sum_b sum_j log p_T(y*_bj | teacher prompt_b(alpha_t), y*_b<j) / sum_b |y*_b|
+
+(token-weighted, temperature 1). Its token set does not depend on alpha; its context does, which is the
+point (a teacher that still predicts the ground-truth solution at this exposure). It is computed only when
+asked (the exposure policy uses it), since it adds |y*| tokens per problem to the teacher pass.
 Returned hidden states are ordered problem by problem, rollout by rollout, token by token, on both sides.
 """
 
@@ -25,12 +33,11 @@ from atesd.engine.packing import Packed, Segment, pack
 _flex_failed = False
 
 
-def teacher_tree(ex: Example, k: int, rollouts: list[list[int]]) -> list[Segment]:
-    return (
-        [Segment(ex.teacher_head + ex.reasoning_ids[:k]), Segment(ex.answer_ids + ex.teacher_tail, 0)]
-        + [Segment(r, 1) for r in rollouts]
-        + [Segment(ex.reasoning_ids[k:] + ex.answer_ids, 0)]
-    )
+def teacher_tree(ex: Example, k: int, rollouts: list[list[int]], credit: bool = True) -> list[Segment]:
+    """Root = the teacher prompt with k reasoning tokens revealed; its children: the rollouts, then (credit)
+    the whole reference solution."""
+    tree = [Segment(ex.teacher_prompt(k))] + [Segment(r, 0) for r in rollouts]
+    return tree + [Segment(ex.reasoning_ids + ex.answer_ids, 0)] if credit else tree
 
 
 def student_tree(ex: Example, rollouts: list[list[int]]) -> list[Segment]:
@@ -104,14 +111,22 @@ def _gather(
 
 
 def score_teacher(
-    model, examples: list[Example], ks: list[int], rollouts: list[list[list[int]]], attention: str = "dense"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """No grad. (teacher hidden at rollout tokens [n, H], credit hidden [m, H], credit targets [m])."""
-    trees = [teacher_tree(ex, k, r) for ex, k, r in zip(examples, ks, rollouts)]
+    model,
+    examples: list[Example],
+    ks: list[int],
+    rollouts: list[list[list[int]]],
+    attention: str = "dense",
+    credit: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """No grad. (teacher hidden at rollout tokens [n, H], credit hidden [m, H], credit targets [m]); the
+    last two are None when ``credit`` is False."""
+    trees = [teacher_tree(ex, k, r, credit) for ex, k, r in zip(examples, ks, rollouts)]
     packed = pack(trees)
     with torch.no_grad():
         h = hidden_states(model, packed, attention)
-    ht, _ = _gather(h, packed, trees, lambda tree: range(2, len(tree) - 1))
+    ht, _ = _gather(h, packed, trees, lambda tree: range(1, len(tree) - int(credit)))
+    if not credit:
+        return ht, None, None
     hc, tc = _gather(h, packed, trees, lambda tree: [len(tree) - 1])
     return ht, hc, tc
 

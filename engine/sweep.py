@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     common += extra
     from atesd.engine.config import parse
 
-    parse(common)  # a bad pass-through flag fails here, not in every run
+    try:
+        parse(common)  # a bad pass-through flag fails here, not in every run
+    except ValueError as e:  # engine.errors.UsageError: one line naming the flag
+        raise SystemExit(f"error: {e}") from None
     out = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     cfg_path = os.path.join(out, CONFIG_FILE)

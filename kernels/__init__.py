@@ -2,7 +2,7 @@
 
     from atesd.kernels import fused_linear_kl
     loss, stats = fused_linear_kl(student_hidden, teacher_hidden, lm_head.weight,
-                                  temperature=1.1, clip=0.05, mask=mask, return_stats=True)
+                                  temperature=1.1, clip=0.05, labels=labels, return_stats=True)
 
 ``atesd.kernels.reference.linear_kl`` is the plain-torch meaning (materialises logits); see its docstring for the math.
 """
@@ -15,7 +15,7 @@ if __name__ == "kernels":  # found by its bare name through a checkout on sys.pa
     atesd.defer_top_level(sys.modules[__name__])
 else:
     from atesd.kernels import reference
-    from atesd.kernels._ops import backend_for, native_cpu_available
+    from atesd.kernels._ops import backend_for, describe_backend, native_cpu_available
     from atesd.kernels.linear_kl import FusedLinearKL, fused_linear_kl
 
-__all__ = ["fused_linear_kl", "FusedLinearKL", "reference", "backend_for", "native_cpu_available"]
+__all__ = ["fused_linear_kl", "FusedLinearKL", "reference", "backend_for", "describe_backend", "native_cpu_available"]

@@ -2,8 +2,8 @@
 
 The shared library is ``_atesd_native.so``, installed into this package by the build backend (CMakeLists.txt) or
 left in a CMake build tree under ``build/``; ``ATESD_NATIVE_LIBRARY=<path>`` names one explicitly (e.g. a sanitizer
-build, docs/native.md). Importing this module raises ImportError when it is not built, and
-``_ops`` then falls back to the tiled torch path. ``LIBRARY`` is the path that was loaded.
+build, docs/native.md). Importing this module raises ImportError when it is not built or does not load; ``_ops``
+then warns, says why in ``describe_backend``, and uses the tiled torch path. ``LIBRARY`` is the path that was loaded.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def _load() -> str:
         if os.path.isfile(path):
             try:
                 torch.ops.load_library(path)
-            except OSError as e:  # stale or foreign build: fall back to the torch path rather than crash
+            except (OSError, RuntimeError) as e:  # stale or foreign build: the torch path serves, with a warning
                 raise ImportError(f"native CPU kernel at {path} does not load ({e}); rebuild with `make setup`") from e
             return path
+    if os.environ.get("ATESD_NATIVE_LIBRARY"):
+        raise ImportError(f"ATESD_NATIVE_LIBRARY={os.environ['ATESD_NATIVE_LIBRARY']} is not a file")
     raise ImportError("native CPU kernel not built: run `make setup` (or see docs/native.md)")
 
 

@@ -4,12 +4,13 @@ Two ops, both in namespace ``atesd`` (``torch.ops.atesd.*``), with fake (meta) i
 ``torch.compile`` traces through them:
 
 ``linear_kl_fwd(hs, ht, w, wt, bs, bt, temperature, clip, beta) -> (loss, kl, lse_s, lse_t, g, agree, maxp, ent)``
-    hs, ht [N, H] and w [V, H] (wt [V, H] or None: teacher uses w) in one float dtype; bs, bt [V] or None
-    (None: no bias on that side). ``clip`` is a float, +inf meaning no clipping. All eight outputs are [N] fp32:
+    hs [N, H] and w [V, H] in one float dtype; ht [N, Ht] and wt [V, Ht] in one float dtype (wt None: the
+    teacher uses w, and Ht = H, ht in w's dtype); bs, bt [V] or None (None: no bias on that side). ``clip`` is a
+    float, +inf meaning no clipping. All eight outputs are [N] fp32:
     loss  = sum_v min(l, clip)          (per-token clipped divergence, unmasked; see reference.py for l)
     kl    = sum_v l                     (unclipped)
     lse_s, lse_t = log-sum-exp of zs, zt (zs = (hs w^T + bs) / T)
-    g     = sum_v c_v * dl_v/dlog ps_v, c_v = [l_v <= clip]; the one extra per-token scalar the backward needs
+    g     = sum_v c_v * dl_v/dlog ps_v, c_v = [not (l_v > clip)]; the one extra per-token scalar the backward needs
     agree = [argmax zs == argmax zt] (first index on ties), maxp = max_v ps, ent = -sum_v ps log ps.
 
 ``linear_kl_bwd(grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature, clip, beta, need_grad_w, need_grad_b)
@@ -21,42 +22,87 @@ Two ops, both in namespace ``atesd`` (``torch.ops.atesd.*``), with fake (meta) i
     need_grad_w), grad_b = sum_n dz ([V] fp32, or 0-element unless need_grad_b).
     No backend may allocate an N x V (or chunk x V on GPU) tensor, nor synchronise with the host.
 
-Backends: CUDA tensors go to the Triton kernels (``triton_kl``); CPU tensors go to the native C++ kernel when the
-extension ``kernels._native`` is built, else to the tiled torch path (``cpu_tiled``).
+Non-finite inputs (every backend, as the reference): a NaN or +-inf in a row's inputs makes its loss and kl NaN
+(or non-finite) and its g NaN; a pointwise term l that is NaN is never clipped (c_v = [not (l_v > clip)], and
+min(NaN, clip) = NaN), so the NaN reaches the loss and, through g and the NaN log-probabilities, the whole
+grad_hs row. A row whose ``grad`` is exactly 0 (a masked row) gets exactly 0 in grad_hs, grad_w and grad_b,
+whatever its logits hold (``linear_kl.py`` also zeroes such rows of hs before they meet dz in grad_w).
+
+Backends (``backend_for``): CUDA tensors go to the Triton kernels (``triton_kl``; the tiled torch path, with a
+warning, where triton is not installed); CPU tensors go to the native C++ kernel when the library
+``_atesd_native`` is built and loads, else to the tiled torch path (``cpu_tiled``) with a warning that says why;
+any other device goes to the tiled torch path. No backend ever materialises N x V logits: the plain-torch
+reference that does is never used as a fallback. ``describe_backend(device)`` is the one line a trainer logs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 
 import torch
 
 from atesd.kernels import cpu_tiled
 
 _NATIVE = None  # the loaded native extension module, or False when unavailable
+_NATIVE_REASON = ""  # why the native kernel is not used, when it is not
 
 
 def native_cpu_available() -> bool:
-    """Whether the C++ CPU kernel is built and loaded (set ATESD_DISABLE_NATIVE=1 to force the torch path)."""
-    global _NATIVE
+    """Whether the C++ CPU kernel is built and loaded (set ATESD_DISABLE_NATIVE=1 to force the torch path).
+
+    A library that is missing or fails to load warns once (the tiled torch path is slower); the reason is kept
+    for :func:`describe_backend`."""
+    global _NATIVE, _NATIVE_REASON
     if _NATIVE is None:
         _NATIVE = False
-        if os.environ.get("ATESD_DISABLE_NATIVE", "0") != "1":
+        if os.environ.get("ATESD_DISABLE_NATIVE", "0") == "1":
+            _NATIVE_REASON = "disabled by ATESD_DISABLE_NATIVE=1"
+        else:
             try:
-                from atesd.kernels import _native  # noqa: F401  (registers torch.ops.atesd_native.*)
+                from atesd.kernels import _native  # registers torch.ops.atesd_native.*
 
                 _NATIVE = _native
-            except ImportError:
-                _NATIVE = False
+                _NATIVE_REASON = ""
+            except ImportError as e:
+                _NATIVE_REASON = str(e)
+                warnings.warn(f"atesd: {e}; CPU tensors use the tiled torch path (slower, same results)",
+                              RuntimeWarning, stacklevel=2)
     return bool(_NATIVE)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def backend_for(device: torch.device | str) -> str:
     """Name of the backend that serves tensors on ``device``: 'triton', 'native' or 'torch'."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "triton"
-    return "native" if native_cpu_available() else "torch"
+        return "triton" if _triton_installed() else "torch"
+    if device.type == "cpu":
+        return "native" if native_cpu_available() else "torch"
+    return "torch"
+
+
+def describe_backend(device: torch.device | str) -> str:
+    """One line naming the backend that serves ``device`` and, for a fallback, why (for a run's log)."""
+    device = torch.device(device)
+    backend = backend_for(device)
+    if backend == "triton":
+        import triton
+
+        return f"triton (GPU kernels, triton {triton.__version__}) on {device}"
+    if backend == "native":
+        return f"native (C++ CPU kernel {getattr(_NATIVE, 'LIBRARY', '?')}) on {device}"
+    if device.type == "cuda":
+        why = "triton is not installed (pip install triton)"
+    elif device.type == "cpu":
+        why = f"native CPU kernel unavailable: {_NATIVE_REASON}"
+    else:
+        why = f"no dedicated kernel for {device.type}"
+    return f"torch (tiled torch path, never N x V; {why}) on {device}"
 
 
 @torch.library.custom_op("atesd::linear_kl_fwd", mutates_args=())

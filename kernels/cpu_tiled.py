@@ -7,7 +7,8 @@ never N x V. Math is fp32 whatever the input dtype.
 Pass 1 streams the vocabulary once for both log-sum-exps (online max/sum-exp) and the two arg-maxes; pass 2, with
 the normalisers known, forms the pointwise terms l, the clipped loss, the unclipped KL, the student entropy and
 g = sum_v c_v dl_v/dlog ps_v. The backward recomputes the tiles and applies
-dz = grad * (c gp - ps g) / T to the head.
+dz = grad * (c gp - ps g) / T to the head. A NaN term is kept, never clipped (``min`` and ``c = [not (l > clip)]``
+propagate it), and rows with grad == 0 get exactly 0, as the contract in ``_ops.py`` says.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def forward(hs, ht, w, wt, bs, bt, temperature: float, clip: float, beta: float)
             log_ps = _logits(s32, w, bs, lo, hi, temperature) - ls[:, None]
             log_pt = _logits(t32, wt, bt, lo, hi, temperature) - lt[:, None]
             pointwise = pointwise_divergence(log_ps, log_pt, beta)
-            keep = pointwise <= clip
+            over = pointwise > clip  # False for NaN: a NaN term is kept and propagates
             kl[r0:r1] += pointwise.sum(1)
-            loss[r0:r1] += torch.where(keep, pointwise, torch.full_like(pointwise, clip)).sum(1)
-            g[r0:r1] += torch.where(keep, grad_wrt_log_ps(log_ps, log_pt, beta), 0.0).sum(1)
+            loss[r0:r1] += torch.where(over, clip, pointwise).sum(1)
+            g[r0:r1] += torch.where(over, 0.0, grad_wrt_log_ps(log_ps, log_pt, beta)).sum(1)
             ent[r0:r1] -= (log_ps.exp() * log_ps).sum(1)
     return loss, kl, lse_s, lse_t, g, agree, maxp, ent
 
@@ -100,12 +101,13 @@ def backward(grad, hs, ht, w, wt, bs, bt, lse_s, lse_t, g, temperature: float, c
     for r0, r1 in _blocks(hs.shape[0], ROWS):
         s32, t32 = hs[r0:r1].to(torch.float32), ht[r0:r1].to(torch.float32)
         scale = (grad[r0:r1] / temperature)[:, None]
+        live = scale != 0  # rows without upstream gradient (masked) get exactly 0, even where their logits are NaN
         for lo, hi in _blocks(w.shape[0], COLS):
             log_ps = _logits(s32, w, bs, lo, hi, temperature) - lse_s[r0:r1, None]
             log_pt = _logits(t32, wt, bt, lo, hi, temperature) - lse_t[r0:r1, None]
-            keep = pointwise_divergence(log_ps, log_pt, beta) <= clip
-            gp = torch.where(keep, grad_wrt_log_ps(log_ps, log_pt, beta), 0.0)
-            dz = scale * (gp - log_ps.exp() * g[r0:r1, None])
+            over = pointwise_divergence(log_ps, log_pt, beta) > clip
+            gp = torch.where(over, 0.0, grad_wrt_log_ps(log_ps, log_pt, beta))
+            dz = torch.where(live, scale * (gp - log_ps.exp() * g[r0:r1, None]), 0.0)
             grad_hs[r0:r1] += dz @ w[lo:hi].to(torch.float32)
             if need_grad_w:
                 grad_w[lo:hi] += dz.T @ s32

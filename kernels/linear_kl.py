@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from atesd.kernels import _ops  # noqa: F401  (registers torch.ops.atesd.*)
-from atesd.kernels._checks import check_inputs
+from atesd.kernels._checks import prepare, reduce_loss
 from atesd.kernels.reference import STAT_NAMES
 
 
@@ -37,6 +37,8 @@ class _LinearKLFunction(torch.autograd.Function):
         temperature, clip, beta = ctx.params
         need_w = ctx.needs_input_grad[2]
         need_b = ctx.needs_input_grad[4]
+        if need_w:  # rows without upstream gradient (masked) are excluded from dz^T hs too, even if hs is NaN there
+            hs = torch.where((grad_loss != 0)[:, None], hs, torch.zeros((), dtype=hs.dtype, device=hs.device))
         grad_hs, grad_w, grad_b = torch.ops.atesd.linear_kl_bwd(
             grad_loss.contiguous().float(), hs, ht, w, wt, bs, bt, lse_s, lse_t, g,
             temperature, clip, beta, need_w, need_b,
@@ -58,51 +60,43 @@ def fused_linear_kl(
     clip: float | None = None,
     beta: float = 0.0,
     mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
     return_stats: bool = False,
 ):
     """Clipped teacher/student divergence over an LM head without materialising [N, V] logits.
 
-    Same arguments and meaning as :func:`kernels.reference.linear_kl` (see its module docstring for the math):
-    student_hidden / teacher_hidden [..., H], weight [V, H] shared by both sides unless ``teacher_weight`` is
-    given, bf16/fp16/fp32 inputs with fp32 accumulation. Only the student side is differentiated; the weight
-    and bias get gradients only if they require them. Returns the loss, or ``(loss, stats)`` with stats a
-    dict of [...] fp32 tensors: kl, clipped_kl, top1_agree, student_max_prob, student_entropy.
+    Same arguments and meaning as :func:`atesd.kernels.reference.linear_kl` (its module docstring has the math,
+    the masking / labels / num_items_in_batch rules and the non-finite contract): student_hidden [..., H],
+    teacher_hidden [..., Ht], weight [V, H] shared by both sides unless ``teacher_weight`` [Vt >= V, Ht] is given
+    (padded rows dropped), any mix of bf16/fp16/fp32 inputs (cast internally, fp32 accumulation), DTensor heads
+    gathered. Only the student side is differentiated; the weight and bias get gradients only if they require
+    them. Returns the loss, or ``(loss, stats)`` with stats a dict of [...] fp32 tensors: kl, clipped_kl,
+    top1_agree, student_max_prob, student_entropy.
     """
-    check_inputs(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-                 temperature, clip, beta, mask, reduction)
-    lead = student_hidden.shape[:-1]
-    H = student_hidden.shape[-1]
-    hs = student_hidden.reshape(-1, H).contiguous()
-    ht = teacher_hidden.detach().reshape(-1, H).contiguous()
-    if teacher_bias is None and teacher_weight is None and bias is not None:
-        teacher_bias = bias.detach()
-    wt = None if teacher_weight is None else teacher_weight.detach().contiguous()
+    p = prepare(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, temperature, clip,
+                beta, mask, labels, ignore_index, reduction, num_items_in_batch)
+    hs = p.hs.contiguous()
+    ht = p.ht.detach().contiguous()
+    teacher_bias = p.bt if (p.bt is not None or p.wt is not None) else (None if p.bs is None else p.bs.detach())
+    wt = None if p.wt is None else p.wt.detach().contiguous()
     bt = None if teacher_bias is None else teacher_bias.detach().float().contiguous()
-    bs = None if bias is None else bias.contiguous()
+    bs = None if p.bs is None else p.bs.contiguous()
     clip_value = math.inf if clip is None else float(clip)
 
     token_loss, kl, agree, maxp, ent = _LinearKLFunction.apply(
-        hs, ht, weight.contiguous(), wt, bs, bt, float(temperature), clip_value, float(beta)
+        hs, ht, p.w.contiguous(), wt, bs, bt, float(temperature), clip_value, float(beta)
     )
-    weights = None if mask is None else mask.reshape(-1).to(torch.float32)
-    weighted = token_loss if weights is None else token_loss * weights
-    if reduction == "mean":
-        if weights is None:
-            loss = weighted.sum() / max(weighted.numel(), 1)
-        else:
-            total = weights.sum()
-            loss = torch.where(total > 0, weighted.sum() / total.clamp_min(torch.finfo(torch.float32).tiny),
-                               torch.zeros((), device=weighted.device))
-    elif reduction == "sum":
-        loss = weighted.sum()
-    else:
-        loss = weighted.reshape(lead)
+    loss = reduce_loss(token_loss, p.weights, reduction, num_items_in_batch, p.lead)
     if not return_stats:
         return loss
     values = (kl, token_loss.detach(), agree, maxp, ent)
-    live = None if weights is None else (weights != 0).to(torch.float32)
-    stats = {name: (v if live is None else v * live).reshape(lead) for name, v in zip(STAT_NAMES, values)}
+    zero = torch.zeros((), device=token_loss.device)
+    live = None if p.weights is None else p.weights != 0
+    stats = {name: (v if live is None else torch.where(live, v, zero)).reshape(p.lead)
+             for name, v in zip(STAT_NAMES, values)}
     return loss, stats
 
 
@@ -110,22 +104,24 @@ class FusedLinearKL(nn.Module):
     """Module form of :func:`fused_linear_kl`; the options are fixed at construction.
 
     ``forward(student_hidden, teacher_hidden, weight, mask=None, teacher_weight=None, bias=None,
-    teacher_bias=None)`` returns what the function returns.
+    teacher_bias=None, labels=None, num_items_in_batch=None)`` returns what the function returns.
     """
 
     def __init__(self, *, temperature: float = 1.0, clip: float | None = None, beta: float = 0.0,
-                 reduction: str = "mean", return_stats: bool = False) -> None:
+                 ignore_index: int = -100, reduction: str = "mean", return_stats: bool = False) -> None:
         super().__init__()
-        self.temperature, self.clip, self.beta = temperature, clip, beta
+        self.temperature, self.clip, self.beta, self.ignore_index = temperature, clip, beta, ignore_index
         self.reduction, self.return_stats = reduction, return_stats
 
     def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
                 mask: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None):
+                bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, num_items_in_batch=None):
         return fused_linear_kl(
             student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, bias=bias,
             teacher_bias=teacher_bias, temperature=self.temperature, clip=self.clip, beta=self.beta,
-            mask=mask, reduction=self.reduction, return_stats=self.return_stats,
+            mask=mask, labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch, return_stats=self.return_stats,
         )
 
     def extra_repr(self) -> str:

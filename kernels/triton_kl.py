@@ -122,10 +122,11 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
+def _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
                  HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] zs, zt (temperature applied); padding columns are -inf."""
+                 DOT_PREC_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] zs, zt (temperature applied); padding columns are -inf. The teacher's width HT
+    equals H when it shares the head (one K loop, each W tile loaded once), and may differ otherwise."""
     acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     rmask = rows < N
@@ -138,15 +139,21 @@ def _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V
         kmask = kk < H
         amask = rmask[:, None] & kmask[None, :]
         a_s = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
-        a_t = tl.load(ht_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
         bmask = kmask[:, None] & cmask[None, :]
         b_s = tl.load(w_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)  # [BLOCK_K, BLOCK_V]
         acc_s = _dot(a_s, b_s, acc_s, DOT_PREC)
         if SHARED_W:
-            acc_t = _dot(a_t, b_s, acc_t, DOT_PREC)
-        else:
-            b_t = tl.load(wt_ptr + col_off[None, :] + kk[:, None], mask=bmask, other=0.0)
-            acc_t = _dot(a_t, b_t, acc_t, DOT_PREC)
+            a_t = tl.load(ht_ptr + row_off[:, None] + kk[None, :], mask=amask, other=0.0)
+            acc_t = _dot(a_t, b_s, acc_t, DOT_PREC_T)
+    if not SHARED_W:
+        row_off_t = rows.to(tl.int64) * HT
+        col_off_t = cols.to(tl.int64) * HT
+        for k0 in range(0, HT, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < HT
+            a_t = tl.load(ht_ptr + row_off_t[:, None] + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b_t = tl.load(wt_ptr + col_off_t[None, :] + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc_t = _dot(a_t, b_t, acc_t, DOT_PREC_T)
     if HAS_BS:
         acc_s += tl.load(bs_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BT:
@@ -174,6 +181,7 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
         b = lpt + log_beta
         hi = tl.maximum(a, b)
         lm = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
+        lm = tl.where((a == a) & (b == b), lm, a + b)  # tl.maximum / tl.minimum may drop a NaN operand
         gp = (1.0 - beta) * ps * (lps - lm)
         lv = beta * pt * (lpt - lm) + gp
     return lv, gp, ps
@@ -183,12 +191,12 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
 # kernels
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V", "CROSS", "SHARED_W"])
+@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "CROSS", "SHARED_W"])
 @triton.jit
-def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, n_splits, split_len,
+def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, HT, n_splits, split_len,
                   inv_t,
                   CROSS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr,
-                  DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
+                  DOT_PREC: tl.constexpr, DOT_PREC_T: tl.constexpr, GROUP_N: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,14 +213,17 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V,
     idx_t = tl.zeros((BLOCK_N,), tl.int32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
-                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         valid = (cols < V)[None, :]
         tmax_s = tl.max(zs, 1)
         tmax_t = tl.max(zt, 1)
         # strict '>' keeps the earlier (lower) index on ties across tiles; tl.argmax breaks ties to the left
-        idx_s = tl.where(tmax_s > ms, tl.argmax(zs, 1) + v0, idx_s)
-        idx_t = tl.where(tmax_t > mt, tl.argmax(zt, 1) + v0, idx_t)
+        # (NaN logits read as -inf for the arg-max only: the interpreter's argmax refuses an all-NaN row)
+        arg_s = tl.argmax(tl.where(zs == zs, zs, float("-inf")), 1)
+        arg_t = tl.argmax(tl.where(zt == zt, zt, float("-inf")), 1)
+        idx_s = tl.where(tmax_s > ms, arg_s + v0, idx_s)
+        idx_t = tl.where(tmax_t > mt, arg_t + v0, idx_t)
         ms_new = tl.maximum(ms, tmax_s)
         mt_new = tl.maximum(mt, tmax_t)
         a_s = tl.exp(ms - ms_new)
@@ -246,12 +257,12 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V,
     tl.store(base + 8 * stride, idx_t.to(tl.float32), mask=rmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V", "MODE", "SHARED_W"])
+@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W"])
 @triton.jit
 def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
-                 N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
+                 N, V, H, HT, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
                  MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                 SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
+                 SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr, DOT_PREC_T: tl.constexpr, GROUP_N: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,15 +276,15 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
     g = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
-                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         valid = (cols < V)[None, :]
         lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
         kl += tl.sum(lv, 1)
         if HAS_CLIP:
-            keep = lv <= clip
-            loss += tl.sum(tl.where(keep, lv, clip), 1)
-            g += tl.sum(tl.where(keep, gp, 0.0), 1)
+            over = lv > clip  # False for NaN: a NaN term is kept and propagates (never "clipped")
+            loss += tl.sum(tl.where(over, clip, lv), 1)
+            g += tl.sum(tl.where(over, 0.0, gp), 1)
         else:
             loss += tl.sum(lv, 1)
             g += tl.sum(gp, 1)
@@ -284,15 +295,16 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
     tl.store(base + 2 * stride, g, mask=rmask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "MODE", "SHARED_W", "NEED_W"],
+@triton.autotune(configs=_BWD_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W", "NEED_W"],
                  reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
 @triton.jit
 def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr,
-                ghs_ptr, gw_ptr, gb_ptr, N, V, H, n_splits, split_len, inv_t, clip, beta, log_beta,
+                ghs_ptr, gw_ptr, gb_ptr, N, V, H, HT, n_splits, split_len, inv_t, clip, beta, log_beta,
                 log_1mbeta, budget,
                 MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                 SHARED_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PREC: tl.constexpr,
-                GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                DOT_PREC_T: tl.constexpr, GROUP_N: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -310,18 +322,19 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, inv_t,
-                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         valid = live[:, None] & cmask[None, :]
         lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
         if HAS_CLIP:
-            gp = tl.where(lv <= clip, gp, 0.0)
+            gp = tl.where(lv > clip, 0.0, gp)
         dzu = tl.where(valid, gp - ps * gn[:, None], 0.0)
         dz = dzu * scale[:, None]
         if NEED_B:
             tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask)
         new_skipped = skipped + tl.sum(tl.abs(dzu), 1)
-        over = tl.max(new_skipped, 0) > budget
+        # not (x <= budget): a NaN row is never filtered out (tl.max may drop NaN, so test before reducing)
+        over = tl.max(tl.where(new_skipped <= budget, 0.0, 1.0), 0) > 0.0
         if over:
             dzc = dz.to(w_ptr.dtype.element_ty)
             col_off = cols.to(tl.int64) * H
@@ -348,16 +361,18 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
 
 
 def _check(hs, ht, w, wt, bs, bt) -> None:
-    if hs.dim() != 2 or ht.shape != hs.shape:
-        raise ValueError(f"hs {tuple(hs.shape)} and ht {tuple(ht.shape)} must both be [N, H]")
+    if hs.dim() != 2 or ht.dim() != 2 or ht.shape[0] != hs.shape[0]:
+        raise ValueError(f"hs {tuple(hs.shape)} and ht {tuple(ht.shape)} must be [N, H] and [N, Ht]")
     if w.dim() != 2 or w.shape[1] != hs.shape[1] or w.shape[0] == 0:
         raise ValueError(f"w must be [V>0, H={hs.shape[1]}], got {tuple(w.shape)}")
-    if wt is not None and wt.shape != w.shape:
-        raise ValueError(f"wt {tuple(wt.shape)} must match w {tuple(w.shape)}")
-    dtypes = {t.dtype for t in (hs, ht, w, wt) if t is not None}
-    if len(dtypes) != 1 or hs.dtype not in _DEFAULT_EPS:
-        got = sorted(map(str, dtypes))
-        raise TypeError(f"hs, ht, w, wt must share one float dtype (fp32/bf16/fp16), got {got}")
+    if wt is None and ht.shape[1] != hs.shape[1]:
+        raise ValueError(f"ht {tuple(ht.shape)} must be [N, H={hs.shape[1]}] when the teacher shares w")
+    if wt is not None and wt.shape != (w.shape[0], ht.shape[1]):
+        raise ValueError(f"wt {tuple(wt.shape)} must be [V, Ht]=[{w.shape[0]}, {ht.shape[1]}]")
+    teacher_w = w if wt is None else wt
+    if hs.dtype != w.dtype or ht.dtype != teacher_w.dtype or {hs.dtype, ht.dtype} - set(_DEFAULT_EPS):
+        got = [str(t.dtype) for t in (hs, w, ht, teacher_w)]
+        raise TypeError(f"hs/w and ht/wt must each share one float dtype (fp32/bf16/fp16), got {got}")
     for name, b in (("bs", bs), ("bt", bt)):
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"{name} must be [V]=[{w.shape[0]}], got {tuple(b.shape)}")
@@ -401,6 +416,7 @@ def _common(hs, ht, w, wt, bs, bt, temperature, clip, beta):
         HAS_BT=bt is not None,
         SHARED_W=wt is None,
         DOT_PREC="ieee" if hs.dtype == torch.float32 and not tf32 else "tf32",
+        DOT_PREC_T="ieee" if ht.dtype == torch.float32 and not tf32 else "tf32",
         GROUP_N=_GROUP_N,
     )
     ptrs = (hs, ht, w, w if wt is None else wt, hs if bs is None else bs, hs if bt is None else bt)
@@ -422,9 +438,9 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
     cross = 2 if need_pass2 else sc["MODE"]
 
     part = torch.empty((_NUM_STATS, n, n_splits), device=hs.device, dtype=torch.float32)
-    _stats_kernel[grid](*ptrs, part, n, v, h, n_splits, split_len, sc["inv_t"], CROSS=cross,
+    _stats_kernel[grid](*ptrs, part, n, v, h, ht.shape[1], n_splits, split_len, sc["inv_t"], CROSS=cross,
                         HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
-                        DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
+                        DOT_PREC=sc["DOT_PREC"], DOT_PREC_T=sc["DOT_PREC_T"], GROUP_N=_GROUP_N)
     ms, ds, es, mt, dt, et, cr, idx_s, idx_t = part.unbind(0)
     max_s = ms.amax(1, keepdim=True)
     max_t = mt.amax(1, keepdim=True)
@@ -446,12 +462,12 @@ def forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tenso
 
     if need_pass2:
         part2 = torch.empty((3, n, n_splits), device=hs.device, dtype=torch.float32)
-        _loss_kernel[grid](*ptrs, lse_s, lse_t, part2, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
-                           sc["beta"], sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"],
+        _loss_kernel[grid](*ptrs, lse_s, lse_t, part2, n, v, h, ht.shape[1], n_splits, split_len, sc["inv_t"],
+                           sc["clip"], sc["beta"], sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"],
                            HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
-                      SHARED_W=sc["SHARED_W"],
-                           DOT_PREC=sc["DOT_PREC"], GROUP_N=_GROUP_N)
-        loss, kl, g = part2.sum(2).unbind(0)
+                           SHARED_W=sc["SHARED_W"], DOT_PREC=sc["DOT_PREC"], DOT_PREC_T=sc["DOT_PREC_T"],
+                           GROUP_N=_GROUP_N)
+        loss, kl, g = (t.clone() for t in part2.sum(2).unbind(0))  # a custom op's outputs may not alias
     elif cross == 0:  # KL(t||s) = sum pt (zt - mt) - log dt - sum pt (zs - ms) + log ds
         c = (a_t * (cr + (ms - max_s) * dt)).sum(1)
         kl = (e_t - c) / d_t - log_dt + log_ds
@@ -488,10 +504,11 @@ def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Te
     budget = filter_eps(hs.dtype) / n_splits
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)
     _bwd_kernel[grid](grad.contiguous().float(), *ptrs, lse_s.contiguous(), lse_t.contiguous(),
-                      g.contiguous(), ghs, gw, gb, n, v, h, n_splits, split_len, sc["inv_t"], sc["clip"],
+                      g.contiguous(), ghs, gw, gb, n, v, h, ht.shape[1], n_splits, split_len, sc["inv_t"], sc["clip"],
                       sc["beta"], sc["log_beta"], sc["log_1mbeta"], budget, MODE=sc["MODE"],
                       HAS_CLIP=sc["HAS_CLIP"], HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"],
                       SHARED_W=sc["SHARED_W"],
                       NEED_W=bool(need_grad_w), NEED_B=bool(need_grad_b), DOT_PREC=sc["DOT_PREC"],
+                      DOT_PREC_T=sc["DOT_PREC_T"],
                       GROUP_N=_GROUP_N)
     return (ghs if hs.dtype == torch.float32 else ghs.to(hs.dtype)), gw, gb

@@ -9,3 +9,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", ".benchmarks", ".venv", "build")
+_CACHES += ("*.egg-info", "_skbuild")
+
+
+def _untracked_files(root: str) -> set[str] | None:
+    """Every file in the checkout git does not track (ignored ones included), caches and set-up products aside;
+    None outside a git checkout."""
+    import subprocess
+
+    excludes = [arg for pattern in _CACHES for arg in ("-x", pattern)]
+    try:
+        out = subprocess.run(
+            ["git", "-C", root, "ls-files", "--others", *excludes], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """Tests and the tools they run write only under temporary directories: after the session the checkout holds
+    no file it did not hold before (`make test` leaves nothing behind; issue 18)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = _untracked_files(root)
+    yield
+    after = _untracked_files(root)
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"the tests left {len(new)} file(s) in the checkout: {', '.join(new[:8])}"

@@ -6,11 +6,15 @@
 // size N x V is ever allocated.
 //
 // Forward, pass 1 (always): online log-sum-exp of both sides, argmax, entropy, and for forward / reverse KL the
-//   unclipped divergence kl = E_w[zw - zo] - lse_w + lse_o (w the weighting side), all in one sweep. It also keeps,
-//   per (row, tile), max zw and max (zw - zo), which bound l[v] <= exp(max zw - lse_w) * (max d + lse_o - lse_w).
-// Forward, pass 2 (only where needed): recompute the tiles whose bound may exceed the clip and subtract the excess
-//   sum max(l - clip, 0) from kl (and the clipped part from g). JSD has no online form: pass 2 runs on all tiles.
-//   With clip = +inf and beta in {0, 1} there is no pass 2 at all.
+//   unclipped divergence kl = (E_w[zw - mw] - E_w[zo - mo]) - log sw + log so (w the weighting side), all in one
+//   sweep. Every term is relative to its own side's running max m, never to the other side's logits: the absolute
+//   logit level |z| ~ 1/T cancels otherwise, and its fp32 rounding alone (0.06 at |z| = 1e6) exceeds the clip.
+//   It also keeps, per (row, tile), the tile's sums and maxima that give its exact sum of l and a bound on each
+//   l[v] (see pass1_tile in pointwise.h).
+// Forward, pass 2 (only where needed): recompute the tiles whose bound may exceed the clip and sum min(l, clip)
+//   and the kept part of g there, term by term as the reference does; the other tiles (no term above the clip)
+//   contribute their exact sums from pass 1. JSD has no online form: pass 2 runs on all tiles. With clip = +inf
+//   and beta in {0, 1} there is no pass 2 at all.
 // Backward: recompute both tiles, dz in place, grad_hs += dz W (per-thread [N, H] buffers, summed at the end),
 //   grad_w[tile] += dz^T hs, grad_b[tile] += sum_rows dz.
 #include <ATen/ATen.h>
@@ -39,8 +43,8 @@ int kind_of(double beta) { return beta == 0.0 ? kForward : (beta == 1.0 ? kRever
 void check_args(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w,
                 const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& bs,
                 const std::optional<at::Tensor>& bt, double temperature, double clip, double beta) {
-  TORCH_CHECK(hs.dim() == 2 && ht.sizes() == hs.sizes(), "atesd_native: hs and ht must both be [N, H], got ",
-              hs.sizes(), " and ", ht.sizes());
+  TORCH_CHECK(hs.dim() == 2 && ht.dim() == 2 && ht.size(0) == hs.size(0),
+              "atesd_native: hs and ht must be [N, H] and [N, Ht], got ", hs.sizes(), " and ", ht.sizes());
   TORCH_CHECK(w.dim() == 2 && w.size(1) == hs.size(1) && w.size(0) > 0, "atesd_native: w must be [V, H] with H=",
               hs.size(1), " and V > 0, got ", w.sizes());
   TORCH_CHECK(hs.device().is_cpu() && ht.device().is_cpu() && w.device().is_cpu(),
@@ -50,8 +54,12 @@ void check_args(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w,
                 "atesd_native: inputs must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
   if (wt.has_value()) {
-    TORCH_CHECK(wt->sizes() == w.sizes(), "atesd_native: wt must have the shape of w ", w.sizes(), ", got ",
-                wt->sizes());
+    TORCH_CHECK(wt->dim() == 2 && wt->size(0) == w.size(0) && wt->size(1) == ht.size(1),
+                "atesd_native: wt must be [V, Ht]=[", w.size(0), ", ", ht.size(1), "], got ", wt->sizes());
+    TORCH_CHECK(wt->device().is_cpu(), "atesd_native: tensors must be on the CPU");
+  } else {
+    TORCH_CHECK(ht.size(1) == hs.size(1), "atesd_native: ht must be [N, H] when the teacher shares w, got ",
+                ht.sizes());
   }
   for (const auto* b : {&bs, &bt}) {
     if (b->has_value()) {
@@ -70,11 +78,12 @@ at::Tensor f32(const at::Tensor& t) { return t.detach().to(at::kFloat).contiguou
 // Shared inputs of both passes, as fp32 views (hidden states and biases converted once: O(N*H + V)).
 struct Inputs {
   at::Tensor hs, ht, w, wt, bs, bt;  // w, wt keep their dtype; wt undefined when the teacher shares w
-  int64_t n, h, v, ntiles;
+  int64_t n, h, h_t, v, ntiles;  // h: student width, h_t: teacher width
   float inv_t;
   Inputs(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_, const std::optional<at::Tensor>& wt_,
          const std::optional<at::Tensor>& bs_, const std::optional<at::Tensor>& bt_, double temperature)
-      : hs(f32(hs_)), ht(f32(ht_)), w(w_.detach().contiguous()), n(hs_.size(0)), h(hs_.size(1)), v(w_.size(0)) {
+      : hs(f32(hs_)), ht(f32(ht_)), w(w_.detach().contiguous()), n(hs_.size(0)), h(hs_.size(1)), h_t(ht_.size(1)),
+        v(w_.size(0)) {
     if (wt_.has_value()) wt = wt_->detach().contiguous();
     if (bs_.has_value()) bs = f32(*bs_);
     if (bt_.has_value()) bt = f32(*bt_);
@@ -91,7 +100,7 @@ struct Scratch {
   explicit Scratch(const Inputs& in) {
     auto opt = at::TensorOptions().dtype(at::kFloat);
     if (in.w.scalar_type() != at::kFloat) wbuf = at::empty({kVT, in.h}, opt);
-    if (in.wt.defined() && in.wt.scalar_type() != at::kFloat) wtbuf = at::empty({kVT, in.h}, opt);
+    if (in.wt.defined() && in.wt.scalar_type() != at::kFloat) wtbuf = at::empty({kVT, in.h_t}, opt);
     zs = at::empty({kRB * kVT}, opt);
     zt = at::empty({kRB * kVT}, opt);
   }
@@ -145,11 +154,12 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
   const std::vector<int64_t> split = split_tiles(in.ntiles);
   const int64_t slots = static_cast<int64_t>(split.size()) - 1;
   // per-slot online state: rows are [slot][field][n]
-  enum { MS, SS, ES, MT, ST, A, NF };
+  enum { MS, SS, ES, MT, ST, ET, A, NF };
   at::Tensor state = at::empty({slots, NF, n}, opt);
   at::Tensor idx = at::zeros({slots, 2, n}, at::TensorOptions().dtype(at::kLong));
-  // per (row, tile): max zw, max d, reference max, partial sums (see pass1_tile): O(N * V / VT)
-  at::Tensor bound = bounded ? at::empty({5, n, in.ntiles}, opt) : at::Tensor();
+  // per (row, tile): max zw, max u, mw, mo, sum p u, sum p (see pass1_tile): O(N * V / VT)
+  enum { B_WMAX, B_UMAX, B_MW, B_MO, B_TA, B_TS, NB };
+  at::Tensor bound = bounded ? at::empty({NB, n, in.ntiles}, opt) : at::Tensor();
   const int64_t pitch = n * in.ntiles;
 
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
@@ -157,7 +167,7 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
       Scratch sc(in);
       float* st = state[s].data_ptr<float>();
       for (int f : {MS, MT}) std::fill(st + f * n, st + (f + 1) * n, -kInf);
-      for (int f : {SS, ES, ST, A}) std::fill(st + f * n, st + (f + 1) * n, 0.f);
+      for (int f : {SS, ES, ST, ET, A}) std::fill(st + f * n, st + (f + 1) * n, 0.f);
       int64_t* ix = idx[s].data_ptr<int64_t>();
       for (int64_t tile = split[s]; tile < split[s + 1]; ++tile) {
         const int64_t v0 = tile * kVT, vt = std::min(kVT, in.v - v0);
@@ -169,7 +179,7 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
           float* bd = bounded ? bound.data_ptr<float>() + r0 * in.ntiles + tile : nullptr;
           pass1_tile(sc.zs.data_ptr<float>(), sc.zt.data_ptr<float>(), rb, vt, v0, kind, st + MS * n + r0,
                      st + SS * n + r0, st + ES * n + r0, ix + r0, st + MT * n + r0, st + ST * n + r0,
-                     ix + n + r0, st + A * n + r0, bd, in.ntiles, pitch);
+                     st + ET * n + r0, ix + n + r0, st + A * n + r0, bd, in.ntiles, pitch);
         }
       }
     }
@@ -186,19 +196,27 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
   float* EN = ent.data_ptr<float>();
   const float* S0 = state.data_ptr<float>();
   const int64_t* I0 = idx.data_ptr<int64_t>();
+  const bool fwd = kind == kForward;
   at::parallel_for(0, n, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       auto at_ = [&](int64_t s, int f) { return S0[(s * NF + f) * n + i]; };
-      float ms = at_(0, MS), ss = at_(0, SS), es = at_(0, ES), mt = at_(0, MT), st = at_(0, ST), a = at_(0, A);
+      float ms = at_(0, MS), ss = at_(0, SS), es = at_(0, ES), mt = at_(0, MT), st = at_(0, ST), et = at_(0, ET);
+      float a = at_(0, A);
       int64_t is = I0[i], it = I0[n + i];
       for (int64_t s = 1; s < slots; ++s) {
-        const float ms2 = at_(s, MS), mt2 = at_(s, MT);
+        const float ms2 = at_(s, MS), mt2 = at_(s, MT), ss2 = at_(s, SS), st2 = at_(s, ST);
         const float m = std::max(ms, ms2), c1 = std::exp(ms - m), c2 = std::exp(ms2 - m);
-        es = c1 * (es - (m - ms) * ss) + c2 * (at_(s, ES) - (m - ms2) * at_(s, SS));
-        ss = c1 * ss + c2 * at_(s, SS);
         const float mtn = std::max(mt, mt2), d1 = std::exp(mt - mtn), d2 = std::exp(mt2 - mtn);
-        st = d1 * st + d2 * at_(s, ST);
-        a = kind == kForward ? d1 * a + d2 * at_(s, A) : c1 * a + c2 * at_(s, A);
+        // a (weights of side w, offsets of side o) rebased to the merged maxima of both sides
+        if (fwd) {
+          a = d1 * (a - (m - ms) * st) + d2 * (at_(s, A) - (m - ms2) * st2);
+        } else {
+          a = c1 * (a - (mtn - mt) * ss) + c2 * (at_(s, A) - (mtn - mt2) * ss2);
+        }
+        es = c1 * (es - (m - ms) * ss) + c2 * (at_(s, ES) - (m - ms2) * ss2);
+        et = d1 * (et - (mtn - mt) * st) + d2 * (at_(s, ET) - (mtn - mt2) * st2);
+        ss = c1 * ss + c2 * ss2;
+        st = d1 * st + d2 * st2;
         if (ms2 > ms) is = I0[(s * 2) * n + i];
         if (mt2 > mt) it = I0[(s * 2 + 1) * n + i];
         ms = m;
@@ -209,12 +227,13 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
       AG[i] = is == it ? 1.f : 0.f;
       MP[i] = 1.f / ss;
       EN[i] = std::log(ss) - es / ss;
-      // kl = E_w[zw - zo] - lse_w + lse_o; its gradient sum is -1 (forward) or kl + 1 (reverse)
+      // kl = E_w[log pw - log po] = (E_w[zw - mw] - E_w[zo - mo]) - log sw + log so; the unclipped g is
+      // sum_v gp_v = -1 (forward) or kl + 1 (reverse); a NaN row still gets a NaN gradient through lse_s / lse_t
       if (kind == kForward) {
-        K[i] = a / st - LT[i] + LS[i];
+        K[i] = (et - a) / st - std::log(st) + std::log(ss);
         G[i] = -1.f;
       } else if (kind == kReverse) {
-        K[i] = a / ss - LS[i] + LT[i];
+        K[i] = (es - a) / ss - std::log(ss) + std::log(st);
         G[i] = K[i] + 1.f;
       } else {
         K[i] = 0.f;
@@ -225,33 +244,45 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
   });
   if (!clipped && kind != kJSD) return {loss, kl, lse_s, lse_t, g, agree, maxp, ent};
 
-  // Pass 2: exact pointwise sums on the tiles that need them.
-  at::Tensor acc = at::zeros({slots, 4, n}, opt);  // sum_l, sum_gp, excess, gclip
+  // Pass 2: exact pointwise sums on the tiles that need them, pass-1 sums on the others.
+  at::Tensor acc = at::zeros({slots, 3, n}, opt);  // sum_l (JSD's kl), sum min(l, clip), sum of kept gp
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       Scratch sc(in);
       float* ac = acc[s].data_ptr<float>();
-      const float* bm = bounded ? bound.data_ptr<float>() : nullptr;
-      const float* bd = bounded ? bm + pitch : nullptr;
-      const float* lw = kind == kForward ? LT : LS;
-      const float* lo = kind == kForward ? LS : LT;
+      const float* bd = bounded ? bound.data_ptr<float>() : nullptr;
+      const float* lw = fwd ? LT : LS;
+      const float* lo = fwd ? LS : LT;
+      constexpr float kEps = std::numeric_limits<float>::epsilon();
       for (int64_t tile = split[s]; tile < split[s + 1]; ++tile) {
         const int64_t v0 = tile * kVT, vt = std::min(kVT, in.v - v0);
         at::Tensor wtile, wttile;
         for (int64_t r0 = 0; r0 < n; r0 += kRB) {
           const int64_t rb = std::min(kRB, n - r0);
           if (bounded) {
-            // l[v] <= exp(max zw - lse_w) * (max (zw - zo) + lse_o - lse_w); 1e-3 margin covers rounding
+            // l[v] = exp(zw - lw) (u_v + c) <= exp(max zw - lw) (max u + c), c = (mw - lw) - (mo - lo). The slack
+            // covers the rounding of the recomputed terms: 1e-3 relative, plus a few ulp of the logit level, which
+            // decides alone at extreme temperatures (there every tile that matters is recomputed, like the reference).
             bool need = false;
             for (int64_t i = r0; i < r0 + rb && !need; ++i) {
-              const float d = bd[i * in.ntiles + tile] + lo[i] - lw[i];
-              need = d > 0.f && std::exp(bm[i * in.ntiles + tile] - lw[i]) * d * 1.001f >= clip;
+              const int64_t k = i * in.ntiles + tile;
+              const float c = (bd[B_MW * pitch + k] - lw[i]) - (bd[B_MO * pitch + k] - lo[i]);
+              const float d = bd[B_UMAX * pitch + k] + c;
+              const float slack = 8.f * kEps * (std::fabs(lw[i]) + std::fabs(lo[i]) + std::fabs(bd[B_MW * pitch + k]) +
+                                                std::fabs(bd[B_MO * pitch + k]));
+              need = d + slack > 0.f && std::exp(bd[B_WMAX * pitch + k] - lw[i]) * (d * 1.001f + slack) >= clip;
             }
             if (!need) {
-              // exact tile sum of l without recomputation: exp(mw - lse_w) (a + (lse_o - lse_w) s)
+              // every l[v] of the tile is <= clip: its exact sum exp(mw - lw) (sum p u + c sum p), and the kept gp
+              // sum: -sum pt (forward) or sum (l + ps) (reverse)
               for (int64_t i = r0; i < r0 + rb; ++i) {
                 const int64_t k = i * in.ntiles + tile;
-                ac[i] += std::exp(bm[2 * pitch + k] - lw[i]) * (bm[3 * pitch + k] + (lo[i] - lw[i]) * bm[4 * pitch + k]);
+                const float c = (bd[B_MW * pitch + k] - lw[i]) - (bd[B_MO * pitch + k] - lo[i]);
+                const float scale = std::exp(bd[B_MW * pitch + k] - lw[i]);
+                const float sum_l = scale * (bd[B_TA * pitch + k] + c * bd[B_TS * pitch + k]);
+                const float mass = scale * bd[B_TS * pitch + k];
+                ac[n + i] += sum_l;
+                ac[2 * n + i] += fwd ? -mass : sum_l + mass;
               }
               continue;
             }
@@ -262,20 +293,17 @@ linear_kl_fwd(const at::Tensor& hs_, const at::Tensor& ht_, const at::Tensor& w_
           }
           logits(in, sc, wtile, wttile, v0, vt, r0, rb);
           pass2_tile(sc.zs.data_ptr<float>(), sc.zt.data_ptr<float>(), rb, vt, kind, beta, clip, LS + r0, LT + r0,
-                     ac + r0, ac + n + r0, ac + 2 * n + r0, ac + 3 * n + r0);
+                     ac + r0, ac + n + r0, ac + 2 * n + r0);
         }
       }
     }
   });
-  at::Tensor tot = acc.sum(0);  // [4, n]
+  at::Tensor tot = acc.sum(0);  // [3, n]
   const float* T = tot.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    if (kind == kJSD) {
-      K[i] = T[i];
-      G[i] = T[n + i];
-    }
-    L[i] = T[i] - T[2 * n + i];  // sum of min(l, clip), tile by tile: no cancellation against kl
-    G[i] -= T[3 * n + i];
+    if (kind == kJSD) K[i] = T[i];
+    L[i] = T[n + i];      // sum of min(l, clip), term by term or from exact tile sums: no cancellation against kl
+    G[i] = T[2 * n + i];
   }
   return {loss, kl, lse_s, lse_t, g, agree, maxp, ent};
 }

@@ -18,12 +18,14 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) to ~2 ulp (Cephes polynomial), branch-free so loops over it vectorise; x <= 0 in every use here,
-// and inputs below -87.3 give 1.2e-38 rather than 0, harmless in sums whose largest term is 1.
+// and inputs below -87.3 give 1.2e-38 rather than 0, harmless in sums whose largest term is 1. NaN in, NaN out
+// (a non-finite input must reach the loss, _ops.py); the clamp maps NaN to -87.3 first, so that the float-to-int
+// conversion below never sees it.
 inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3365478515625f), 88.3762626647949f);
+  const float xc = std::min(std::max(-87.3365478515625f, x), 88.3762626647949f);  // max(c, NaN) = c
   // round-to-nearest by the 1.5 * 2^23 trick: SSE2 has no vector round instruction.
-  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - fx * 0.693359375f) + fx * 2.12194440e-4f;
+  const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - fx * 0.693359375f) + fx * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
@@ -34,14 +36,16 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  return x == x ? y * scale : x;
 }
 
-// log m = log((1 - beta) exp(lps) + beta exp(lpt)), stable.
+// log m = log((1 - beta) exp(lps) + beta exp(lpt)), stable; NaN when either is NaN (std::max / std::min would
+// drop a NaN operand).
 inline float log_mix(float lps, float lpt, float log1mb, float logb) {
   const float a = lps + log1mb, b = lpt + logb;
   const float hi = std::max(a, b), lo = std::min(a, b);
-  return hi + std::log1p(std::exp(lo - hi));
+  const float lm = hi + std::log1p(std::exp(lo - hi));
+  return (a == a && b == b) ? lm : a + b;
 }
 
 // Generalized-JSD pointwise term at one vocabulary entry: l = beta pt (lpt - lm) + gp, with the student part
@@ -100,76 +104,86 @@ static inline void online_row(const float* x, int64_t vt, int64_t v0, float& m, 
 
 ATESD_CLONES
 void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int64_t v0, int kind,
-                float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, int64_t* it, float* a,
-                float* bound, int64_t ldb, int64_t pitch) {
+                float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, float* et, int64_t* it,
+                float* a, float* bound, int64_t ldb, int64_t pitch) {
+  const bool fwd = kind == kForward;
   for (int64_t i = 0; i < rows; ++i) {
     const float* xs = zs + i * vt;
     const float* xt = zt + i * vt;
-    const float ms_old = ms[i], mt_old = mt[i];
-    float et = 0.f;  // the teacher's entropy is not needed; online_row wants an accumulator
-    online_row(xs, vt, v0, ms[i], ss[i], es[i], is[i]);
-    online_row(xt, vt, v0, mt[i], st[i], et, it[i]);
-    if (kind == kJSD) continue;
-    // a = sum exp(zw - mw) d, rescaled when the weighting side's max moved
-    const bool fwd = kind == kForward;
+    if (kind == kJSD) {
+      online_row(xs, vt, v0, ms[i], ss[i], es[i], is[i]);
+      online_row(xt, vt, v0, mt[i], st[i], et[i], it[i]);
+      continue;
+    }
+    // w: the weighting side (teacher for forward KL, student for reverse KL), o: the other one
     const float* w = fwd ? xt : xs;
     const float* o = fwd ? xs : xt;
-    const float mw_old = fwd ? mt_old : ms_old, mw = fwd ? mt[i] : ms[i];
+    float& mo = fwd ? ms[i] : mt[i];
+    float& mw = fwd ? mt[i] : ms[i];
+    float& sw = fwd ? st[i] : ss[i];
+    const float mo_old = mo, mw_old = mw, sw_old = sw;
+    online_row(o, vt, v0, mo, fwd ? ss[i] : st[i], fwd ? es[i] : et[i], fwd ? is[i] : it[i]);
+    online_row(w, vt, v0, mw, sw, fwd ? et[i] : es[i], fwd ? it[i] : is[i]);
+    // a = sum exp(zw - mw) (zo - mo): both sides relative to their own running max, so no term carries the
+    // absolute logit level (|z| ~ 1/T); rebased to the new maxima. NaN in sw_old passes through.
     float ai = a[i];
-    if (mw != mw_old && ai != 0.f) ai *= fast_exp(mw_old - mw);
-    float ta = 0.f, ts = 0.f, dmax = kNegInf, wmax = kNegInf;
-#pragma omp simd reduction(+ : ta, ts) reduction(max : dmax, wmax)
+    if (sw_old != 0.f) ai = fast_exp(mw_old - mw) * (ai - (mo - mo_old) * sw_old);
+    float ta = 0.f, tc = 0.f, ts = 0.f, umax = kNegInf, wmax = kNegInf;
+    const float mwi = mw, moi = mo;
+#pragma omp simd reduction(+ : ta, tc, ts) reduction(max : umax, wmax)
     for (int64_t j = 0; j < vt; ++j) {
-      const float d = w[j] - o[j], e = fast_exp(w[j] - mw);
-      ta += e * d;
-      ts += e;
-      dmax = d > dmax ? d : dmax;  // not std::max: its reference form defeats the simd reduction
+      const float dw = w[j] - mwi, dor = o[j] - moi, p = fast_exp(dw), u = dw - dor;
+      tc += p * dor;
+      ta += p * u;
+      ts += p;
+      umax = u > umax ? u : umax;  // not std::max: its reference form defeats the simd reduction
       wmax = w[j] > wmax ? w[j] : wmax;
     }
-    a[i] = ai + ta;
+    a[i] = ai + tc;
     if (bound) {
       float* b = bound + i * ldb;
       b[0] = wmax;
-      b[pitch] = dmax;
-      b[2 * pitch] = mw;
-      b[3 * pitch] = ta;
-      b[4 * pitch] = ts;
+      b[pitch] = umax;
+      b[2 * pitch] = mwi;
+      b[3 * pitch] = moi;
+      b[4 * pitch] = ta;
+      b[5 * pitch] = ts;
     }
   }
 }
 
+// The clipped-or-not choice of every pointwise term: c = [not (l > clip)], so a NaN term is kept (not clipped)
+// and reaches the loss and g (the contract in _ops.py).
 ATESD_CLONES
 void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
-                const float* lse_s, const float* lse_t, float* sum_l, float* sum_gp, float* excess, float* gclip) {
+                const float* lse_s, const float* lse_t, float* sum_l, float* sum_clipped, float* sum_gp) {
   const float log1mb = std::log1p(-beta), logb = std::log(beta);
   for (int64_t i = 0; i < rows; ++i) {
     const float* xs = zs + i * vt;
     const float* xt = zt + i * vt;
     const float ls = lse_s[i], lt = lse_t[i];
-    float tl = 0.f, tg = 0.f, tx = 0.f, tc = 0.f;
+    float tl = 0.f, tk = 0.f, tg = 0.f;
     if (kind == kForward) {
-#pragma omp simd reduction(+ : tl, tg, tx, tc)
+#pragma omp simd reduction(+ : tl, tk, tg)
       for (int64_t j = 0; j < vt; ++j) {
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float pt = fast_exp(lpt);
-        const float l = pt * (lpt - lps), gp = -pt;
+        const float l = pt * (lpt - lps);
         const bool over = l > clip;
         tl += l;
-        tg += gp;
-        tx += over ? l - clip : 0.f;
-        tc += over ? gp : 0.f;
+        tk += over ? clip : l;
+        tg += over ? 0.f : -pt;
       }
     } else if (kind == kReverse) {
-#pragma omp simd reduction(+ : tl, tg, tx, tc)
+#pragma omp simd reduction(+ : tl, tk, tg)
       for (int64_t j = 0; j < vt; ++j) {
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float ps = fast_exp(lps);
-        const float l = ps * (lps - lpt), gp = l + ps;
+        const float l = ps * (lps - lpt);
         const bool over = l > clip;
         tl += l;
-        tg += gp;
-        tx += over ? l - clip : 0.f;
-        tc += over ? gp : 0.f;
+        tk += over ? clip : l;
+        tg += over ? 0.f : l + ps;
       }
     } else {
       for (int64_t j = 0; j < vt; ++j) {
@@ -179,15 +193,13 @@ void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int 
         const float l = jsd_term(lps, lpt, ps, pt, beta, log1mb, logb, gp);
         const bool over = l > clip;
         tl += l;
-        tg += gp;
-        tx += over ? l - clip : 0.f;
-        tc += over ? gp : 0.f;
+        tk += over ? clip : l;
+        tg += over ? 0.f : gp;
       }
     }
     sum_l[i] += tl;
+    sum_clipped[i] += tk;
     sum_gp[i] += tg;
-    excess[i] += tx;
-    gclip[i] += tc;
   }
 }
 
@@ -200,7 +212,7 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
     const float* xt = zt + i * vt;
     const float ls = lse_s[i], lt = lse_t[i];
     const float k = grad[i] * inv_t, gi = g[i];
-    if (k == 0.f) {  // masked token: no gradient
+    if (k == 0.f) {  // masked token: exactly no gradient, whatever its logits hold (NaN included)
       std::fill(xs, xs + vt, 0.f);
       continue;
     }
@@ -210,7 +222,7 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float pt = fast_exp(lpt), ps = fast_exp(lps);
         const float l = pt * (lpt - lps);
-        const float cgp = l <= clip ? -pt : 0.f;
+        const float cgp = l > clip ? 0.f : -pt;
         xs[j] = k * (cgp - ps * gi);
       }
     } else if (kind == kReverse) {
@@ -219,7 +231,7 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
         const float lpt = xt[j] - lt, lps = xs[j] - ls;
         const float ps = fast_exp(lps);
         const float l = ps * (lps - lpt);
-        const float cgp = l <= clip ? l + ps : 0.f;
+        const float cgp = l > clip ? 0.f : l + ps;
         xs[j] = k * (cgp - ps * gi);
       }
     } else {
@@ -228,7 +240,7 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
         const float ps = fast_exp(lps), pt = fast_exp(lpt);
         float gp;
         const float l = jsd_term(lps, lpt, ps, pt, beta, log1mb, logb, gp);
-        const float cgp = l <= clip ? gp : 0.f;
+        const float cgp = l > clip ? 0.f : gp;
         xs[j] = k * (cgp - ps * gi);
       }
     }

@@ -16,20 +16,25 @@ enum Kind : int { kForward = 0, kReverse = 1, kJSD = 2 };
 void scale_tile(float* z, int64_t rows, int64_t vt, const float* b, float inv_t);
 
 // Online pass over one tile. Per row i: student max ms / sum ss = sum exp(zs - ms) / es = sum exp(zs - ms)(zs - ms)
-// / first argmax is; the same for the teacher (mt, st, it); a = sum exp(zw - mw) * d with (zw, d) = (zt, zt - zs)
-// for forward KL and (zs, zs - zt) for reverse KL (unused for JSD). v0 is the tile's first vocabulary index.
-// When bound is non-null, five per-(row, tile) fields are written at bound[f * pitch + i * ldb]: max_j zw,
-// max_j d, the reference max mw, sum_j exp(zw - mw) d and sum_j exp(zw - mw) (this tile's part of the online sums).
+// / first argmax is; the same for the teacher (mt, st, et, it). For forward / reverse KL also the cross term
+// a = sum exp(zw - mw)(zo - mo), with (w, o) = (teacher, student) for forward KL and (student, teacher) for reverse
+// KL: each side relative to its own running max, so that no term carries the absolute logit level (|z| ~ 1/T,
+// whose fp32 rounding alone exceeds a clip of 0.05 at T = 1e-6). Unused for JSD. v0 is the tile's first vocabulary
+// index. When bound is non-null, six per-(row, tile) fields are written at bound[f * pitch + i * ldb]: max_j zw,
+// max_j u_j, the running maxima mw and mo after this tile, sum_j p_j u_j and sum_j p_j, with
+// p_j = exp(zw_j - mw) and u_j = (zw_j - mw) - (zo_j - mo) (the tile's sum of l, and a bound on each l; linear_kl.cpp).
 void pass1_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int64_t v0, int kind,
-                float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, int64_t* it, float* a,
-                float* bound, int64_t ldb, int64_t pitch);
+                float* ms, float* ss, float* es, int64_t* is, float* mt, float* st, float* et, int64_t* it,
+                float* a, float* bound, int64_t ldb, int64_t pitch);
 
-// Exact pass over one tile once lse_s, lse_t are final. Per row adds: sum_l += sum_j l, sum_gp += sum_j gp,
-// excess += sum_j max(l - clip, 0), gclip += sum_j [l > clip] gp; gp = dl/dlog ps (see _ops.py).
+// Exact pass over one tile once lse_s, lse_t are final. Per row adds: sum_l += sum_j l,
+// sum_clipped += sum_j min(l, clip), sum_gp += sum_j c_j gp_j with c_j = [not (l_j > clip)] (NaN terms are kept
+// and propagate) and gp = dl/dlog ps (see _ops.py).
 void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
-                const float* lse_s, const float* lse_t, float* sum_l, float* sum_gp, float* excess, float* gclip);
+                const float* lse_s, const float* lse_t, float* sum_l, float* sum_clipped, float* sum_gp);
 
-// Logit gradient of one tile, written over zs: dz = grad * (c gp - ps g) * inv_t with c = [l <= clip].
+// Logit gradient of one tile, written over zs: dz = grad * (c gp - ps g) * inv_t with c = [not (l > clip)]; rows
+// with grad == 0 get exactly 0.
 void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
                const float* lse_s, const float* lse_t, const float* grad, const float* g, float inv_t);
 

@@ -6,6 +6,7 @@ import pytest
 from engine_tiny import write_dataset
 
 from atesd.engine.data import DataStream, clean_rows, load_rows
+from atesd.engine.errors import DataError
 
 
 def test_bad_rows_skipped_and_counted(tmp_path):
@@ -46,5 +47,5 @@ def test_stream_resume_exact():
 
 def test_unreachable_hub_dataset_fails_fast_by_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="nobody/no-such-dataset"):
+    with pytest.raises(DataError, match="nobody/no-such-dataset"):
         load_rows("nobody/no-such-dataset")

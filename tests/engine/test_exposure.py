@@ -53,12 +53,14 @@ def test_prompts_roles_and_instruction(tiny_tokenizer):
     ex = make_example(tiny_tokenizer, "What is 14?", SOLUTION, instruction="Go on.")
     teacher = tiny_tokenizer.decode(ex.teacher_prompt(ex.revealed(0.5)))
     student = tiny_tokenizer.decode(ex.student_prompt)
-    assert "What is 14?" in teacher and "Reference solution:" in teacher and "Go on." in teacher
-    assert "Reference" not in student and "What is 14?" in student
-    assert student.endswith("<think>\n\n</think>\n\n")  # thinking off for the student
-    thinking = make_example(tiny_tokenizer, "What is 14?", SOLUTION, teacher_thinking=True)
-    assert not tiny_tokenizer.decode(thinking.teacher_prompt(0)).endswith("</think>\n\n")
-    assert DEFAULT_INSTRUCTION in tiny_tokenizer.decode(thinking.teacher_prompt(0))
+    assert "What is 14?" in teacher and "=== Reference Solution Begin ===" in teacher and "Go on." in teacher
+    assert "Reference" not in student and "What is 14?" in student and "\\boxed{}" in student
+    assert student.endswith("<think>\n\n</think>\n\n")  # OPSD: thinking off for the student
+    assert teacher.endswith("<|im_start|>assistant\n")  # and on for the teacher
+    no_thinking = make_example(tiny_tokenizer, "What is 14?", SOLUTION, teacher_thinking=False)
+    assert tiny_tokenizer.decode(no_thinking.teacher_prompt(0)).endswith("</think>\n\n")
+    # (this character tokenizer has no em dash; tests/engine/test_prompts.py checks the wording byte by byte)
+    assert DEFAULT_INSTRUCTION.split(" \u2014 ")[1] in tiny_tokenizer.decode(no_thinking.teacher_prompt(0))
     with pytest.raises(ValueError, match="alpha"):
         ex.revealed(1.5)
     with pytest.raises(ValueError, match="boxed"):

@@ -4,13 +4,23 @@ import pytest
 import torch
 from engine_tiny import build_model
 
-from atesd.engine.exposure import make_example
+from atesd.engine.exposure import make_example as _make_example
 from atesd.engine.models import add_lora, decoder
 from atesd.engine.packing import Segment, pack
 from atesd.engine.scoring import paths, score_student, score_teacher, student_tree, teacher_tree
+from atesd.engine.task import PromptTemplates
 
 SOLUTIONS = ["1+2=3\n3*4=12\nSo \\boxed{12}", "5-1=4\nthen 4*4=16\nand 16+1=17\nSo \\boxed{17}"]
 PROBLEMS = ["(1+2)*4?", "(5-1)*4+1?"]
+# short prompts (the lab's format): exactness does not depend on the template, and short sequences keep
+# the float32 comparisons of the gradient test well inside their tolerance
+SHORT = PromptTemplates("{problem}", "{problem}\n\nReference solution:\n{reference}\n\n{instruction}",
+                        "Now solve the problem yourself, step by step, ending with the final answer in \\boxed{}.",
+                        teacher_thinking=False)
+
+
+def make_example(tok, problem, solution):
+    return _make_example(tok, problem, solution, templates=SHORT)
 
 
 def _lora_model(vocab: int):
@@ -66,9 +76,9 @@ def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
                 for r in group:
                     exp_t.append(_alone(model, prompt + r)[len(prompt) - 1 : len(prompt) + len(r) - 1])
                     exp_s.append(_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1])
-                root = ex.teacher_head + ex.reasoning_ids[:k]
-                credit = ex.reasoning_ids[k:] + ex.answer_ids
-                exp_c.append(_alone(model, root + credit)[len(root) - 1 : -1])
+                # credit: the whole reference as the reply, in the context the rollouts are scored from
+                credit = ex.reasoning_ids + ex.answer_ids
+                exp_c.append(_alone(model, prompt + credit)[len(prompt) - 1 : -1])
                 exp_tc.append(torch.tensor(credit))
     assert ht.shape == hs.shape == (sum(len(r) for g in rollouts for r in g), model.config.hidden_size)
     torch.testing.assert_close(ht, torch.cat(exp_t), atol=1e-5, rtol=1e-5)
@@ -76,6 +86,10 @@ def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
     torch.testing.assert_close(hc, torch.cat(exp_c), atol=1e-5, rtol=1e-5)
     assert tc.tolist() == torch.cat(exp_tc).tolist()
     assert ts.tolist() == [t for g in rollouts for r in g for t in r]
+    with model.disable_adapter() if not adapter else torch.enable_grad():  # no credit branch: same states
+        ht2, hc2, tc2 = score_teacher(model, examples, ks, rollouts, credit=False)
+    assert hc2 is None and tc2 is None
+    torch.testing.assert_close(ht2, ht, atol=1e-5, rtol=1e-5)
 
 
 def test_student_gradient_matches_separate(tiny_tokenizer):
@@ -103,5 +117,5 @@ def test_paths_unshares_a_tree(tiny_tokenizer):
     tree = teacher_tree(ex, 2, [[9, 9], [8]])
     leaves = [p[0].tokens for p in paths(tree)]
     assert leaves[0] == ex.teacher_prompt(2) + [9, 9] and leaves[1] == ex.teacher_prompt(2) + [8]
-    assert leaves[2] == ex.teacher_head + ex.reasoning_ids + ex.answer_ids
+    assert leaves[2] == ex.teacher_prompt(2) + ex.reasoning_ids + ex.answer_ids  # the credit branch
     assert len(paths(student_tree(ex, [[1], [2], [3]]))) == 3

@@ -24,15 +24,15 @@ def _args(model_dir, out, *extra):
 
 
 def _scripted(monkeypatch, values):
-    """evaluate_lab replaced by one returning ``values`` in call order; returns the list of its calls."""
+    """evaluate_task replaced by one returning ``values`` in call order; returns the list of its calls."""
     it, calls = iter(values), []
 
-    def fake(model, tokenizer, problems, **kw):
-        calls.append({"n": len(problems), **kw})
+    def fake(model, tokenizer, problems, task, **kw):
+        calls.append({"n": len(problems), "task": task.name, **kw})
         acc = next(it)
         return {"accuracy": acc, "per_level": {1: acc}, "n": len(problems), "n_samples": 1, "pass@k": {1: acc}}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_lab", fake)
+    monkeypatch.setattr(evaluate_mod, "evaluate_task", fake)
     return calls
 
 
@@ -49,7 +49,8 @@ def _read(run_dir):
 def test_best_checkpoint_and_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
     calls = _scripted(monkeypatch, SCRIPT)
     full = train(*parse(_args(tiny_model_dir, tmp_path / "full")))
-    assert [c["n"] for c in calls] == [4] * 4 and all(c["temperature"] == 0 for c in calls)
+    assert [c["n"] for c in calls] == [4] * 4 and all(c["temperature"] == 0 for c in calls)  # the lab: greedy
+    assert all(c["task"] == "lab" and c["max_new_tokens"] == 128 and c["n_samples"] == 1 for c in calls)
     m_full, s_full = _read(full)
     lab = s_full["benchmarks"]["lab"]
     assert [(e["step"], e["accuracy"]) for e in lab["history"]] == list(zip((0, 2, 4, 6), SCRIPT))
@@ -95,15 +96,28 @@ def test_math_benchmark_dispatch(tiny_model_dir, tmp_path, monkeypatch):
         "--eval-benchmarks", str(bench), "--eval-limit", "3",
     ]  # fmt: skip
     cfg, _ = parse(args)
-    assert cfg.eval_every == 0 and cfg.eval_max_new_tokens is None
+    assert cfg.eval_every == 0 and cfg.eval_max_new_tokens is None and cfg.task == "math"
     run = train(cfg)
     assert [n for n, _ in seen] == [3, 3]  # before and after; --eval-limit keeps the first 3
-    kw = seen[0][1]
-    assert kw["prompt_suffix"] == evaluate_mod.MATH_SUFFIX and kw["max_new_tokens"] == 32768
-    assert kw["chat_kwargs"] == {"enable_thinking": False}
+    kw = seen[0][1]  # the paper's protocol (OPSD's): thinking on, T=1.0, top-p 0.95, no top-k, 38912, Average@12
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"], kw["n_samples"], kw["thinking"]) == (
+        1.0, 0.95, 0, 38912, 12, True)
+    assert kw["templates"].student.startswith("Problem: {problem}")  # OPSD's student prompt
     with open(os.path.join(run, "eval_summary.json")) as fh:
         best = json.load(fh)["benchmarks"]["mybench"]["best"]
     assert best["step"] == 2 and best["accuracy"] == pytest.approx(0.4)
+
+
+def test_eval_flags_override_the_protocol(tiny_model_dir, tmp_path):
+    from atesd.engine.evaluator import Evaluator
+
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    cfg, _ = parse(["--model", "qwen3-1.7b", "--eval-benchmarks", str(bench), "--eval-temperature", "0",
+                    "--eval-samples", "4", "--no-eval-thinking", "--eval-top-k", "20"])
+    p = Evaluator(cfg, str(tmp_path)).protocol("b")
+    got = (p.temperature, p.n_samples, p.thinking, p.top_k, p.top_p, p.max_new_tokens)
+    assert got == (0.0, 4, False, 20, 0.95, 38912)  # the flags, and the task's protocol for the rest
 
 
 def test_defaults_and_bad_benchmark(tiny_model_dir, tmp_path):

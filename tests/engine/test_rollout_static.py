@@ -1,10 +1,12 @@
 """The static-cache rollout loop (engine/decode.py) against the reference HF loop (engine/rollout.py: sample).
 
 Greedy: token-identical on random Qwen3s (GQA, MQA, attention bias) and the shipped tiny model, with LoRA merged
-or not, rows finishing early (compaction) and any host-check cadence. Sampling: the sampler and the whole loop
-draw from the exact reference distribution (chi-square tests with a fixed budget, each shown to reject a
-deliberately wrong sampler). Also: the model's weights are never written, adapter updates are seen, a failing
-compile falls back (logged) to the same rollouts, and the compiled path's bucketing keeps results unchanged.
+or not, rows finishing early (compaction) and any host-check cadence. Sampling: the same seeds give the same
+rollouts token for token (both loops take the inverse CDF at each row's own uniforms, engine/sampling.py), a row
+samples the same alone as in a batch, and the sampler and the whole loop draw from the exact reference
+distribution (chi-square tests with a fixed budget, each shown to reject a deliberately wrong sampler). Also: the
+model's weights are never written, adapter updates are seen, a failing compile falls back (logged) to the same
+rollouts, and the compiled path's bucketing keeps results unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from atesd.engine import decode
 from atesd.engine.decode import StaticRollout, next_token
 from atesd.engine.models import add_lora
 from atesd.engine.rollout import HFRollout, build_rollout, filter_logits, sample
+from atesd.engine.sampling import inverse_cdf, problem_seeds
 
 
 def lora_model(base, r: int = 8, seed: int = 0, scale: float = 0.3):
@@ -116,15 +119,18 @@ def test_greedy_token_identical_tiny_model():
             prompts, num_samples=2, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id, temperature=0
         )
         assert got == ref
-    # sampled as in training (T=1.1, top-k 20, top-p 0.95): the same rollouts from the same seed
-    kw = dict(num_samples=4, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id)
-    ref = sample(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
-    assert StaticRollout(model).sample(prompts, generator=torch.Generator().manual_seed(3), **kw) == ref
+    # sampled as in training (T=1.1, top-k 20, top-p 0.95, the step's problem seeds): the same rollouts
+    seeds = problem_seeds(0, 3, range(3))
+    kw = dict(num_samples=4, max_new_tokens=64, eos_ids=eos, pad_id=tok.pad_token_id, seeds=seeds)
+    ref = sample(model, prompts, **kw)
+    assert len({tuple(r) for g in ref for r in g}) > 6  # really sampled
+    assert StaticRollout(model).sample(prompts, **kw) == ref
 
 
 def test_sampled_rollouts_token_identical_with_the_same_seed(tiny_tokenizer):
-    """Sampling: the same generator seed gives the reference loop's rollouts token for token (the same Exp(1)
-    draw as its torch.multinomial, on logits equal to ~1e-5), also while rows leave the batch."""
+    """Sampling: the same seeds give the reference loop's rollouts token for token (inverse CDF at the same
+    per-row uniforms, on logits equal to ~1e-5), also while rows leave the batch; without seeds, the same
+    generator seed (one seed per prompt drawn from it on both paths)."""
     model = lora_model(random_qwen3(len(tiny_tokenizer)), scale=0.1)
     prompts = prompts_of(tiny_tokenizer)
     eos = early_eos(model, prompts, 24)
@@ -135,6 +141,30 @@ def test_sampled_rollouts_token_identical_with_the_same_seed(tiny_tokenizer):
         for every in (1, 5):
             engine = StaticRollout(model, merge=merge, check_every=every)
             assert engine.sample(prompts, generator=torch.Generator().manual_seed(7), **kw) == ref, (merge, every)
+    seeds = problem_seeds(5, 2, range(len(prompts)))
+    ref = sample(model, prompts, seeds=seeds, **kw)
+    assert ref != sample(model, prompts, seeds=problem_seeds(5, 3, range(len(prompts))), **kw)
+    assert StaticRollout(model).sample(prompts, seeds=seeds, **kw) == ref
+
+
+@pytest.mark.parametrize("temperature", [1.2, 0.0], ids=["sampled", "greedy"])
+def test_rollouts_invariant_to_batch_composition(tiny_tokenizer, temperature):
+    """A prompt's rollouts with its seed are the same alone, in a batch, and in a batch in another order: rows
+    leave the batch at different steps (compaction) and each keeps its own uniform stream."""
+    model = lora_model(random_qwen3(len(tiny_tokenizer), heads=8, kv_heads=2), scale=0.1)
+    prompts = prompts_of(tiny_tokenizer)
+    eos = early_eos(model, prompts, 20)
+    seeds = problem_seeds(1, 4, range(len(prompts)))
+    kw = dict(num_samples=2, max_new_tokens=20, eos_ids=eos, pad_id=0, temperature=temperature, top_k=15, top_p=0.95)
+    engine = StaticRollout(model, check_every=1)
+    batch = engine.sample(prompts, seeds=seeds, **kw)
+    assert len({len(r) for g in batch for r in g}) > 1
+    for i, p in enumerate(prompts):
+        assert engine.sample([p], seeds=[seeds[i]], **kw)[0] == batch[i], i
+    order = [2, 0, 3, 1]
+    shuffled = engine.sample([prompts[i] for i in order], seeds=[seeds[i] for i in order], **kw)
+    assert shuffled == [batch[i] for i in order]
+    assert sample(model, prompts, seeds=seeds, **kw) == batch  # and the HF loop's
 
 
 def test_max_new_tokens_one_and_generate(tiny_tokenizer):
@@ -201,9 +231,9 @@ class EagerStandIn:
     def __init__(self) -> None:
         self.shapes: list[tuple[int, int]] = []
 
-    def __call__(self, dec, tok, col, start, done, eos, noise, cols, *rest):
+    def __call__(self, dec, tok, col, start, done, eos, u, cols, *rest):
         self.shapes.append((tok.shape[0], cols.shape[0]))
-        return decode.decode_one(dec, tok, col, start, done, eos, noise, cols, *rest)
+        return decode.decode_one(dec, tok, col, start, done, eos, u, cols, *rest)
 
 
 def test_compiled_path_buckets_shapes_without_changing_rollouts(tiny_tokenizer):
@@ -219,7 +249,7 @@ def test_compiled_path_buckets_shapes_without_changing_rollouts(tiny_tokenizer):
     # the full batch (12 rows), then powers of two as rows leave
     assert engine.compiled.shapes[0][0] == 12 and all(r & (r - 1) == 0 for r in rows - {12}) and len(rows) > 1
     assert all(w % 16 == 0 or w == engine.decoder.cache_shape()[1] - 1 for w in windows) and len(windows) > 1
-    # sampled rollouts do not depend on bucketing or the check cadence: every original row draws at every step
+    # sampled rollouts do not depend on bucketing or the check cadence: each row reads its own uniform stream
     kw = dict(num_samples=3, max_new_tokens=30, eos_ids=eos, pad_id=0, temperature=1.3, top_k=10, top_p=0.9)
     a = engine.sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
     b = StaticRollout(model, check_every=1).sample(prompts, generator=torch.Generator().manual_seed(5), **kw)
@@ -242,13 +272,25 @@ def test_compile_failure_falls_back_loudly(tiny_tokenizer, caplog, monkeypatch):
     engine = StaticRollout(model, compile=True)
     with caplog.at_level(logging.WARNING, logger="engine"):
         got = engine.sample(prompts, generator=torch.Generator().manual_seed(3), **kw)
-    assert got == want and engine.compiled is None
+    assert got == want and engine.compiled is None and engine.name.startswith("static")
     assert "torch.compile failed" in caplog.text and "inductor exploded" in caplog.text
 
+    def unavailable(fn, **kw):
+        raise RuntimeError("Dynamo is not supported here")
 
-def test_torch_compile_cpu_greedy_identical(tiny_tokenizer):
+    monkeypatch.setattr(torch, "compile", unavailable)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        engine = StaticRollout(model, compile=True)
+    assert engine.compiled is None and engine.name.startswith("static")
+    assert "torch.compile unavailable" in caplog.text and "Dynamo is not supported here" in caplog.text
+    assert engine.sample(prompts, generator=torch.Generator().manual_seed(3), **kw) == want
+
+
+def test_torch_compile_cpu_identical(tiny_tokenizer):
     """The real torch.compile (inductor, C++ on CPU) on a one-layer model: the same greedy tokens while rows leave
-    the batch and the window grows, from one compiled graph (rows and window are dynamic sizes), no fallback."""
+    the batch and the window grows, from one compiled graph (rows and window are dynamic sizes), no fallback; then
+    the same sampled tokens as the HF loop for the same seeds."""
     from torch._dynamo.utils import counters
 
     model = lora_model(build_model(len(tiny_tokenizer), layers=1, hidden=32))
@@ -260,6 +302,11 @@ def test_torch_compile_cpu_greedy_identical(tiny_tokenizer):
     assert engine.compiled is not None, "compile fell back to eager"
     assert got == greedy(model, prompts, eos, 40, G=3)
     assert counters["stats"]["unique_graphs"] == 1
+    # sampled through the same graph (temperature, top-k, top-p, inverse CDF compiled): the HF loop's tokens
+    kw = dict(num_samples=3, max_new_tokens=40, eos_ids=eos, pad_id=0, temperature=1.2, top_k=15, top_p=0.9)
+    seeds = problem_seeds(2, 1, range(len(prompts)))
+    got = engine.sample(prompts, seeds=seeds, **kw)
+    assert engine.compiled is not None and got == sample(model, prompts, seeds=seeds, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -287,30 +334,35 @@ SETTINGS = [(1.1, 6, 0.9), (0.7, 0, 0.8), (1.5, 3, 1.0), (1.0, 0, 1.0)]
 
 
 def draw_sampler(sampler, logits, temperature, top_k, top_p, n=100_000, seed=0) -> Counter:
-    noise = torch.empty(n, logits.shape[-1]).exponential_(generator=torch.Generator().manual_seed(seed))
-    return Counter(sampler(logits.expand(n, -1), noise, temperature, top_k, top_p).tolist())
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Counter(sampler(logits.expand(n, -1), u, temperature, top_k, top_p).tolist())
 
 
-def wrong_temperature(logits, noise, temperature, top_k, top_p):
-    return next_token(logits, noise, 1.0, top_k, top_p)
+def wrong_temperature(logits, u, temperature, top_k, top_p):
+    return next_token(logits, u, 1.0, top_k, top_p)
 
 
-def wrong_top_p(logits, noise, temperature, top_k, top_p):  # also drops the token that crosses top_p
+def wrong_top_p(logits, u, temperature, top_k, top_p):  # also drops the token that crosses top_p
     probs = filter_logits(logits / temperature, top_k, 1.0).softmax(-1)
     ordered, order = probs.sort(descending=True)
     drop = ordered.cumsum(-1) >= top_p
     drop[:, 0] = False
-    return (probs.masked_fill(drop.scatter(-1, order, drop), 0.0) / noise).argmax(-1)
+    return inverse_cdf(probs.masked_fill(drop.scatter(-1, order, drop), 0.0), u)
 
 
-def test_sampler_is_torch_multinomial_on_device():
-    """next_token with draw_noise's Exp(1) noise draws what torch.multinomial draws from the same generator."""
+def test_sampler_is_the_reference_loops_draw():
+    """next_token is the HF loop's draw (filter, softmax, inverse CDF at u) bit for bit, greedy is the argmax, and
+    a zero-probability token is never drawn, even at u just below 1."""
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
-    probs = filter_logits(logits / 1.1, 20, 0.95).softmax(-1)
-    g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    for _ in range(5):
-        want = torch.multinomial(probs, 1, generator=g).squeeze(-1)
-        assert torch.equal(next_token(logits, decode.draw_noise(64, 50, h, torch.device("cpu")), 1.1, 20, 0.95), want)
+    u = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2**-53
+    want = inverse_cdf(filter_logits(logits / 1.1, 20, 0.95).softmax(-1), u)
+    got = next_token(logits, u, 1.1, 20, 0.95)
+    assert torch.equal(got, want)
+    kept = filter_logits(logits / 1.1, 20, 0.95).isfinite()
+    assert kept.gather(1, got[:, None]).all()
+    assert torch.equal(next_token(logits, None, 1.1, 20, 0.95), logits.argmax(-1))
+    assert torch.equal(next_token(logits, u, 0.0, 20, 0.95), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
@@ -369,9 +421,9 @@ def test_chi_square_pvalue_calibration():
     assert math.isclose(chi_square_pvalue({0: 50, 1: 50}, {0: 0.5, 1: 0.5}, 100), 1.0)
 
 
-def test_gpu_measurement_runs_at_a_tiny_shape_on_cpu():
+def test_gpu_measurement_runs_at_a_tiny_shape_on_cpu(tmp_path):
     """benchmarks/bench_rollout.py: gpu_measurement (old loop vs compiled vs model.generate, issue 16's GPU figure)
-    runs end to end at a tiny shape, so a GPU session only has to call it."""
+    and its command line run end to end at a tiny shape, so a GPU session only has to call them."""
     import importlib.util
     from pathlib import Path
 
@@ -384,3 +436,6 @@ def test_gpu_measurement_runs_at_a_tiny_shape_on_cpu():
     for r in result.values():
         assert r["tokens"] == 2 * 6 and r["tokens_per_s"] > 0  # 2 prompts x 6 new tokens, no EOS
     assert result["compiled"]["name"].startswith("compiled")  # compiled, not fallen back
+    out = tmp_path / "rollout.md"
+    bench.main(["--gpu", "--shape", "smoke", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    assert "| smoke | compiled" in out.read_text()

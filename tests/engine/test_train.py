@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from engine_tiny import write_dataset
 
 import atesd.engine.train as train_mod
@@ -139,7 +140,9 @@ def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
             self.finished = True
 
     policy = Recorder()
-    monkeypatch.setattr(train_mod.controller, "build", lambda spec: policy)
+    policy.uses_credit = True  # the engine computes the teacher-grounded credit only for a policy using it
+    built = {}
+    monkeypatch.setattr(train_mod.controller, "build", lambda spec, **kw: built.update(kw) or policy)
     train(*parse(_args(tiny_model_dir, data, tmp_path / "ctl", "--steps", "4", "--probe-every", "2")))
     assert policy.calls[::2] == ["exposure"] * 4 and policy.finished
     observed = policy.calls[1::2]
@@ -147,3 +150,55 @@ def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
     assert [("probe_nll" in s) for s in observed] == [False, True, False, True]
     assert [s["progress"] for s in observed] == [0.25, 0.5, 0.75, 1.0]
     assert all(s["credit"] < 0 and 0 < s["confidence"] <= 1 and s["mismatch"] >= 0 for s in observed)
+    assert built["seed"] == 0 and built["hold"] == 4 and built["strict"] is False  # seed and settings reach it
+
+
+CONTROLLER_FLAGS = ["--controller-hold", "2", "--controller-lookahead", "3", "--controller-lr", "0.5",
+                    "--controller-lambda-gt", "0.2", "--controller-entropy-coef", "0.02"]
+CONTROLLER_SET = {"hold": 2, "lookahead": 3, "lr": 0.5, "lambda_gt": 0.2, "entropy_coef": 0.02}
+
+
+def test_controller_settings_roundtrip_yaml_flags_config_and_resume(tiny_model_dir, data, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("controller_hold: 5\ncontroller_gamma: 0.8\ncontroller_optimizer: adam\n")
+    cfg, _ = parse(["--config", str(cfg_file), "--controller-hold", "3"])
+    assert cfg.controller_settings()["hold"] == 3 and cfg.controller_settings()["gamma"] == 0.8  # flag > YAML
+    assert cfg.controller_settings()["optimizer"] == "adam"
+
+    def run(out, *extra):
+        args = _args(tiny_model_dir, data, out, "--exposure", "adaptive", "--steps", "10", "--save-every", "5",
+                     "--probe-every", "2", *CONTROLLER_FLAGS, *extra)
+        return train(*parse(args))
+
+    full = run(tmp_path / "full")
+    with open(os.path.join(full, "config.yaml")) as fh:
+        saved = yaml.safe_load(fh)
+    assert {k: saved["controller_" + k] for k in CONTROLLER_SET} == CONTROLLER_SET  # recorded in config.yaml
+    again, _ = parse(["--config", os.path.join(full, "config.yaml")])  # and reusable as a --config
+    assert {k: again.controller_settings()[k] for k in CONTROLLER_SET} == CONTROLLER_SET
+    m_full = _metrics(full)
+    assert m_full[-1]["controller/updates"] >= 2 and all("credit" in m for m in m_full)  # it learns, with credit
+
+    killed = run(tmp_path / "killed", "--stop-after", "5")
+    run(tmp_path / "killed", "--resume")
+    assert _metrics(killed) == m_full  # exact: alphas, rewards, policy updates
+    state = torch.load(os.path.join(killed, "checkpoints", "step-000010", "trainer_state.pt"), weights_only=False)
+    assert {k: state["controller"]["config"][k] for k in CONTROLLER_SET} == CONTROLLER_SET
+    with pytest.raises(ValueError, match="hold"):  # resuming with other settings is refused, by name
+        run(tmp_path / "killed", "--resume", "--controller-hold", "3")
+
+
+@pytest.mark.parametrize("exposure", ["random", "adaptive"])
+def test_seed_seeds_the_exposure_policy(tiny_model_dir, data, tmp_path, exposure):
+    def alphas(seed):
+        cfg, _ = parse(_args(tiny_model_dir, data, tmp_path / f"s{seed}", "--exposure", exposure, "--seed", str(seed)))
+        policy = train_mod.Trainer(cfg, str(tmp_path / f"s{seed}")).policy
+        out = []
+        for t in range(24):
+            out.append(policy.exposure())
+            policy.observe({"loss": 1.0 - 0.01 * t, "mismatch": 0.1, "confidence": 0.5, "credit": -1.0,
+                            "progress": t / 24})
+        return out
+
+    a0, a0_again, a1 = alphas(0), alphas(0), alphas(1)
+    assert a0 == a0_again and a0 != a1

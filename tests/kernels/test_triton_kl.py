@@ -233,8 +233,9 @@ from triton.compiler import ASTSource
 from atesd.kernels import triton_kl as tk
 
 cfg = tk._BWD_CONFIGS[0]
-common = dict(HAS_BS=True, HAS_BT=True, SHARED_W=True, DOT_PREC="tf32", GROUP_N=8, **cfg.kwargs)
+common = dict(HAS_BS=True, HAS_BT=True, SHARED_W=True, DOT_PREC="tf32", DOT_PREC_T="tf32", GROUP_N=8, **cfg.kwargs)
 for kernel, consts in ((tk._stats_kernel, dict(CROSS=0)), (tk._loss_kernel, dict(MODE=2, HAS_CLIP=True)),
+                       (tk._loss_kernel, dict(MODE=0, HAS_CLIP=True, SHARED_W=False)),  # teacher head of its own
                        (tk._bwd_kernel, dict(MODE=2, HAS_CLIP=True, NEED_W=True, NEED_B=True))):
     fn, consts = kernel.fn, dict(common, **consts)
     def kind(a):
@@ -242,10 +243,10 @@ for kernel, consts in ((tk._stats_kernel, dict(CROSS=0)), (tk._loss_kernel, dict
             return "constexpr"
         if a.endswith("_ptr"):
             return "*bf16" if a in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr") else "*fp32"
-        return "i32" if a in ("N", "V", "H", "n_splits", "split_len") else "fp32"
+        return "i32" if a in ("N", "V", "H", "HT", "n_splits", "split_len") else "fp32"
     sig = {a: kind(a) for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in ("N", "V", "H", "split_len")}
+             if sig[a].startswith("*") or a in ("N", "V", "H", "HT", "split_len")}
     triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 print("compiled")

@@ -120,8 +120,10 @@ def test_cli_on_local_jsonl(tiny, tmp_path):
         load_jsonl(str(bad))
 
 
-def test_missing_benchmark_fails_fast_naming_dataset(tmp_path, monkeypatch):
+def test_missing_benchmark_fails_fast_naming_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(SystemExit, match="HuggingFaceH4/aime_2024"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--model", "tiny", "--benchmarks", "aime24", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "HuggingFaceH4/aime_2024" in err and len(err.strip().splitlines()) == 1

@@ -125,6 +125,11 @@ def build(shape: str, device: str, dtype: torch.dtype):
     return model, prompts, eos, pad
 
 
+def _until_eos(seq: list[int], eos_ids) -> list[int]:
+    """A row up to and including its first EOS (what engine.rollout.sample returns; the padding is not counted)."""
+    return seq[: next((i + 1 for i, x in enumerate(seq) if x in eos_ids), len(seq))]
+
+
 class HFStaticCache:
     """The HF model driven over transformers' ``StaticCache`` (eager), sampling as the reference loop.
 
@@ -171,7 +176,7 @@ class HFStaticCache:
             attn[:, width + t] = 1
             out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=nxt, cache=cache)
             logits, nxt = out.logits[:, -1].float(), nxt + 1
-        seqs = torch.stack(tokens, 1).tolist()
+        seqs = [_until_eos(s, eos_ids) for s in torch.stack(tokens, 1).tolist()]
         return [[seqs[b * G + g] for g in range(G)] for b in range(len(prompts))]
 
 
@@ -204,7 +209,7 @@ class Generate:
             eos_token_id=sorted(eos_ids) or None,
             pad_token_id=pad_id,
         )
-        seqs = out[:, width:].tolist()
+        seqs = [_until_eos(s, eos_ids) for s in out[:, width:].tolist()]
         return [[seqs[b * num_samples + g] for g in range(num_samples)] for b in range(len(prompts))]
 
 
@@ -224,8 +229,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_rollout(rollout, prompts, shape: str, eos, pad, device: str, seed: int) -> tuple[float, int]:
-    """(seconds, generated tokens) of one rollout call."""
+def timed_rollout(rollout, prompts, shape: str, eos, pad, device: str, seed: int) -> tuple[float, int, list]:
+    """(seconds, generated tokens, the rollouts) of one rollout call."""
     _, _, _, G, _, new = SHAPES[shape]
     kw = dict(num_samples=G, max_new_tokens=new, eos_ids=eos, pad_id=pad, **SAMPLING)
     seeds = problem_seeds(0, seed, range(len(prompts)))  # as a training step's (run seed 0, step `seed`)
@@ -233,7 +238,7 @@ def timed_rollout(rollout, prompts, shape: str, eos, pad, device: str, seed: int
     t0 = time.perf_counter()
     out = rollout.sample(prompts, seeds=seeds, **kw)
     _sync(device)
-    return time.perf_counter() - t0, sum(len(r) for group in out for r in group)
+    return time.perf_counter() - t0, sum(len(r) for group in out for r in group), out
 
 
 def measure(shape: str, impls, *, device: str, dtype: torch.dtype, rounds: int = 3) -> dict:
@@ -241,11 +246,11 @@ def measure(shape: str, impls, *, device: str, dtype: torch.dtype, rounds: int =
     hits all alike); per implementation: median seconds, tokens/s, first-call seconds (compile + warm-up)."""
     model, prompts, eos, pad = build(shape, device, dtype)
     engines = {impl: engine(impl, model) for impl in impls}
-    first = {impl: timed_rollout(e, prompts, shape, eos, pad, device, 0)[0] for impl, e in engines.items()}
+    first = {impl: timed_rollout(e, prompts, shape, eos, pad, device, 0) for impl, e in engines.items()}
     runs: dict[str, list[tuple[float, int]]] = {impl: [] for impl in impls}
     for r in range(rounds):
         for impl, e in engines.items():
-            runs[impl].append(timed_rollout(e, prompts, shape, eos, pad, device, r + 1))
+            runs[impl].append(timed_rollout(e, prompts, shape, eos, pad, device, r + 1)[:2])
     result = {}
     for impl in impls:
         seconds = sorted(s for s, _ in runs[impl])[len(runs[impl]) // 2]
@@ -254,20 +259,26 @@ def measure(shape: str, impls, *, device: str, dtype: torch.dtype, rounds: int =
             seconds=seconds,
             tokens=tokens,
             tokens_per_s=tokens / seconds,
-            first_call_s=first[impl],
+            first_call_s=first[impl][0],
             name=getattr(engines[impl], "name", impl),
+            # the first call's rollouts equal hf's for the same seeds (fp32: expected; bf16: rounding differs)
+            same_as_hf=first[impl][2] == first["hf"][2] if "hf" in first else None,
         )
     return result
 
 
 def table(shape: str, result: dict, baseline: str = "hf") -> str:
     base = result[baseline]["tokens_per_s"] if baseline in result else None
-    lines = [f"| {shape} | implementation | tokens/s | vs {baseline} | median s | first call s |", "|---" * 6 + "|"]
+    lines = [
+        f"| {shape} | implementation | tokens/s | vs {baseline} | median s | first call s | same tokens as hf |",
+        "|---" * 7 + "|",
+    ]
     for impl, r in result.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        same = {True: "yes", False: "no", None: "-"}[r["same_as_hf"]]
         lines.append(
             f"| {shape} | {impl} ({r['name']}) | {r['tokens_per_s']:.0f} | {ratio} | {r['seconds']:.3f} | "
-            f"{r['first_call_s']:.1f} |"
+            f"{r['first_call_s']:.1f} | {same} |"
         )
     return "\n".join(lines)
 

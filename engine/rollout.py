@@ -154,6 +154,7 @@ def build_rollout(kind: str, model, device: torch.device | str | None = None):
     if kind not in ROLLOUTS:
         raise UsageError(f"--rollout: {kind!r} is not one of {', '.join(ROLLOUTS)}")
     if kind == "hf":
+        log.info("rollout: hf (the eager HF loop)")
         return HFRollout(model)
     reason = unsupported(model)
     if reason:

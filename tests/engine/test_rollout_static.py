@@ -436,6 +436,53 @@ def test_gpu_measurement_runs_at_a_tiny_shape_on_cpu(tmp_path):
     for r in result.values():
         assert r["tokens"] == 2 * 6 and r["tokens_per_s"] > 0  # 2 prompts x 6 new tokens, no EOS
     assert result["compiled"]["name"].startswith("compiled")  # compiled, not fallen back
+    assert result["compiled"]["same_as_hf"]  # fp32: the compiled loop samples the old loop's tokens
     out = tmp_path / "rollout.md"
     bench.main(["--gpu", "--shape", "smoke", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
     assert "| smoke | compiled" in out.read_text()
+
+
+# ------------------------------------------------------------------------------------------- --rollout, end to end
+def test_rollout_flag_validated_recorded_and_changeable_on_resume(tiny_model_dir, tmp_path):
+    """--rollout is a typed config field: a bad value is a one-line error before anything loads, the choice is in
+    config.yaml and run.log, and training with hf or static gives the same run (the same rollouts); --resume
+    restores it and may switch it (a speed setting, not the run's semantics)."""
+    import json
+
+    import yaml
+    from engine_tiny import write_dataset
+
+    from atesd.engine.config import parse, parse_invocation
+    from atesd.engine.errors import UsageError
+    from atesd.engine.train import train
+
+    with pytest.raises(UsageError, match=r"^--rollout: 'vllm' is not one of auto, hf, static, compiled$"):
+        parse(["--rollout", "vllm"])
+    (tmp_path / "bad.yaml").write_text("rollout: fast\n")
+    with pytest.raises(UsageError, match=r"rollout: 'fast' is not one of"):
+        parse(["--config", str(tmp_path / "bad.yaml")])
+    data = write_dataset(tmp_path / "train.jsonl", n=12)
+
+    def args(out, *extra):
+        return [
+            "--model", tiny_model_dir, "--data", data, "--output-dir", str(out), "--steps", "3", "--batch-size",
+            "2", "--num-samples", "2", "--max-new-tokens", "10", "--seed", "5", "--save-every", "2",
+            "--probe-every", "0", "--no-progress", *extra,
+        ]  # fmt: skip
+
+    def metrics(run):
+        with open(run / "metrics.jsonl") as fh:
+            return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "step_time_s")} for x in fh]
+
+    train(*parse(args(tmp_path / "hf", "--rollout", "hf")))
+    static = train(*parse(args(tmp_path / "static", "--stop-after", "2", "--rollout", "static")))
+    assert yaml.safe_load((tmp_path / "static" / "config.yaml").read_text())["rollout"] == "static"
+    assert "rollout: static (merged LoRA)" in (tmp_path / "static" / "run.log").read_text()
+    assert parse_invocation(["--resume", str(static)]).config.rollout == "static"
+    inv = parse_invocation(["--resume", str(static), "--rollout", "hf"])
+    assert inv.config.rollout == "hf" and inv.changed == {"rollout": ("static", "hf")}
+    train(inv.config, inv.resume)
+    assert "rollout: hf (the eager HF loop)" in (tmp_path / "hf" / "run.log").read_text()
+    assert "--rollout changed on --resume: static -> hf" in (tmp_path / "static" / "run.log").read_text()
+    assert metrics(tmp_path / "static") == metrics(tmp_path / "hf")  # same rollouts, losses, alphas, step by step
+    assert sum(m["rollout_tokens"] for m in metrics(tmp_path / "hf")) > 3 * 4

@@ -350,6 +350,27 @@ def wrong_top_p(logits, u, temperature, top_k, top_p):  # also drops the token t
     return inverse_cdf(probs.masked_fill(drop.scatter(-1, order, drop), 0.0), u)
 
 
+@pytest.mark.parametrize("vocab,scale", [(50, 1.0), (320, 3.0), (4096, 0.3)])
+def test_top_k_draw_is_the_reference_filter(vocab, scale):
+    """The top-k fast path draws filter_logits + softmax + inverse_cdf's token on every row: random logits at
+    several temperatures / k / top-p, then ties at the k-th logit (filter_logits keeps every tied token) and a
+    top-p boundary falling inside a tie."""
+    g = torch.Generator().manual_seed(vocab)
+    for k, top_p in ((20, 0.95), (5, 0.8), (40, 1.0), (1, 0.9), (3, 0.3)):
+        logits = torch.randn(1024, vocab, generator=g) * scale
+        u = torch.rand(1024, generator=g, dtype=torch.float64)
+        want = inverse_cdf(filter_logits(logits / 1.1, k, top_p).softmax(-1), u)
+        assert torch.equal(decode.top_k_draw(logits / 1.1, u, k, top_p), want), (k, top_p)
+    tied = torch.full((512, vocab), -5.0)
+    tied[:, [7, 3, 30, 11, 2]] = torch.tensor([4.0, 2.0, 2.0, 2.0, 1.0])  # k=2: tokens 3, 30, 11 tie for second
+    u = torch.linspace(0, 1, 513, dtype=torch.float64)[:-1]
+    for k, top_p in ((2, 1.0), (2, 0.95), (4, 0.5), (3, 0.9)):
+        want = inverse_cdf(filter_logits(tied, k, top_p).softmax(-1), u)
+        got = decode.top_k_draw(tied, u, k, top_p)
+        assert torch.equal(got, want), (k, top_p)
+    assert set(decode.top_k_draw(tied, u, 2, 1.0).tolist()) == {7, 3, 30, 11}
+
+
 def test_sampler_is_the_reference_loops_draw():
     """next_token is the HF loop's draw (filter, softmax, inverse CDF at u) bit for bit, greedy is the argmax, and
     a zero-probability token is never drawn, even at u just below 1."""

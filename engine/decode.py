@@ -414,6 +414,17 @@ def decode_one(
     return nxt, done | torch.isin(nxt, eos)
 
 
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception and of what it wraps (dynamo's BackendCompilerFailed says only which
+    backend raised; the cause is the inner exception)."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        parts.append(f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return " <- ".join(parts)
+
+
 class CompileFailed(RuntimeError):
     """The compiled step failed; the rollout is redone eagerly with the same seeds."""
 
@@ -494,8 +505,8 @@ class StaticRollout:
                 torch.compiler.cudagraph_mark_step_begin()
             nxt, done = self.compiled(self.decoder, *args)
         except Exception as e:  # any compiler or generated-code failure: fall back, loudly
-            first = str(e).splitlines()[0] if str(e) else ""
-            log.warning("rollout: torch.compile failed (%s: %s); decoding eagerly from now on", type(e).__name__, first)
+            log.warning("rollout: torch.compile failed (%s); decoding eagerly from now on", _describe(e))
+            log.debug("rollout: the compile failure", exc_info=True)
             self.compiled = None
             self.name = self.name.replace("compiled", "static")
             raise CompileFailed from e

@@ -20,3 +20,5 @@ if [ -f benchmarks/bench_prefix_sharing.py ]; then
   python3 -m pytest benchmarks/bench_prefix_sharing.py --benchmark -q -s -p no:cacheprovider 2>&1 \
     | tee "$out/bench-prefix.log"
 fi
+# Rollouts (issue 16): Qwen3-1.7B shape, 32 prompts x 1024 new tokens, old loop vs compiled static loop vs generate
+python3 -m benchmarks.bench_rollout --gpu --out "$out/rollout-cuda.md" 2>&1 | tee "$out/bench-rollout.log"

@@ -14,8 +14,8 @@ machine or several fields (device, model path, data file, exposure spec) live in
 
 ``--resume`` continues a run with the run's own ``config.yaml``. A flag (or YAML key) given with it must agree with
 the run, except fields whose ``on_resume`` is ``"change"`` (may change; recorded in run.log: ``--steps`` to extend a
-run, ``--save-every``, ``--device``, ``--report-to``) or ``"invocation"`` (belongs to this invocation, not to the
-run, never written to config.yaml: ``--progress``, ``--stop-after``, ``--output-dir``).
+run, ``--save-every``, ``--device``, ``--rollout``, ``--report-to``) or ``"invocation"`` (belongs to this
+invocation, not to the run, never written to config.yaml: ``--progress``, ``--stop-after``, ``--output-dir``).
 
 TRL / Hugging Face users' spellings are accepted: every flag with its underscores (``--max_new_tokens``) and
 the names in :data:`ALIASES` (``--learning_rate``, ``--max_steps``, ...).
@@ -211,6 +211,14 @@ class Config:
     rollout_temperature: float = _f(1.1, "sampling temperature of the rollouts (0 = greedy)", check=at_least(0))
     top_p: float = _f(0.95, "nucleus sampling threshold", check=in_range(0, 1, lo_open=True))
     top_k: int = _f(20, "top-k sampling (0 = off)", check=at_least(0))
+    rollout: str = _f(
+        "auto",
+        "rollout decoder: auto (compiled static-cache loop on CUDA, eager static-cache loop on CPU) | hf (the eager "
+        "HF loop) | static (static KV cache, LoRA merged) | compiled (static + torch.compile, CUDA graphs on GPU); "
+        "all draw the same tokens for a seed",
+        choices=("auto", "hf", "static", "compiled"),
+        on_resume="change",
+    )
     max_prompt_tokens: int | None = _f(
         None, "skip problems whose student prompt is longer (recipe)", check=at_least(1)
     )
@@ -834,8 +842,9 @@ def restore(
             changed[name] = (old, value)
     if conflicts:
         raise UsageError(
-            f"--resume {run_dir}: {'; '.join(conflicts)}; a resumed run keeps its config.yaml (only --steps, "
-            "--save-every, --device, --report-to may change): start a new run to change the rest"
+            f"--resume {run_dir}: {'; '.join(conflicts)}; a resumed run keeps its config.yaml (only "
+            f"{', '.join(flag(n) for n in FIELDS if _meta(n).get('on_resume') == 'change')} may change): start a new "
+            "run to change the rest"
         )
     cfg = dataclasses.replace(stored)
     for name, value in values.items():

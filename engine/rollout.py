@@ -1,18 +1,31 @@
 """On-policy rollouts: each prompt is prefilled once and its KV cache is shared by its G samples.
 
-Prompts are left-padded into one batch with explicit position ids, prefilled, the cache is repeated G times
-(``batch_repeat_interleave``) and tokens are drawn with temperature / top-k / top-p by inverse-CDF sampling at
-per-row uniforms (``engine/sampling.py``): row (prompt b, sample g) depends only on the weights and ``seeds[b]``,
-whatever else is in the batch, so the ranks of a data-parallel run sample what one process would.
+Two implementations behind one ``sample(prompts, ...)`` contract, chosen by ``--rollout`` (:func:`build_rollout`):
+
+- ``hf``: :func:`sample`, the reference loop. Prompts are left-padded into one batch with explicit position ids,
+  prefilled, the cache is repeated G times (``batch_repeat_interleave``) and every token is one eager HF forward
+  over a DynamicCache, finished rows kept to the end.
+- ``static`` / ``compiled``: ``engine/decode.py``, a static KV cache, finished rows leaving the batch, LoRA merged
+  into fused copies, sampling on device; ``compiled`` puts each decode step through ``torch.compile`` (CUDA graphs
+  on GPU).
+
+Both draw tokens with temperature / top-k / top-p by inverse-CDF sampling at per-row uniforms
+(``engine/sampling.py``): row (prompt b, sample g) depends only on the weights and ``seeds[b]``, whatever else is
+in the batch, so the ranks of a data-parallel run sample what one process would, and the implementations give
+the same rollouts for the same seeds (up to float ties; ``tests/engine/test_rollout_static.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from atesd.engine.sampling import inverse_cdf, row_uniforms
+
+log = logging.getLogger("engine")
+ROLLOUTS = ("auto", "hf", "static", "compiled")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -27,6 +40,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def rollout_seeds(
+    num_prompts: int, seeds: Sequence[int] | None, generator: torch.Generator | None
+) -> Sequence[int]:
+    """One seed per prompt: ``seeds`` as given (``sampling.problem_seeds``), else drawn from ``generator``."""
+    if seeds is None:
+        device = getattr(generator, "device", "cpu")
+        return torch.randint(2**62, (num_prompts,), generator=generator, device=device).tolist()
+    if len(seeds) != num_prompts:
+        raise ValueError(f"one seed per prompt: {num_prompts} prompts, {len(seeds)} seeds")
+    return seeds
 
 
 @torch.no_grad()
@@ -68,9 +93,7 @@ def sample(
     eos = torch.tensor(sorted(eos_ids), device=device)
     done = torch.zeros(B * G, dtype=torch.bool, device=device)
     if temperature > 0:
-        if seeds is None:
-            seeds = torch.randint(2**62, (B,), generator=generator, device=getattr(generator, "device", "cpu")).tolist()
-        uniforms = row_uniforms(seeds, G, max_new_tokens, device)
+        uniforms = row_uniforms(rollout_seeds(B, seeds, generator), G, max_new_tokens, device)
     tokens = []
     for t in range(max_new_tokens):
         scores = filter_logits(logits / temperature, top_k, top_p) if temperature > 0 else logits
@@ -103,3 +126,44 @@ def sample(
             group.append(seq[:cut])
         result.append(group)
     return result
+
+
+class HFRollout:
+    """The reference loop (:func:`sample`) behind the rollout-engine interface."""
+
+    name = "hf"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def sample(self, prompts: list[list[int]], **kw) -> list[list[list[int]]]:
+        return sample(self.model, prompts, **kw)
+
+
+def build_rollout(kind: str, model, device: torch.device | str | None = None):
+    """The rollout engine for ``--rollout kind``, built once per run; ``.sample(prompts, ...)`` as :func:`sample`.
+
+    ``auto`` picks per device (measured, benchmarks/RESULTS.md): on CUDA the compiled static-cache loop
+    (launch-bound decoding is what CUDA graphs remove); on CPU the eager static-cache loop, because inductor's
+    compile time (tens of seconds) outweighs what it saves on a short CPU run. A model the static decoder does not
+    implement (or sharded weights) gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``.
+    """
+    from atesd.engine.decode import StaticRollout, unsupported
+    from atesd.engine.errors import UsageError
+
+    if kind not in ROLLOUTS:
+        raise UsageError(f"--rollout: {kind!r} is not one of {', '.join(ROLLOUTS)}")
+    if kind == "hf":
+        log.info("rollout: hf (the eager HF loop)")
+        return HFRollout(model)
+    reason = unsupported(model)
+    if reason:
+        if kind != "auto":
+            raise UsageError(f"--rollout {kind}: the static decoder does not support this model: {reason}")
+        log.info("rollout: %s; using the HF loop (--rollout hf)", reason)
+        return HFRollout(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    compiled = kind == "compiled" or (kind == "auto" and device.type == "cuda")
+    engine = StaticRollout(model, compile=compiled)
+    log.info("rollout: %s", engine.name)
+    return engine

@@ -35,7 +35,7 @@ from atesd.engine.exposure import Example, make_example
 from atesd.engine.loss import describe_loss_backend, distillation_loss, token_logprobs
 from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
 from atesd.engine.packing import Segment, pack
-from atesd.engine.rollout import sample
+from atesd.engine.rollout import build_rollout
 from atesd.engine.sampling import problem_seeds
 from atesd.engine.scoring import _gather, hidden_states, score_student, score_teacher
 from atesd.engine.task import get_task, resolve_templates
@@ -102,6 +102,7 @@ class Trainer:
         if distributed.rank() > 0:  # LoRA dropout masks: a stream of its own per rank
             torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank())
         self.teacher = Teacher(self.model, cfg.teacher, cfg.ema_decay)
+        self.rollout = build_rollout(cfg.rollout, self.model, self.device)
         self.params = list(adapter_params(self.model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -178,8 +179,7 @@ class Trainer:
         # the draws depend on (seed, step, global problem index, sample, position) only, not on the rank
         model.eval()
         with parallel.gathered():
-            rollouts = sample(
-                model,
+            rollouts = self.rollout.sample(
                 [ex.student_prompt for ex in local],
                 num_samples=cfg.num_samples,
                 max_new_tokens=cfg.max_new_tokens,

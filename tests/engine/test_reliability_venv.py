@@ -45,8 +45,13 @@ def _probe_wheel(directory) -> str:
 
 
 def test_makefile_works_where_a_bare_pip_install_is_refused(tmp_path):
-    import pip
-
+    # where pip lives, asked of a child: importing pip here would switch setuptools' distutils shim off for the rest
+    # of the session (_distutils_hack.spec_for_pip), and a later torch.compile on CPU (inductor imports setuptools)
+    # would fail
+    pip_dir = subprocess.run(
+        [sys.executable, "-c", "import os, pip; print(os.path.dirname(pip.__file__))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     out = subprocess.run(
@@ -60,7 +65,7 @@ def test_makefile_works_where_a_bare_pip_install_is_refused(tmp_path):
     # 1. a bare pip install into it is refused (pip lent from this interpreter, as Debian's python3-pip would be)
     lent = tmp_path / "pip-only"
     lent.mkdir()
-    os.symlink(os.path.dirname(pip.__file__), lent / "pip")
+    os.symlink(pip_dir, lent / "pip")
     bare = subprocess.run(
         [system_python, "-m", "pip", "install", "--no-index", _probe_wheel(tmp_path)],
         capture_output=True, text=True, env={**env, "PYTHONPATH": str(lent)},

@@ -1,0 +1,638 @@
+"""Static-cache Qwen3 decoding: the fast rollout path (DESIGN 4.2b), in the spirit of gpt-fast.
+
+The prompt batch is prefilled once by the Hugging Face model (adapter on, exactly as the reference loop in
+``engine/rollout.py``), its KV is copied G times into a preallocated cache, and every further token is one call of
+:func:`decode_one`: a minimal Qwen3 forward over the HF weights plus on-device sampling. ``torch.compile`` turns
+that call into one graph (CUDA graphs on GPU, ``mode="reduce-overhead"``); the plain eager function is the
+fallback, chosen by a flag or, logged, when compiling fails. The host looks at the ``done`` flags only every
+``check_every`` tokens: then finished rows leave the batch (their cache rows are compacted away), so compute
+follows the live rows.
+
+Why our own decode step rather than the HF model over a ``StaticCache``: the step is a pure function of a few
+tensors we own (cache, per-row first column, one write column), so dropping finished rows is an index on our
+buffers; there is no per-token mask construction, output dataclass or peft dispatch; q and k share one RMSNorm
+and one RoPE call, and the graph compiles without breaks (measured: ``benchmarks/RESULTS.md`` section 10).
+
+LoRA: ``merge=True`` (the default) runs each projection group with one fused copy of the merged weights,
+``[W_q+dW_q; W_k+dW_k; W_v+dW_v]``, ``[W_gate+dW; W_up+dW]``, ``W_o+dW``, ``W_down+dW``, recomputed in place
+before every rollout; ``merge=False`` reads the model's own weights and adds ``scaling * B(A x)`` per adapter. The
+model's parameters are never written, so nothing has to be restored after a rollout.
+
+Sampling is the reference loop's own draw (``engine/sampling.py``), moved inside the step: each original row
+(prompt b, sample g) owns a stream of float64 uniforms ``u[t]`` drawn up front from the prompt's seed, and token t
+is the inverse CDF of the row's filtered distribution (``engine.rollout.filter_logits``: temperature, top-k, top-p)
+at ``u[t]``. The step gets ``u[original row, t]`` for its live rows (an on-device gather: compaction keeps every
+row on its own stream), so there is no host sync, and the same seeds give the reference loop's rollouts token for
+token wherever both compute the same logits (fp32: equal to ~1e-5, so only a ``u`` within that of a CDF step can
+flip a draw).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atesd.engine.models import causal_lm
+from atesd.engine.rollout import filter_logits, rollout_seeds
+from atesd.engine.sampling import inverse_cdf, row_uniforms
+
+log = logging.getLogger("engine")
+
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # position tables that do not depend on the length seen
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+TIE_MARGIN = 64  # top-k candidates taken beyond k, so tokens tied with the k-th logit are kept as filter_logits does
+
+
+def next_token(
+    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """One token per row from fp32 logits [n, V] -> [n] int64, without a host sync.
+
+    ``u is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference loop's draw: the reference filter
+    (divide by the temperature, keep the top-k, then the smallest prefix whose mass reaches top-p), softmax, and
+    the inverse CDF at the rows' uniforms ``u`` [n] float64 in [0, 1) (``sampling.inverse_cdf``): token i is drawn
+    with its filtered probability. With a top-k, only the k (+ ties) candidates are sorted and summed
+    (:func:`top_k_draw`); without one, the whole vocabulary goes through ``filter_logits``.
+    """
+    if u is None or temperature <= 0:
+        return logits.argmax(-1)
+    if 0 < top_k < logits.shape[-1]:
+        return top_k_draw(logits / temperature, u, top_k, top_p)
+    return inverse_cdf(filter_logits(logits / temperature, top_k, top_p).softmax(-1), u)
+
+
+def top_k_draw(scores: torch.Tensor, u: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``inverse_cdf(filter_logits(scores, top_k, top_p).softmax(-1), u)`` over the top-k candidates only.
+
+    The same tokens: filter_logits keeps the tokens >= the k-th score (ties included: ``TIE_MARGIN`` more
+    candidates are taken), then drops those whose preceding mass in descending order reaches top_p; the
+    filtered softmax is zero elsewhere, so its CDF in vocabulary order only steps at the kept candidates, which
+    are put in vocabulary order here. Sums over K values instead of V can round differently in the last bit, so
+    a draw can differ only where ``u`` falls within float rounding of a CDF step. Cost: a top-(k+margin)
+    selection instead of a sort of the vocabulary (which is what makes sampling a third of a step at V=32k).
+    """
+    vals, ids = torch.topk(scores, min(top_k + TIE_MARGIN, scores.shape[-1]), dim=-1)  # descending
+    vals = vals.masked_fill(vals < vals[:, top_k - 1 : top_k], float("-inf"))
+    if top_p < 1.0:
+        probs = vals.softmax(-1)
+        vals = vals.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
+    order = ids.argsort(-1)  # candidates in vocabulary order: the reference CDF's order
+    probs = vals.gather(-1, order).softmax(-1)
+    return ids.gather(-1, order).gather(-1, inverse_cdf(probs, u)[:, None]).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------- weights
+def _lora_parts(module) -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """(base nn.Linear, [(A [r, in], B [out, r], scaling)] of the adapters acting now) of a projection."""
+    if not hasattr(module, "get_base_layer"):  # a plain nn.Linear
+        return module, []
+    base = module.get_base_layer()
+    if module.disable_adapters or module.merged:  # the base weight already is the effective one
+        return base, []
+    parts = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
+            raise ValueError(f"adapter {name!r} is a LoRA variant or has lora_bias (only plain LoRA is supported)")
+        if getattr(module, "fan_in_fan_out", False):
+            raise ValueError("fan_in_fan_out LoRA layers are not supported")
+        parts.append((module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])))
+    return base, parts
+
+
+def merged_weight(module) -> torch.Tensor:
+    """The weight a projection acts with now: base + sum of scaling * B @ A, added in fp32 and rounded once."""
+    base, parts = _lora_parts(module)
+    if not parts:
+        return base.weight.detach()
+    w = base.weight.detach().float()
+    for a, b, s in parts:
+        w = w + (b.detach().float() @ a.detach().float()) * s
+    return w.to(base.weight.dtype)
+
+
+class Projections(nn.Module):
+    """Projections of one input, concatenated: ``x [n, in] -> [n, sum(out)]``.
+
+    ``merge=True``: one fused buffer of the merged weights (and biases), refreshed in place by :meth:`refresh`,
+    so its address stays fixed for CUDA graphs. ``merge=False``: the model's own weights (references) and, per
+    adapter, ``+ scaling * (x A^T) B^T`` computed in the adapter's dtype as peft does.
+    """
+
+    def __init__(self, modules: list, merge: bool) -> None:
+        super().__init__()
+        self.sources = modules  # the model's modules (a plain list: not registered, never moved from here)
+        bases = [_lora_parts(m)[0] for m in modules]
+        self.sizes = [b.out_features for b in bases]
+        if any(b.bias is not None for b in bases) and not all(b.bias is not None for b in bases):
+            raise ValueError("projections of one group must all have a bias or none")
+        self.merge = merge
+        self.adapters: list[list[float]] = []  # per projection, the scalings of its adapters
+        if merge:
+            w0 = bases[0].weight
+            self.register_buffer("weight", w0.new_empty(sum(self.sizes), w0.shape[1]), persistent=False)
+            bias = w0.new_empty(sum(self.sizes)) if bases[0].bias is not None else None
+            self.register_buffer("bias", bias, persistent=False)
+            self.refresh()
+            return
+        for i, m in enumerate(modules):
+            base, loras = _lora_parts(m)
+            self.register_buffer(f"weight{i}", base.weight.detach(), persistent=False)
+            self.register_buffer(f"bias{i}", None if base.bias is None else base.bias.detach(), persistent=False)
+            for j, (a, b, _) in enumerate(loras):
+                self.register_buffer(f"lora_a{i}_{j}", a.detach(), persistent=False)
+                self.register_buffer(f"lora_b{i}_{j}", b.detach(), persistent=False)
+            self.adapters.append([s for _, _, s in loras])
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the fused merged weight in place from the model (a no-op for references)."""
+        if not self.merge:
+            return
+        lo = 0
+        for m, n in zip(self.sources, self.sizes):
+            base = _lora_parts(m)[0]
+            self.weight[lo : lo + n].copy_(merged_weight(m))
+            if self.bias is not None:
+                self.bias[lo : lo + n].copy_(base.bias)
+            lo += n
+
+    def signature(self) -> tuple:
+        """What the model's modules hold now: storage, dtype, adapters, scalings (a change means rebuild)."""
+        sig = []
+        for m in self.sources:
+            base, loras = _lora_parts(m)
+            adapters = tuple((a.data_ptr(), b.data_ptr(), s) for a, b, s in loras)
+            sig.append((base.weight.data_ptr(), base.weight.dtype, base.weight.device, adapters))
+        return tuple(sig)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merge:
+            return F.linear(x, self.weight, self.bias)
+        outs = []
+        for i, scalings in enumerate(self.adapters):
+            y = F.linear(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
+            if scalings:
+                out = y
+                for j, s in enumerate(scalings):
+                    a, b = getattr(self, f"lora_a{i}_{j}"), getattr(self, f"lora_b{i}_{j}")
+                    out = out + F.linear(F.linear(x.to(a.dtype), a), b) * s
+                y = out.to(y.dtype)
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm over the last dim: normalised in fp32, scaled in the input dtype (HF's rounding).
+
+    fp32 takes torch's ``F.rms_norm`` (the same arithmetic, fewer dispatches); ``weight=None`` leaves the scaling to
+    the caller.
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+class Layer(nn.Module):
+    """One Qwen3 decoder layer for one new token per row, over its slice of the static KV cache."""
+
+    def __init__(self, hf_layer, config, merge: bool) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.qkv = Projections([attn.q_proj, attn.k_proj, attn.v_proj], merge)
+        self.o = Projections([attn.o_proj], merge)
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], merge)
+        self.down = Projections([mlp.down_proj], merge)
+        self.register_buffer("input_norm", hf_layer.input_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("post_norm", hf_layer.post_attention_layernorm.weight.detach(), persistent=False)
+        # the model's own modules, held outside nn.Module registration (never moved, cast or traversed from here)
+        self.__dict__["sources"] = (attn.q_norm, attn.k_norm)
+        self.eps = config.rms_norm_eps
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        d = self.head_dim
+        self.register_buffer("qk_norm", attn.q_norm.weight.new_empty(self.heads + self.kv_heads, d), persistent=False)
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+        self.refresh()
+
+    def projections(self) -> list[Projections]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        # q and k share one RMSNorm call: the per-head-dim weights of q_norm and k_norm stacked per head
+        q_norm, k_norm = self.sources
+        self.qk_norm[: self.heads].copy_(q_norm.weight.expand(self.heads, -1))
+        self.qk_norm[self.heads :].copy_(k_norm.weight.expand(self.kv_heads, -1))
+        for p in self.projections():
+            p.refresh()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, col: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [n, H], rope [n, 2, D] (cos; sin with its first half negated), col [1] (the cache column written),
+        mask [n, 1, 1, W] bool (the columns each row attends to) -> [n, H]."""
+        n, h, kv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps)).view(n, h + 2 * kv, d)
+        qk = rms_norm(qkv[:, : h + kv], None, self.eps) * self.qk_norm
+        # RoPE: x cos + rotate_half(x) sin, with rotate_half(x) sin = roll(x, D/2) * [-sin_1, sin_2] (exactly)
+        qk = qk * rope[:, :1] + qk.roll(d // 2, -1) * rope[:, 1:]
+        self.k_cache[:n].index_copy_(2, col, qk[:, h:, None])
+        self.v_cache[:n].index_copy_(2, col, qkv[:, h + kv :, None])
+        window = mask.shape[-1]
+        # GQA without repeat_kv: the query heads of one KV head are that head's "query positions" (HF's pack_gqa)
+        o = F.scaled_dot_product_attention(
+            qk[:, :h].view(n, kv, h // kv, d),
+            self.k_cache[:n, :, :window],
+            self.v_cache[:n, :, :window],
+            attn_mask=mask,
+            scale=self.scaling,
+        )
+        x = x + self.o(o.reshape(n, h * d))
+        gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def unsupported(model) -> str | None:
+    """Why the static decoder cannot run this model (None: it can)."""
+    lm = causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    if getattr(cfg, "model_type", None) != "qwen3":
+        return f"model type {getattr(cfg, 'model_type', type(lm).__name__)!r} (the static decoder implements qwen3)"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return "sliding-window layers"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in ROPE_TYPES:
+        return f"rope type {rope!r} (its position tables depend on the length seen)"
+    try:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in lm.parameters()):
+            return "sharded (FSDP) weights"
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        for layer in lm.get_decoder().layers:
+            a, m = layer.self_attn, layer.mlp
+            for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                _lora_parts(proj)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class Qwen3Decoder(nn.Module):
+    """A one-token-per-row Qwen3 forward over a static KV cache, reading the weights of an HF (peft) Qwen3."""
+
+    def __init__(self, model, merge: bool = True) -> None:
+        super().__init__()
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"the static decoder does not support this model: {reason}")
+        self.merge = merge
+        lm = causal_lm(model)
+        body, cfg = lm.get_decoder(), lm.config
+        self.layers = nn.ModuleList([Layer(layer, cfg, merge) for layer in body.layers])
+        self.register_buffer("embed", body.embed_tokens.weight.detach(), persistent=False)
+        self.register_buffer("norm", body.norm.weight.detach(), persistent=False)
+        self.register_buffer("head", lm.get_output_embeddings().weight.detach(), persistent=False)
+        self.__dict__["rotary"] = body.rotary_emb  # the model's module, unregistered (see Layer)
+        self.register_buffer("rope", None, persistent=False)  # [columns, 2, D]: cos, signed sin
+        self.register_buffer("columns", None, persistent=False)  # arange(columns)
+        self.eps = cfg.rms_norm_eps
+        self._signature = self.signature()
+
+    def signature(self) -> tuple:
+        return tuple(p.signature() for layer in self.layers for p in layer.projections())
+
+    def stale(self) -> bool:
+        """True when the model's weights moved or its adapters changed since this decoder was built."""
+        return self.signature() != self._signature
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Bring merged copies up to date with the adapter (before every rollout)."""
+        for layer in self.layers:
+            layer.refresh()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def cache_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the allocated KV cache ((0, 0) before the first rollout)."""
+        k = self.layers[0].k_cache
+        return (0, 0) if k is None else (k.shape[0], k.shape[2])
+
+    @torch.no_grad()
+    def reserve(self, rows: int, columns: int, multiple: int = 64) -> bool:
+        """Allocate (grow only) the KV cache [rows, kv_heads, columns, head_dim] per layer and the RoPE table;
+        True when the buffers moved (CUDA graphs re-record)."""
+        have_rows, have_cols = self.cache_shape()
+        if rows <= have_rows and columns <= have_cols:
+            return False
+        rows, columns = max(rows, have_rows), max(math.ceil(columns / multiple) * multiple, have_cols)
+        dtype, device = self.embed.dtype, self.device
+        for layer in self.layers:
+            shape = (rows, layer.kv_heads, columns, layer.head_dim)
+            layer.k_cache = layer.v_cache = None  # free the old ones first
+            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.columns = torch.arange(columns, device=device)
+        cos, sin = self.rotary(self.embed[:1], self.columns[None])  # HF's own tables: [1, columns, D]
+        half = cos.shape[-1] // 2
+        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        self.rope = torch.stack([cos[0], sin], dim=1).contiguous()
+        return True
+
+    @torch.no_grad()
+    def load_prefill(self, cache, repeats: int, width: int) -> None:
+        """Copy an HF prefill cache ([B, kv_heads, width, D] per layer) into rows [:B*repeats], each prompt's KV
+        repeated ``repeats`` times (row b*repeats+g holds prompt b)."""
+        for i, layer in enumerate(self.layers):
+            keys, values = _layer_kv(cache, i)
+            b = keys.shape[0]
+            shape = (b, repeats, layer.kv_heads, layer.k_cache.shape[2], layer.head_dim)
+            layer.k_cache[: b * repeats].view(shape)[:, :, :, :width].copy_(keys[:, None])
+            layer.v_cache[: b * repeats].view(shape)[:, :, :, :width].copy_(values[:, None])
+
+    @torch.no_grad()
+    def keep_rows(self, index: torch.Tensor, columns: int) -> None:
+        """Compact the cache: rows ``index`` move to rows [:len(index)]; only the first ``columns`` are live."""
+        n = index.numel()
+        for layer in self.layers:
+            for cache in (layer.k_cache, layer.v_cache):
+                cache[:n, :, :columns] = cache[index, :, :columns]
+
+    def forward(self, tok: torch.Tensor, col: torch.Tensor, start: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] fp32 for tokens tok [n] written at cache column col [1]; row r attends to its columns
+        [start[r], col] (left padding before start) at RoPE position col - start[r]. cols = arange(W), W > col:
+        the attended window (a tensor, so a compiled graph can take its length as a dynamic size)."""
+        n, window = tok.shape[0], cols.shape[0]
+        rope = self.rope[col - start]
+        mask = ((cols >= start[:, None]) & (cols <= col)).view(n, 1, 1, window)
+        x = F.embedding(tok, self.embed)
+        for layer in self.layers:
+            x = layer(x, rope, col, mask)
+        return F.linear(rms_norm(x, self.norm, self.eps), self.head).float()
+
+
+def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's (keys, values) of an HF cache, across transformers versions."""
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]  # pragma: no cover (transformers < 4.56)
+
+
+def decode_one(
+    dec: Qwen3Decoder,
+    tok: torch.Tensor,
+    col: torch.Tensor,
+    start: torch.Tensor,
+    done: torch.Tensor,
+    eos: torch.Tensor,
+    u: torch.Tensor | None,
+    cols: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step, the unit ``torch.compile`` sees: (next tokens [n], done [n]); finished rows emit pad."""
+    nxt = next_token(dec(tok, col, start, cols), u, temperature, top_k, top_p).masked_fill(done, pad_id)
+    return nxt, done | torch.isin(nxt, eos)
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception and of what it wraps (dynamo's BackendCompilerFailed says only which
+    backend raised; the cause is the inner exception)."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        parts.append(f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return " <- ".join(parts)
+
+
+class CompileFailed(RuntimeError):
+    """The compiled step failed; the rollout is redone eagerly with the same seeds."""
+
+
+class StaticRollout:
+    """Rollouts over :class:`Qwen3Decoder`, built once per run (``engine/rollout.py: build_rollout``).
+
+    ``compile``: :func:`decode_one` through ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on
+    CUDA); a failure is logged and the run goes on eagerly. ``check_every``: tokens between host looks at the
+    ``done`` flags (stop when all rows are done, drop finished rows); a look is a device sync, free on CPU.
+    Compiled steps see bucketed shapes (rows: a power of two; attended window: a multiple of ``window_multiple``)
+    so few graphs are built; eager steps use exact shapes.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        compile: bool = False,
+        merge: bool = True,
+        check_every: int | None = None,
+        window_multiple: int | None = None,
+    ) -> None:
+        self.model = model
+        self.decoder = Qwen3Decoder(model, merge=merge)
+        cuda = self.decoder.device.type == "cuda"
+        self.check_every = check_every or (16 if cuda else 1)
+        self.window_multiple = window_multiple or (256 if cuda else 64)
+        self.compiled = None
+        if compile:
+            try:
+                self.compiled = torch.compile(decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
+            except Exception as e:  # torch.compile unavailable here (platform, Python version): eager, loudly
+                log.warning("rollout: torch.compile unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
+        kind = "compiled" if self.compiled is not None else "static"
+        self.name = f"{kind} ({'merged' if merge else 'unmerged'} LoRA)"
+
+    def _sync_weights(self) -> None:
+        if self.decoder.stale():
+            log.info("rollout: the model's weights or adapters changed; rebuilding the static decoder")
+            rows, cols = self.decoder.cache_shape()
+            merge = self.decoder.merge
+            self.decoder = None  # free the old buffers first
+            self.decoder = Qwen3Decoder(self.model, merge=merge)
+            if rows:
+                self._reserve(rows, cols)
+        else:
+            self.decoder.refresh()
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        if self.decoder.reserve(rows, columns) and self.compiled is not None and self.decoder.device.type == "cuda":
+            for t in self.decoder.buffers():  # fixed addresses: CUDA graphs read them in place
+                torch._dynamo.mark_static_address(t)
+
+    def _rows_bucket(self, live: int) -> int:
+        if self.compiled is None:
+            return live
+        # a power of two, but not 1: a dynamic size that becomes 1 is specialised on (one more compile)
+        return max(2, 1 << (live - 1).bit_length())
+
+    def _window(self, needed: int, columns: int) -> int:
+        if self.compiled is None:
+            return needed
+        # below the cache length (needed always is): a slice as long as the cache is a case a compiled graph
+        # specialises on, one more compile
+        return min(columns - 1, math.ceil(needed / self.window_multiple) * self.window_multiple)
+
+    def _step(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled is None:
+            return decode_one(self.decoder, *args)
+        tok, _, start, done, _, u, cols = args[:7]
+        # rows and window as dynamic sizes from the first call: one compile serves every bucket
+        for t in (tok, start, done, u, cols):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        try:
+            if self.decoder.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            nxt, done = self.compiled(self.decoder, *args)
+        except Exception as e:  # any compiler or generated-code failure: fall back, loudly
+            log.warning("rollout: torch.compile failed (%s); decoding eagerly from now on", _describe(e))
+            log.debug("rollout: the compile failure", exc_info=True)
+            self.compiled = None
+            self.name = self.name.replace("compiled", "static")
+            raise CompileFailed from e
+        return nxt.clone(), done.clone()  # CUDA-graph outputs are overwritten by the next replay
+
+    # ---------------------------------------------------------------------------------------------------
+    def sample(
+        self,
+        prompts: list[list[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        pad_id: int,
+        temperature: float = 1.1,
+        top_p: float = 0.95,
+        top_k: int = 20,
+        generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[list[int]]]:
+        """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn
+        (``engine.rollout.sample``'s contract, the same tokens for the same ``seeds``; without them, one seed per
+        prompt is drawn from ``generator`` as there)."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not prompts or num_samples < 1 or any(len(p) == 0 for p in prompts):
+            raise ValueError("rollouts need at least one prompt, none of them empty, and num_samples >= 1")
+        if temperature > 0:
+            seeds = rollout_seeds(len(prompts), seeds, generator)
+        args = (prompts, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, seeds)
+        try:
+            return self._sample(*args)
+        except CompileFailed:
+            return self._sample(*args)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        pad_id: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[int]]:
+        """One completion per prompt (what evaluation asks ``model.generate`` for): [B] token lists, EOS kept."""
+        groups = self.sample(
+            prompts,
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            seeds=seeds,
+        )
+        return [g[0] for g in groups]
+
+    @torch.inference_mode()
+    def _sample(self, prompts, G, max_new, eos_ids, pad_id, temperature, top_p, top_k, seeds):
+        self._sync_weights()
+        model, dec = self.model, self.decoder
+        device = dec.device
+        B, R = len(prompts), len(prompts) * G
+        width = max(map(len, prompts))
+        ids = torch.full((B, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        start = (width - attn.sum(-1)).repeat_interleave(G).to(device)  # each row's first real column
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        # prefill: the HF model itself, adapter on (as the reference loop), once per prompt
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self._reserve(R, width + max_new)
+        dec.load_prefill(out.cache if "cache" in out else out.past_key_values, G, width)
+        logits = out.logits[:, -1].float().repeat_interleave(G, 0)
+        del out
+
+        # every original row's uniforms [R, max_new] float64, drawn up front; step t reads column t of its live rows
+        uniforms = row_uniforms(seeds, G, max_new, device) if temperature > 0 else None
+        eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        rows = None  # the original row of each batch row (None: all rows, in order)
+        col = torch.tensor([width - 1], device=device)  # the column the step's input token is written at
+        tokens = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
+        tok = next_token(logits, None if uniforms is None else uniforms[:, 0], temperature, top_k, top_p)
+        done = torch.isin(tok, eos)
+        tokens[:, 0] = tok
+        columns, n, every = dec.cache_shape()[1], R, self.check_every
+        for t in range(1, max_new):
+            if (t - 1) % every == 0:  # the one host sync per `every` tokens
+                live = (~done).nonzero().squeeze(-1)
+                alive = live.numel()
+                if alive == 0:
+                    break
+                target = self._rows_bucket(alive)
+                if target < n:  # finished rows leave the batch (compiled: finished ones pad it to the bucket)
+                    keep = live
+                    if target > alive:
+                        keep = torch.cat([live, done.nonzero().squeeze(-1)])[:target].sort().values
+                    dec.keep_rows(keep, width + t - 1)
+                    tok, done, start, n = tok[keep], done[keep], start[keep], target
+                    rows = keep if rows is None else rows[keep]
+            col += 1
+            u = None
+            if uniforms is not None:  # each row's own stream, wherever compaction moved it
+                u = uniforms[:, t] if rows is None else uniforms[rows, t]
+            cols = dec.columns[: self._window(width + t, columns)]
+            tok, done = self._step(tok, col, start, done, eos, u, cols, temperature, top_k, top_p, pad_id)
+            if rows is None:
+                tokens[:, t] = tok
+            else:
+                tokens[rows, t] = tok
+        seqs = tokens.cpu().tolist()
+        result: list[list[list[int]]] = []
+        for b in range(B):
+            group = []
+            for g in range(G):
+                seq = seqs[b * G + g]
+                cut = next((i + 1 for i, x in enumerate(seq) if x in eos_ids), len(seq))
+                group.append(seq[:cut])
+            result.append(group)
+        return result

@@ -392,7 +392,7 @@ def test_lora_merge_precision_bf16():
         )
 
 
-def main_job_steps(steps: int = 80, seed: int = 0, kinds=("hf", "static"), out_dir: str | None = None) -> dict:
+def main_job_steps(steps: int | None = None, seed: int = 0, kinds=("hf", "static"), out_dir: str | None = None) -> dict:
     """The main job's training steps (``python -m engine.train`` defaults: tiny model, lab) under each
     ``--rollout`` kind, in one process, steps interleaved (step i of every kind before step i+1 of any, the
     order alternating) so the machine's load hits all alike. Per kind: seconds in ``Trainer.step`` and in its
@@ -406,7 +406,9 @@ def main_job_steps(steps: int = 80, seed: int = 0, kinds=("hf", "static"), out_d
     root = out_dir or tempfile.mkdtemp(prefix="bench-main-job-")
     trainers, clock = {}, {k: {"step_s": 0.0, "rollout_s": 0.0} for k in kinds}
     for kind in kinds:
-        cfg, _ = parse(["--rollout", kind, "--seed", str(seed), "--steps", str(steps), "--eval-problems", "0"])
+        cfg, _ = parse(["--rollout", kind, "--seed", str(seed), "--eval-problems", "0"]
+                       + (["--steps", str(steps)] if steps else []))
+        steps = cfg.steps  # None: the recipe's
         trainer = Trainer(cfg, os.path.join(root, kind))
         inner = trainer.rollout.sample
 
@@ -427,16 +429,18 @@ def main_job_steps(steps: int = 80, seed: int = 0, kinds=("hf", "static"), out_d
     for kind in kinds:
         clock[kind]["final_loss"] = last[kind]["loss"]
         clock[kind]["rollout_tokens"] = last[kind]["rollout_tokens"]
-    return clock
+    return {**clock, "steps": steps}
 
 
 def test_main_job_steps_interleaved():
-    """`python -m engine.train`'s 80 steps, old (hf) vs new (static) rollouts, interleaved in one process."""
+    """`python -m engine.train`'s steps (the tiny recipe's), old (hf) vs new (static) rollouts, interleaved in one
+    process."""
     pytest.importorskip("atesd.engine.lab")
     result = main_job_steps()
     hf, st = result["hf"], result["static"]
     print(
-        f"\n[main job, 80 steps interleaved] hf: steps {hf['step_s']:.1f} s (rollouts {hf['rollout_s']:.1f} s); "
+        f"\n[main job, {result['steps']} steps interleaved] hf: steps {hf['step_s']:.1f} s "
+        f"(rollouts {hf['rollout_s']:.1f} s); "
         f"static: steps {st['step_s']:.1f} s (rollouts {st['rollout_s']:.1f} s); step time ratio "
         f"{st['step_s'] / hf['step_s']:.2f}, rollout ratio {st['rollout_s'] / hf['rollout_s']:.2f}; final loss "
         f"{hf['final_loss']:.6f} / {st['final_loss']:.6f}"

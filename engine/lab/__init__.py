@@ -1,4 +1,4 @@
-"""The embedded default's lab: synthetic arithmetic task, prompts, tokenizer and the shipped tiny Qwen3.
+"""The embedded default's lab: the synthetic bags task, prompts, tokenizer and the shipped tiny Qwen3.
 
 It plugs into the engine as the task named ``lab`` (``engine/lab/recipe.py``), the way a user's task would.
 """

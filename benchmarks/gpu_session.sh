@@ -22,3 +22,5 @@ if [ -f benchmarks/bench_prefix_sharing.py ]; then
 fi
 # Rollouts (issue 16): Qwen3-1.7B shape, 32 prompts x 1024 new tokens, old loop vs compiled static loop vs generate
 python3 -m benchmarks.bench_rollout --gpu --out "$out/rollout-cuda.md" 2>&1 | tee "$out/bench-rollout.log"
+# One engine.train step at the Qwen3-1.7B shape (random weights, 32 prompts x 1024 new tokens), split by phase
+python3 -m benchmarks.bench_train_step --shape 1.7b --out "$out/train-step-cuda.md" 2>&1 | tee "$out/bench-train-step.log"

@@ -1,0 +1,162 @@
+"""One ``engine.train`` step at a Qwen3 shape, its wall time split by phase (the GPU issue, item 4).
+
+    python -m benchmarks.bench_train_step --shape 1.7b --out OUT/train-step-cuda.md    # on a GPU
+    python -m benchmarks.bench_train_step --shape smoke                                # the same code on CPU
+
+A random-weight Qwen3 of the shape (1.7B: hidden 2048, 28 layers, 16/8 heads, V=151936, tied head) is saved with
+the lab's tokenizer and trained by the engine's own ``Trainer`` on lab problems with the OPSD recipe's batch (32
+prompts, 1024 new tokens; a random model almost never samples EOS, so rollouts run to the cap). Step 1 warms up
+(compilation, allocator); step 2 is measured. Phases are timed by wrapping the functions ``Trainer.step`` calls
+(CUDA synchronised around each): rollout, teacher scoring, student scoring (forward), loss (fused op forward),
+optimizer; ``backward + rest`` is the step's remainder (the backward through the student and the bookkeeping).
+Writes a markdown table (device, versions, command) to ``--out`` when given, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+
+SHAPES = {
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, batch=32, new_tokens=1024, micro=4),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=1024, batch=4, new_tokens=16, micro=2),
+}  # fmt: skip
+PHASES = ("rollout", "teacher", "student", "loss", "optimizer")
+
+
+def _save_random_model(shape: str, path: str) -> None:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from atesd.engine.lab import TINY_MODEL_DIR
+
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "new_tokens", "micro")}
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    config = Qwen3Config(**spec, tie_word_embeddings=True, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(shape: str = "smoke", workdir: str | None = None) -> dict:
+    """Per-phase seconds of step 2 (and step 1's total), rollout tokens, tokens/s and peak memory."""
+    import atesd.engine.train as train_mod
+    from atesd.engine.config import parse
+
+    s = SHAPES[shape]
+    root = workdir or tempfile.mkdtemp(prefix="bench-train-step-")
+    model_dir = os.path.join(root, f"qwen3-{shape}-random")
+    _save_random_model(shape, model_dir)
+    cfg, _ = parse(["--model", model_dir, "--data", "lab", "--batch-size", str(s["batch"]),
+                    "--micro-batch", str(s["micro"]), "--max-new-tokens", str(s["new_tokens"]), "--steps", "2",
+                    "--eval-problems", "0", "--exposure", "fixed:0.5", "--save-every", "1000",
+                    "--output-dir", os.path.join(root, "run"), "--no-progress"])  # fmt: skip
+    trainer = train_mod.Trainer(cfg, os.path.join(root, "run"))
+    clock: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            _sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            _sync()
+            clock[name] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    patches = {"teacher": "score_teacher", "student": "score_student", "loss": "distillation_loss"}
+    saved = {attr: getattr(train_mod, attr) for attr in patches.values()}
+    for name, attr in patches.items():
+        setattr(train_mod, attr, timed(name, saved[attr]))
+    trainer.rollout.sample = timed("rollout", trainer.rollout.sample)
+    trainer.optimizer.step = timed("optimizer", trainer.optimizer.step)
+    totals = []
+    try:
+        with warnings.catch_warnings():  # the scheduler warns about a wrapped optimizer.step; it is only timed
+            warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
+            for i in range(2):
+                if i == 1:
+                    clock.clear()
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()
+                _sync()
+                t0 = time.perf_counter()
+                metrics = trainer.step()
+                _sync()
+                totals.append(time.perf_counter() - t0)
+    finally:
+        for attr, fn in saved.items():
+            setattr(train_mod, attr, fn)
+    phases = {p: clock[p] for p in PHASES}
+    phases["backward + rest"] = totals[1] - sum(phases.values())
+    return {
+        "shape": shape,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "step1_s": totals[0],
+        "step2_s": totals[1],
+        "phases_s": phases,
+        "rollout_tokens": metrics["rollout_tokens"],
+        "rollout_tokens_per_s": metrics["rollout_tokens"] / max(clock["rollout"], 1e-9),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "rollout_impl": type(trainer.rollout).__name__,
+    }
+
+
+def render(r: dict, command: str) -> str:
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    lines = [
+        f"### One training step, shape {r['shape']} ({r['device']}, torch {torch.__version__}, triton {triton_v}, "
+        f"{time.strftime('%Y-%m-%d')})\n",
+        f"`{command}`; rollouts by {r['rollout_impl']}; step 1 (warm-up) {r['step1_s']:.2f} s, "
+        f"step 2 {r['step2_s']:.2f} s; {r['rollout_tokens']} rollout tokens, "
+        f"{r['rollout_tokens_per_s']:.0f} rollout tokens/s"
+        + (f"; peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "")
+        + ".\n",
+        "| phase | seconds | share |",
+        "|---|---|---|",
+    ]
+    for name, sec in r["phases_s"].items():
+        lines.append(f"| {name} | {sec:.3f} | {sec / r['step2_s']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smoke")
+    ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    args = ap.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints stay out of the table
+        result = measure(args.shape)
+    md = render(result, "python -m benchmarks.bench_train_step " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(md)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ GREEDY = EvalProtocol(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=128, n
 
 
 def dataset(split: str, size: int, seed: int = 0, levels: Sequence[int] | None = None) -> list[dict]:
-    """``size`` unique problems of the 'train' or 'test' split (disjoint by construction)."""
+    """``size`` unique problems of the 'train', 'val' or 'test' split (disjoint by their numbers)."""
     return lab_dataset(split, size, seed, levels=tuple(levels) if levels else LEVELS)
 
 

@@ -32,18 +32,8 @@ from atesd.engine.decode import StaticRollout
 from atesd.engine.models import add_lora
 from atesd.engine.rollout import HFRollout, filter_logits, rollout_seeds
 from atesd.engine.sampling import inverse_cdf, problem_seeds, row_uniforms
+from benchmarks.shapes import QWEN3_1P7B
 
-QWEN3_1P7B = dict(
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-)
 SHAPES = {
     # name: (model: "tiny" or Qwen3Config kwargs, LoRA rank, prompts B, samples G, prompt tokens, new tokens)
     "tiny": ("tiny", 16, 8, 1, 24, 96),

@@ -25,11 +25,13 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.shapes import QWEN3_1P7B
+
 SHAPES = {
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, batch=32, new_tokens=1024, micro=4),
+    "1.7b": dict(QWEN3_1P7B, batch=32, new_tokens=1024, micro=4),
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=1024, batch=4, new_tokens=16, micro=2),
+                  num_key_value_heads=2, head_dim=16, vocab_size=1024, tie_word_embeddings=True,
+                  batch=4, new_tokens=16, micro=2),
 }  # fmt: skip
 PHASES = ("rollout", "teacher", "student", "loss", "optimizer")
 
@@ -41,7 +43,7 @@ def _save_random_model(shape: str, path: str) -> None:
 
     spec = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "new_tokens", "micro")}
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    config = Qwen3Config(**spec, tie_word_embeddings=True, max_position_embeddings=4096,
+    config = Qwen3Config(**spec, max_position_embeddings=4096,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)

@@ -55,6 +55,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, backends: list
         if rank == 0:
             with open(out_file, "w") as fh:
                 fh.write(" ".join(backends))
+        dist.barrier()  # no rank tears the group down while another still uses it (as engine/distributed.py)
     finally:
         dist.destroy_process_group()
 

@@ -35,6 +35,8 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from atesd.engine import reward_audit
+
 DEFAULT_ALPHAS = "0,0.25,0.5,0.75,1"
 DEFAULT_METHODS = "adaptive,full,random,adaptive-onestep"
 DEFAULT_SEEDS = "0,1,2,3,4"
@@ -167,7 +169,7 @@ def paired(a: dict[str, float | None], b: dict[str, float | None]) -> dict:
 
 STAT_KEYS = (
     "kl_start", "top1_disagree_start", "kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain",
-    "alpha_mean",
+    "alpha_mean", "reward_progress", "accuracy_progress",
 )  # fmt: skip
 START_STEPS = 5
 
@@ -186,6 +188,12 @@ def start_mismatch(run_dir: str, steps: int = START_STEPS) -> dict[str, float | 
         "kl_start": sum(r["kl"] * r["rollout_tokens"] for r in rows) / tokens,
         "top1_disagree_start": 1.0 - sum(r["top1_agree"] * r["rollout_tokens"] for r in rows) / tokens,
     }
+
+
+def run_statistics(run_dir: str) -> dict[str, float | None]:
+    """What the tables need beyond summary.json: the mismatch at the start and the per-decision signals
+    (``engine.reward_audit``: the controller's reward and, with --eval-every K, the accuracy change)."""
+    return {**start_mismatch(run_dir), **reward_audit.run_signals(run_dir)}
 
 
 def _aggregate(summaries: list[dict]) -> dict:
@@ -300,6 +308,8 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
                 "|---|---|---|---|",
             ]
             md += [f"| {row['alpha']:g} | {_paired_cell(row)} |" for row in comp["interior_vs_full"]]
+        if comp.get("reward_alignment"):
+            md += _alignment_table(fixed_rows, comp["reward_alignment"])
         md.append("")
     if method_rows:
         md += [
@@ -328,6 +338,38 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
         "over each run's rollouts.\n"
     )
     return "\n".join(md)
+
+
+def _alignment_table(fixed_rows: list[dict], al: dict) -> list[str]:
+    """Markdown of ``reward_audit.alignment``: does the controller's reward rank the alphas like the gain?"""
+    md = [
+        "\n### Does the controller's reward see what helps? (per decision of K held steps)\n",
+        "Each fixed-alpha run scored as ATESD would score it (`engine/reward_audit.py`): the learning progress P "
+        "of every K-step decision, and, when the runs evaluated every K steps, the held-out accuracy change over "
+        "the decision.\n",
+        "| alpha | gain | controller reward P per decision | accuracy change per decision |",
+        "|---:|---|---|---|",
+    ]
+    for r in fixed_rows:
+        md.append(
+            f"| {r['alpha']:g} | {_fmt(r['gain'], r['gain_ci'], sign=True)} "
+            f"| {_fmt(r['reward_progress'], r['reward_progress_ci'], 4, sign=True)} "
+            f"| {_fmt(r['accuracy_progress'], r['accuracy_progress_ci'], 4, sign=True)} |"
+        )
+    if al.get("best_alpha") is None:
+        return md
+    for key, name in (("progress", "controller reward P"), ("accuracy_progress", "accuracy change")):
+        s = al.get(key) or {}
+        if not s.get("decisions"):
+            continue
+        rho = "-" if s["rho"] is None else f"{s['rho']:+.2f}"
+        sep = "-" if s["separation"] is None else f"{s['separation']:+.2f}"
+        md.append(
+            f"\n{name}: rank correlation with the gain across alphas {rho}; best (alpha={al['best_alpha']:g}) minus "
+            f"worst (alpha={al['worst_alpha']:g}) alpha {sep} per-decision standard deviations "
+            f"({s['decisions']} decisions)."
+        )
+    return md
 
 
 def _errorbar(ax, xs, rows, key, label, **kw) -> None:
@@ -462,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         if os.path.exists(os.path.join(run_dir, "summary.json")):
             with open(os.path.join(run_dir, "summary.json")) as fh:
                 summary = json.load(fh)
-            results[f"{key}/seed{seed}"] = {**summary, **start_mismatch(run_dir), "reused": True}
+            results[f"{key}/seed{seed}"] = {**summary, **run_statistics(run_dir), "reused": True}
             continue
         resume = os.path.isdir(os.path.join(run_dir, "checkpoints")) and any(
             d.startswith("step-") for d in os.listdir(os.path.join(run_dir, "checkpoints"))
@@ -482,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def report(i: int, rid: str, res: dict) -> None:
         if "error" not in res:
-            res.update(start_mismatch(res["run_dir"]))
+            res.update(run_statistics(res["run_dir"]))
         results[rid] = res
         if "error" in res:
             line = f"[{i}/{len(todo)}] {rid}: FAILED: {res['error']}"
@@ -529,10 +571,16 @@ def main(argv: list[str] | None = None) -> dict:
     header = (
         f"`python -m engine.sweep {' '.join(argv)}{' -- ' + ' '.join(extra) if extra else ''}`: seeds "
         f"{','.join(map(str, seeds))}; train flags `{' '.join(common)}`; {len(todo)} runs trained in "
-        f"{wall / 60:.1f} min ({args.jobs} job(s) x {threads} thread(s), {os.cpu_count()} CPU cores); "
+        f"{wall / 60:.1f} min ({args.jobs} job(s) x {threads} thread(s), {os.cpu_count()} CPU cores)"
+        f"{f', {len(plan) - len(todo)} reused from an earlier invocation' if len(plan) > len(todo) else ''}; "
         f"{time.strftime('%Y-%m-%d')}."
     )
     comp = comparisons(fixed_rows, method_rows)
+    if fixed_rows:
+        dirs = {
+            r["alpha"]: [os.path.join(out, run_name(r["exposure"], s)) for s in r["seeds"]] for r in fixed_rows
+        }
+        comp["reward_alignment"] = reward_audit.alignment(dirs, {r["alpha"]: r["gain"] for r in fixed_rows})
     md = tables(fixed_rows, method_rows, header, comp)
     with open(os.path.join(out, "sweep.md"), "w") as fh:
         fh.write(md)

@@ -71,6 +71,10 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     md = (out / "sweep.md").read_text()
     assert "## Fixed exposure" in md and "## Methods" in md and "### Paired comparisons" in md
     assert "### Mismatch grows with alpha" in md
+    # the controller's reward of every fixed run (engine.reward_audit), one decision per 2-step run
+    assert "### Does the controller's reward see what helps?" in md
+    assert rows[0.0]["reward_progress"] == res["runs"]["fixed:0/seed0"]["reward_progress"] is not None
+    assert comp["reward_alignment"]["progress"]["decisions"] == 2
     assert "| full | 1 |" in md and "| adaptive | 1 |" in md and "\n| 0 | 1 |" in md and "\n| 1 | 1 |" in md
 
     # second invocation with one alpha more: only fixed:0.5 trains; finished runs are reused untouched

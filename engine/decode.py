@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -335,6 +336,11 @@ class Qwen3Decoder(nn.Module):
         k = self.layers[0].k_cache
         return (0, 0) if k is None else (k.shape[0], k.shape[2])
 
+    def cache_bytes(self, rows: int, columns: int) -> int:
+        """Bytes of a KV cache of ``rows`` x ``columns`` (keys and values, every layer)."""
+        per_token = sum(2 * layer.kv_heads * layer.head_dim for layer in self.layers) * self.embed.element_size()
+        return per_token * rows * columns
+
     @torch.no_grad()
     def reserve(self, rows: int, columns: int, multiple: int = 64) -> bool:
         """Allocate (grow only) the KV cache [rows, kv_heads, columns, head_dim] per layer and the RoPE table;
@@ -461,6 +467,21 @@ class StaticRollout:
                 log.warning("rollout: torch.compile unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
         kind = "compiled" if self.compiled is not None else "static"
         self.name = f"{kind} ({'merged' if merge else 'unmerged'} LoRA)"
+
+    def fits(self, rows: int, columns: int, share: float = 0.25) -> bool:
+        """Whether a KV cache of ``rows`` x ``columns`` takes at most ``share`` of the memory free now (the cache
+        already held counts as free). Evaluation asks before decoding long completions: the static cache is
+        reserved for the longest possible completion, the HF loop only grows to the ones it meets."""
+        dec = self.decoder
+        need = dec.cache_bytes(rows, columns)
+        if dec.device.type == "cuda":
+            free = torch.cuda.mem_get_info(dec.device)[0]
+        else:
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):  # no such counter (macOS): all physical memory
+                free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return need <= share * (free + dec.cache_bytes(*dec.cache_shape()))
 
     def _sync_weights(self) -> None:
         if self.decoder.stale():

@@ -1,4 +1,5 @@
-"""Evaluation: sample completions with HF ``generate`` in batches, grade, report Average@n and pass@k.
+"""Evaluation: sample completions in batches (static-cache decoder or HF ``generate``), grade, report Average@n
+and pass@k.
 
     python -m engine.evaluate --model Qwen/Qwen3-1.7B [--adapter run/checkpoints/step-000100] \\
         --benchmarks aime24,aime25,hmmt25                # the paper's protocol, Average@12
@@ -35,6 +36,7 @@ from atesd.engine import distributed
 from atesd.engine.config import OneLineParser
 from atesd.engine.errors import DataError, UsageError
 from atesd.engine.grading import average_at_n, mean_pass_at_k
+from atesd.engine.sampling import problem_seeds
 from atesd.engine.task import PAPER_EVAL, PromptTemplates, Task, get_task, is_task, resolve_templates
 
 # name -> (hub dataset ids tried in order, split, problem column, answer column)
@@ -63,9 +65,13 @@ def generate_completions(
     top_k: int = 0,
     batch_size: int = 32,
     seed: int = 0,
+    decoder=None,
 ) -> list[str]:
     """One completion per prompt string (already chat-formatted), left-padded batches of ``batch_size``.
 
+    ``decoder``: a static-cache decoder (``engine.decode.StaticRollout``, what ``--rollout`` built) decodes
+    instead of HF ``generate`` when its cache fits in memory (else HF, logged): greedy completions are the same
+    tokens, faster; sampled rows draw from their own streams, seeded by (``seed``, position in ``prompts``).
     Global torch RNG state is saved and restored, so evaluating inside training does not perturb it.
     """
     if batch_size < 1 or max_new_tokens < 1 or temperature < 0:
@@ -94,14 +100,28 @@ def generate_completions(
     # Length-sorted batches waste less padding; results are put back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    if decoder is not None and prompts:
+        longest = len(tokenizer(prompts[order[-1]], add_special_tokens=False)["input_ids"])
+        if not decoder.fits(min(batch_size, len(prompts)), longest + max_new_tokens):
+            log.info("evaluation: a static KV cache of %d rows x %d tokens would not fit in memory; decoding "
+                     "with HF generate", min(batch_size, len(prompts)), longest + max_new_tokens)
+            decoder = None
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            gen = model.generate(**enc, **gen_kw)
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            if decoder is not None:
+                ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in idx]
+                seqs = decoder.generate(
+                    ids, max_new_tokens=max_new_tokens, eos_ids=set(eos), pad_id=pad_id, temperature=temperature,
+                    top_p=top_p, top_k=top_k, seeds=problem_seeds(seed, 0, idx) if temperature > 0 else None,
+                )  # fmt: skip
+                texts = tokenizer.batch_decode(seqs, skip_special_tokens=True)
+            else:
+                enc = tokenizer(
+                    [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                gen = model.generate(**enc, **gen_kw)
+                texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, t in zip(idx, texts):
                 out[i] = t
     finally:
@@ -131,6 +151,7 @@ def evaluate_problems(
     chat_kwargs: dict | None = None,
     messages_fn: Callable[[dict], list[dict]] | None = None,
     templates: PromptTemplates | None = None,
+    decoder=None,
 ) -> dict:
     """Sample ``n_samples`` completions per problem (dicts with ``problem``, ``answer``, optional ``level``)
     from the student prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
@@ -140,6 +161,7 @@ def evaluate_problems(
     Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
     "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
     ``messages_fn(problem_dict) -> chat messages`` replaces the student prompt (e.g. to score a teacher).
+    ``decoder``: the static-cache decoder to generate with (:func:`generate_completions`; None: HF ``generate``).
 
     Under torchrun every rank must call it with the same problems: rank r generates and grades problems
     r, r+N, r+2N, ... and every rank returns the gathered whole. Greedy results do not depend on N; sampled ones
@@ -178,6 +200,7 @@ def evaluate_problems(
         top_k=top_k,
         batch_size=batch_size,
         seed=seed if world == 1 else seed + 1_000_003 * rank,
+        decoder=decoder,
     )
     gen_s = time.time() - t0
     golds = [str(p["answer"]) for p in mine for _ in range(n)]
@@ -225,6 +248,7 @@ def evaluate_task(
     keep_results: bool = False,
     messages_fn: Callable[[dict], list[dict]] | None = None,
     workers: int = 2,
+    decoder=None,
     **protocol: float | int | bool | None,
 ) -> dict:
     """Accuracy on ``problems`` with a task's student prompt (or ``templates``), verifier (math-verify in
@@ -236,7 +260,7 @@ def evaluate_task(
     proto = task.eval.replace(**protocol)
     kw = dict(n_samples=proto.n_samples, max_new_tokens=proto.max_new_tokens, temperature=proto.temperature,
               top_p=proto.top_p, top_k=proto.top_k, thinking=proto.thinking, batch_size=batch_size, seed=seed,
-              messages_fn=messages_fn, templates=templates or task.templates)
+              messages_fn=messages_fn, templates=templates or task.templates, decoder=decoder)
     if task.verify is not None:
         res = evaluate_problems(model, tokenizer, problems, task.verify, **kw)
     else:
@@ -507,6 +531,9 @@ def _main(argv: list[str]) -> dict:
                     help="enable_thinking of the chat template (default: the task's: on for math)")
     ap.add_argument("--greedy", action="store_true", help="greedy decoding, one sample (T=0)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--decoder", default="auto", choices=("auto", "hf", "static", "compiled"),
+                    help="auto: the static-cache decoder (compiled on CUDA) where the model allows and its cache "
+                         "fits, else HF generate; hf: always HF generate (as --rollout of engine.train)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
     ap.add_argument("--lab-n", type=int, default=200, help="problems of a task's held-out split (lab)")
     ap.add_argument("--seed", type=int, default=0)
@@ -557,6 +584,10 @@ def _main(argv: list[str]) -> dict:
     from atesd.engine import checkpoint as _checkpoint
 
     model, tok = load_model(args.model, args.adapter, args.device, args.dtype)
+    from atesd.engine.rollout import build_rollout
+
+    decoder = build_rollout(args.decoder, model)
+    decoder = decoder if hasattr(decoder, "generate") else None  # the HF loop: model.generate itself
     main_rank = distributed.is_main()
     out = Path(args.out) if args.out else _default_out(args.model, args.adapter)
     out = Path(distributed.broadcast(str(out)))  # one directory: the ranks' clocks may straddle a second
@@ -575,7 +606,7 @@ def _main(argv: list[str]) -> dict:
     for b, (task, probs) in sets.items():
         res = evaluate_task(
             model, tok, probs, task, templates=resolve_templates(task, args.prompts), batch_size=args.batch_size,
-            seed=args.seed, keep_results=True, workers=args.workers, **overrides,
+            seed=args.seed, keep_results=True, workers=args.workers, decoder=decoder, **overrides,
         )
         results = res.pop("results")
         summary["benchmarks"][b] = res

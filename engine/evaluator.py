@@ -29,6 +29,7 @@ class Evaluator:
         self.sets: dict[str, list[dict]] = {}
         self.tasks: dict[str, Task] = {}  # the task whose prompts, verifier and protocol each set uses
         self.history: dict[str, list[dict]] = {}
+        self.decoder = None  # the trainer's static-cache rollout engine, when it has one (decodes evaluations)
         names = [b.strip() for b in (cfg.eval_benchmarks or "").split(",") if b.strip()]
         if cfg.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
@@ -83,7 +84,7 @@ class Evaluator:
         task = self.tasks[name]
         templates = self.templates if task.name == self.cfg.task else task.templates
         res = evaluate.evaluate_task(model, tokenizer, problems, task, templates=templates, seed=self.cfg.seed,
-                                     **vars(self.protocol(name)))
+                                     decoder=self.decoder, **vars(self.protocol(name)))
         res.pop("results", None)
         return res
 

@@ -103,6 +103,8 @@ class Trainer:
             torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank())
         self.teacher = Teacher(self.model, cfg.teacher, cfg.ema_decay)
         self.rollout = build_rollout(cfg.rollout, self.model, self.device)
+        if hasattr(self.rollout, "generate"):  # the static-cache decoder also decodes the evaluations
+            self.evaluator.decoder = self.rollout
         self.params = list(adapter_params(self.model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)

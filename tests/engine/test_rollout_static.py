@@ -178,6 +178,14 @@ def test_max_new_tokens_one_and_generate(tiny_tokenizer):
         engine.sample(prompts, num_samples=1, max_new_tokens=0, eos_ids={1}, pad_id=0)
 
 
+def test_cache_size_and_fits():
+    engine = StaticRollout(random_qwen3(96, layers=3, kv_heads=2))
+    engine.decoder.reserve(3, 128)
+    held = sum(t.nbytes for layer in engine.decoder.layers for t in (layer.k_cache, layer.v_cache))
+    assert engine.decoder.cache_bytes(*engine.decoder.cache_shape()) == held == 3 * 128 * 3 * 2 * 2 * 16 * 4
+    assert engine.fits(4, 256) and not engine.fits(10**6, 10**6)  # evaluation falls back to HF beyond memory
+
+
 # ----------------------------------------------------------------------------------------- weights and adapters
 @pytest.mark.parametrize("merge", [True, False])
 def test_model_weights_untouched_and_adapter_updates_seen(tiny_tokenizer, merge):

@@ -66,6 +66,28 @@ def test_sampling_is_seeded_and_keeps_global_rng(tiny):
     assert a["pass@k"][1] == pytest.approx(a["accuracy"])
 
 
+def test_static_decoder_gives_the_same_greedy_completions(tiny, caplog):
+    from atesd.engine.decode import StaticRollout
+    from atesd.engine.evaluate import evaluate_task
+
+    model, tok = tiny
+    probs = lab_dataset("test", 24, levels=(1, 2))
+    decoder = StaticRollout(model)
+    hf = evaluate_task(model, tok, probs, "lab", keep_results=True, batch_size=16)
+    static = evaluate_task(model, tok, probs, "lab", keep_results=True, batch_size=16, decoder=decoder)
+    assert [r["completions"] for r in static["results"]] == [r["completions"] for r in hf["results"]]
+    # sampled: each completion draws from its own stream, whatever the batch it lands in
+    kw = dict(keep_results=True, decoder=decoder, temperature=1.0, n_samples=2, seed=3)
+    a = evaluate_task(model, tok, probs[:8], "lab", batch_size=5, **kw)
+    b = evaluate_task(model, tok, probs[:8], "lab", batch_size=16, **kw)
+    assert [r["completions"] for r in a["results"]] == [r["completions"] for r in b["results"]]
+    # a cache that would not fit: HF generate, said in the log
+    decoder.fits = lambda rows, columns: False
+    with caplog.at_level("INFO", logger="engine.evaluate"):
+        again = evaluate_task(model, tok, probs, "lab", keep_results=True, batch_size=16, decoder=decoder)
+    assert again["results"] == hf["results"] and "would not fit in memory" in caplog.text
+
+
 def test_evaluate_problems_bookkeeping(tiny):
     model, tok = tiny
     probs = [{"problem": "Bob has 4 eggs. He gets 3. How many now?", "answer": "7"}] * 3

@@ -2,7 +2,8 @@
 
     alpha = policy.exposure()   # float in [0, 1] for the next student step (idempotent until observe)
     policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, progress
-                                # (floats); credit and probe_nll optional (see `uses_credit`)
+                                # (floats); credit, probe_nll, probe_accuracy optional (see `uses_credit`,
+                                # `wants`)
     policy.finish()             # end of training: score/flush whatever is still pending
     policy.state_dict() / policy.load_state_dict(d)
     policy.metrics()            # latest diagnostics for logging
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 REQUIRED_KEYS = ("loss", "mismatch", "confidence", "progress")
-OPTIONAL_KEYS = ("credit", "probe_nll")
+OPTIONAL_KEYS = ("credit", "probe_nll", "probe_accuracy")
 
 
 def check_stats(stats: Mapping[str, Any], keys: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, float]:
@@ -56,6 +57,12 @@ class ExposurePolicy:
 
     def exposure(self) -> float:
         raise NotImplementedError
+
+    def wants(self, key: str) -> bool:
+        """Whether the next observe() needs the optional stat ``key`` measured before this step's update
+        (``probe_accuracy``: the verified accuracy on a fixed probe set, which costs the engine a decode).
+        Asked at the start of every step."""
+        return False
 
     def observe(self, stats: Mapping[str, float]) -> None:
         pass

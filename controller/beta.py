@@ -43,7 +43,7 @@ from torch import nn
 
 from atesd.controller.base import REQUIRED_KEYS, ExposurePolicy, check_stats
 from atesd.controller.baselines import _as_rng_state
-from atesd.controller.reward import RunningStats, decision_reward
+from atesd.controller.reward import RunningStats, accuracy_progress, decision_reward
 
 N_FEATURES = 6
 HISTORY = 256
@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": 0.9,  # decay of the loss / mismatch / probe-NLL EMAs of the state
     "reward_ema": 0.9,  # decay of the running mean / sd of P and C (the baseline): memory ~10 decisions
     "grad_clip": 1.0,  # max grad norm of one policy step
+    "signal": "loss",  # what P measures: "loss", the paper's relative KD-loss decrease (every step), or
+    # "accuracy", the rise of the verified accuracy on a fixed probe set, measured at every decision's first step
     "optimizer": "sgd",  # plain SGD: a step scales with the advantage; Adam's first ~20 steps are close to
     # sign updates, which weigh a barely-above-baseline decision like a clearly good one
 }
@@ -89,6 +91,8 @@ class BetaExposureController(ExposurePolicy):
         reward_ema: decay of the running mean / sd that standardise progress and credit.
         grad_clip: max grad norm of a policy step.
         optimizer: 'sgd' (default) or 'adam'.
+        signal: 'loss' (the paper's progress of the KD loss) or 'accuracy' (progress of the probe accuracy the
+            engine measures when :meth:`wants` asks, at each decision's first step: ``accuracy_progress``).
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
     """
@@ -109,6 +113,7 @@ class BetaExposureController(ExposurePolicy):
         reward_ema: float = DEFAULTS["reward_ema"],
         grad_clip: float = DEFAULTS["grad_clip"],
         optimizer: str = DEFAULTS["optimizer"],
+        signal: str = DEFAULTS["signal"],
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
@@ -125,6 +130,8 @@ class BetaExposureController(ExposurePolicy):
             raise ValueError(f"lambda_gt and entropy_coef must be >= 0, got {lambda_gt}, {entropy_coef}")
         if update_batch < 1:
             raise ValueError(f"update_batch must be >= 1, got {update_batch}")
+        if signal not in ("loss", "accuracy"):
+            raise ValueError(f"signal must be 'loss' or 'accuracy', got {signal!r}")
         if not (0.0 <= ema < 1.0 and 0.0 <= reward_ema < 1.0):
             raise ValueError(f"ema and reward_ema must be in [0, 1), got {ema}, {reward_ema}")
         self.config = dict(
@@ -132,7 +139,7 @@ class BetaExposureController(ExposurePolicy):
             clip=float(clip), lr=float(lr), update_batch=int(update_batch),
             entropy_coef=float(entropy_coef), entropy_cap=float(entropy_cap), hidden=int(hidden),
             ema=float(ema), reward_ema=float(reward_ema), grad_clip=float(grad_clip), optimizer=str(optimizer),
-            one_step=bool(one_step),
+            signal=str(signal), one_step=bool(one_step),
         )
         self.K, self.L = int(hold), int(lookahead)
 
@@ -203,7 +210,7 @@ class BetaExposureController(ExposurePolicy):
         a, b = float(a), float(b)
         alpha = self._rng.betavariate(a, b)
         d = {"t0": self._step, "alpha": alpha, "state": s, "a": a, "b": b, "scale": self._ema["loss"],
-             "losses": [], "starts": [], "credits": [], "valid": True}
+             "losses": [], "starts": [], "credits": [], "points": [], "valid": True}
         self._pending.append(d)
         self._in_window = 0
         self._counts["decisions"] += 1
@@ -215,6 +222,10 @@ class BetaExposureController(ExposurePolicy):
             self._cur = self._decide()
         return self._cur["alpha"]
 
+    def wants(self, key: str) -> bool:
+        starts = self._cur is None or self._in_window == 0  # the next observed step is a decision's first
+        return key == "probe_accuracy" and self.config["signal"] == "accuracy" and starts
+
     # ---- bookkeeping --------------------------------------------------------------------------------
     def observe(self, stats: Mapping[str, float]) -> None:
         """Record one student step. Missing keys / non-numbers raise ValueError (nothing is changed); so
@@ -224,13 +235,16 @@ class BetaExposureController(ExposurePolicy):
         keys = (*REQUIRED_KEYS, "credit") if self.uses_credit else REQUIRED_KEYS
         st = check_stats(stats, keys=keys)
         self.exposure()  # the step ran under the decision in force
-        bad = sorted(k for k in (*keys, "probe_nll") if k in st and not math.isfinite(st[k]))
+        bad = sorted(k for k in (*keys, "probe_nll", "probe_accuracy") if k in st and not math.isfinite(st[k]))
         if bad:
             warnings.warn(f"BetaExposureController: step {self._step} has non-finite stats {bad}; skipped "
                           f"(decisions whose reward needs them are dropped)", RuntimeWarning, stacklevel=2)
         loss, starts = st["loss"], self._in_window == 0
         credit = st["credit"] if self.uses_credit else 0.0
+        acc = st.get("probe_accuracy") if self.config["signal"] == "accuracy" else None
         for d in self._pending:
+            if acc is not None and math.isfinite(acc):  # measured before this step: after len(losses) updates
+                d["points"].append((len(d["losses"]), acc))
             d["losses"].append(loss)
             d["starts"].append(starts)
             held = self._step - d["t0"] < self.K
@@ -270,15 +284,19 @@ class BetaExposureController(ExposurePolicy):
     def _score(self, d: dict[str, Any]) -> None:
         """Reward d against the running statistics of *earlier* decisions (its baseline), then add d to
         them. The first decisions, before a standard deviation exists, only seed the statistics."""
-        if not d["valid"] or len(d["losses"]) < 2:
+        c = self.config
+        accuracy = c["signal"] == "accuracy"
+        # the accuracy signal needs its measurement at t0 and a later one; a non-finite loss still drops d
+        if not d["valid"] or len(d["losses"]) < 2 or (accuracy and len(d.get("points", [])) < 2):
             self._counts["dropped"] += 1
             return
-        c = self.config
         scale = max(d["scale"] if d["scale"] is not None else 1.0, _EPS)
+        horizon = 1 if c["one_step"] else None
+        prog = accuracy_progress(d["points"], gamma=c["gamma"], horizon=horizon) if accuracy else None
         baseline_ready = self._pstats.ready
         r, prog, cred = decision_reward(
             d["losses"], d["credits"], d["starts"], gamma=c["gamma"], scale=scale, clip=c["clip"],
-            lambda_gt=c["lambda_gt"], horizon=1 if c["one_step"] else None,
+            lambda_gt=c["lambda_gt"], horizon=horizon, progress=prog,
             p_stats=(self._pstats.mean, self._pstats.sd), c_stats=(self._cstats.mean, self._cstats.sd),
         )
         if not (self.uses_credit and self._cstats.ready):  # no credit, or no credit baseline yet
@@ -339,7 +357,9 @@ class BetaExposureController(ExposurePolicy):
         })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        diff = {k: (v, state["config"].get(k)) for k, v in self.config.items() if state["config"].get(k) != v}
+        # a setting added since the checkpoint was written had its default then
+        saved = {**DEFAULTS, "one_step": self.config["one_step"], **state["config"]}
+        diff = {k: (v, saved.get(k)) for k, v in self.config.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"controller config differs from the checkpoint (mine, checkpoint): {diff}")
         st = copy.deepcopy(dict(state))

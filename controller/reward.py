@@ -66,6 +66,26 @@ def learning_progress(
     return num / (den * scale) if den > 0 else 0.0
 
 
+def accuracy_progress(points: Sequence[tuple[int, float]], *, gamma: float, horizon: int | None = None) -> float:
+    """P(d) for a signal that should rise and is measured now and then (``signal="accuracy"``): points =
+    [(i, v_i)], offsets i from t0 (the decision's first step) in increasing order, v_i measured on the weights
+    before step t0+i, i.e. after i updates since the decision began. With consecutive points (i', v'), (i, v):
+
+        P = sum gamma^i' (v - v') / sum gamma^i'        over pairs with i <= horizon
+
+    the discounted mean rise between measurements (absolute: an accuracy needs no scale). The signal does not
+    depend on the teacher's alpha, so changes across a decision boundary count. Fewer than two points: 0."""
+    h = math.inf if horizon is None else horizon
+    num = den = 0.0
+    for (i0, v0), (i1, v1) in zip(points, points[1:]):
+        if i1 > h:
+            break
+        w = gamma**i0
+        num += w * (v1 - v0)
+        den += w
+    return num / den if den > 0 else 0.0
+
+
 def decision_reward(
     losses: Sequence[float],
     credits: Sequence[float],
@@ -78,12 +98,16 @@ def decision_reward(
     horizon: int | None = None,
     p_stats: tuple[float, float] = (0.0, 1.0),
     c_stats: tuple[float, float] = (0.0, 1.0),
+    progress: float | None = None,
 ) -> tuple[float, float, float]:
     """(r, P, C) of the module docstring, P and C raw. credits = c over the held window (may be empty when
-    lambda_gt = 0: C = 0). p_stats, c_stats = (mu, sd) of P and C over earlier decisions."""
+    lambda_gt = 0: C = 0). p_stats, c_stats = (mu, sd) of P and C over earlier decisions. ``progress``: a P
+    measured on another signal (:func:`accuracy_progress`); ``losses`` and ``starts`` are then unused."""
     if not all(math.isfinite(x) for x in credits):
         raise ValueError("decision_reward got a non-finite credit; such decisions must be dropped")
-    prog = learning_progress(losses, starts, gamma=gamma, scale=scale, horizon=horizon)
+    if progress is None:
+        progress = learning_progress(losses, starts, gamma=gamma, scale=scale, horizon=horizon)
+    prog = progress
     credit = sum(credits) / len(credits) if credits else 0.0
     (mp, sp), (mc, sc) = p_stats, c_stats
     if sp <= 0 or sc <= 0:

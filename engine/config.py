@@ -205,6 +205,12 @@ class Config:
     controller_grad_clip: float = _f(
         CONTROLLER["grad_clip"], "max grad norm of a policy step", check=greater_than(0)
     )
+    controller_signal: str = _f(
+        CONTROLLER["signal"],
+        "what the reward's progress measures: loss (the paper: KD-loss decrease) or accuracy (rise of the greedy "
+        "verified accuracy on --probe-accuracy-size fixed training problems, decoded at each decision's start)",
+        choices=("loss", "accuracy"),
+    )
     # rollouts
     num_samples: int = _f(1, "rollouts per problem (G)", check=at_least(1))
     max_new_tokens: int | None = _f(None, "rollout length cap (recipe)", check=at_least(1))
@@ -285,6 +291,9 @@ class Config:
     )
     probe_every: int = _f(5, "compute the probe NLL every N steps (0 = never)", check=at_least(0))
     probe_size: int = _f(8, "number of fixed reference solutions in the probe set", check=at_least(0))
+    probe_accuracy_size: int = _f(
+        64, "fixed training problems whose greedy accuracy --controller-signal accuracy measures", check=at_least(1)
+    )
     eval_problems: int | None = _f(
         None, "held-out lab problems for greedy accuracy before/after (0 = skip)", check=at_least(0)
     )

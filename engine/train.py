@@ -114,6 +114,8 @@ class Trainer:
         self.rows, self.examples = rows, {}
         self.stream = DataStream(len(rows), cfg.seed)
         self.probe = self._probe_set()
+        self.accuracy_probe = self._probe_set(cfg.probe_accuracy_size, stream=104729) if cfg.controller_signal == (
+            "accuracy") else []
         self.step_no = 0
 
     # ------------------------------------------------------------------------------------------------- data
@@ -159,12 +161,14 @@ class Trainer:
             "could not fill a batch: nearly every row is skipped (see the skip counts in run.log)"
         )
 
-    def _probe_set(self) -> list[Example]:
-        order = np.random.default_rng([self.cfg.seed, 7919]).permutation(len(self.rows))
+    def _probe_set(self, size: int | None = None, stream: int = 7919) -> list[Example]:
+        """``size`` (default --probe-size) fixed training examples, drawn by the run's seed and ``stream``."""
+        size = self.cfg.probe_size if size is None else size
+        order = np.random.default_rng([self.cfg.seed, stream]).permutation(len(self.rows))
         probe = []
-        for i in order[: 4 * self.cfg.probe_size]:
+        for i in order[: 4 * size]:
             ex = self.example(int(i))
-            if ex is not None and len(probe) < self.cfg.probe_size:
+            if ex is not None and len(probe) < size:
                 probe.append(ex)
         return probe
 
@@ -174,6 +178,12 @@ class Trainer:
         self.step_no += 1
         t0 = time.perf_counter()
         examples = self.next_batch()  # the step's global batch, the same on every rank
+        # 0. what the controller measures before this step's update, when it asks (rank 0 holds the policy)
+        stats_before = {}
+        if distributed.broadcast(self.policy.wants("probe_accuracy") if distributed.is_main() else None):
+            with parallel.gathered():
+                if distributed.is_main():
+                    stats_before["probe_accuracy"] = self.probe_accuracy()
         mine = distributed.shard(len(examples))  # this rank's problems (all of them with one process)
         local = [examples[j] for j in mine]
 
@@ -260,6 +270,7 @@ class Trainer:
             "mismatch": sums["kl"] / n_tokens,
             "confidence": sums["student_max_prob"] / n_tokens,
             "progress": self.step_no / cfg.steps,
+            **stats_before,
         }
         if with_credit:  # the paper's teacher-grounded credit (engine/scoring.py)
             stats["credit"] = _mean(sums["credit"], sums["credit_tokens"])
@@ -301,6 +312,27 @@ class Trainer:
         packed = pack(trees)
         h, tgt = _gather(hidden_states(self.model, packed, self.attention), packed, trees, lambda t: [1])
         return -token_logprobs(h, lm_head_weight(self.model), tgt).mean().item()
+
+    @torch.no_grad()
+    def probe_accuracy(self) -> float:
+        """Greedy accuracy of the student on the accuracy probe (fixed training problems), graded by the task's
+        verifier (math-verify in a worker when the task has none): the ``signal="accuracy"`` controller's input."""
+        model, exs = self.model, self.accuracy_probe
+        model.eval()
+        outs = self.rollout.sample(
+            [ex.student_prompt for ex in exs], num_samples=1, max_new_tokens=self.cfg.max_new_tokens,
+            eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id, temperature=0.0,
+        )  # fmt: skip
+        texts = self.tokenizer.batch_decode([g[0] for g in outs], skip_special_tokens=True)
+        answers = [ex.answer for ex in exs]
+        if self.task.verify is not None:
+            flags = [bool(self.task.verify(t, a)) for t, a in zip(texts, answers)]
+        else:
+            from atesd.engine.grading import MathGrader
+
+            with MathGrader(workers=1) as grader:
+                flags = grader.grade_many(texts, answers)
+        return sum(flags) / len(flags)
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

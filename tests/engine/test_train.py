@@ -202,3 +202,20 @@ def test_seed_seeds_the_exposure_policy(tiny_model_dir, data, tmp_path, exposure
 
     a0, a0_again, a1 = alphas(0), alphas(0), alphas(1)
     assert a0 == a0_again and a0 != a1
+
+
+def test_accuracy_signal_measures_at_decision_starts_and_resumes_exactly(tiny_model_dir, data, tmp_path):
+    def run(out, *extra):
+        args = _args(tiny_model_dir, data, out, "--exposure", "adaptive", "--steps", "8", "--save-every", "4",
+                     "--controller-signal", "accuracy", "--controller-hold", "2", "--controller-lookahead", "3",
+                     "--probe-accuracy-size", "3", "--probe-every", "0", *extra)
+        return train(*parse(args))
+
+    full = _metrics(run(tmp_path / "full"))
+    measured = [m["step"] for m in full if "probe_accuracy" in m]
+    assert measured == [1, 3, 5, 7]  # the first step of every 2-step decision, before its update
+    assert all(m["probe_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) for m in full if "probe_accuracy" in m)
+    assert full[-1]["controller/scored"] >= 2 and full[-1]["controller/updates"] >= 1
+    killed = run(tmp_path / "killed", "--stop-after", "4")
+    run(tmp_path / "killed", "--resume")
+    assert _metrics(killed) == full

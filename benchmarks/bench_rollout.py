@@ -387,7 +387,7 @@ def main_job_steps(steps: int | None = None, seed: int = 0, kinds=("hf", "static
     ``--rollout`` kind, in one process, steps interleaved (step i of every kind before step i+1 of any, the
     order alternating) so the machine's load hits all alike. Per kind: seconds in ``Trainer.step`` and in its
     rollout call, summed over the steps, and the final loss (the kinds sample the same rollouts, so the runs match).
-    The held-out evaluations (``model.generate``, the same code for every kind) are skipped."""
+    The held-out evaluations are skipped (``test_lab_evaluation_decoders`` times them)."""
     import tempfile
 
     from atesd.engine.config import parse
@@ -435,6 +435,39 @@ def test_main_job_steps_interleaved():
         f"{st['step_s'] / hf['step_s']:.2f}, rollout ratio {st['rollout_s'] / hf['rollout_s']:.2f}; final loss "
         f"{hf['final_loss']:.6f} / {st['final_loss']:.6f}"
     )
+
+
+def evaluation_decoders(problems: int = 200, rounds: int = 3) -> dict:
+    """The main job's held-out evaluation (the lab's greedy protocol, the shipped tiny model, ``problems`` test
+    problems) through HF ``generate`` and through the static-cache decoder, rounds interleaved in one process:
+    median seconds per implementation and whether their completions are identical."""
+    from atesd.engine.evaluate import evaluate_task, load_model
+    from atesd.engine.lab import lab_dataset
+
+    model, tok = load_model("tiny")
+    probs = lab_dataset("test", problems, 0, levels=(1, 2))
+    decoders = {"hf": None, "static": StaticRollout(model)}
+    seconds: dict[str, list[float]] = {k: [] for k in decoders}
+    results = {}
+    for r in range(rounds):
+        for name in decoders if r % 2 == 0 else tuple(reversed(decoders)):
+            t0 = time.perf_counter()
+            results[name] = evaluate_task(model, tok, probs, "lab", keep_results=True, decoder=decoders[name])
+            seconds[name].append(time.perf_counter() - t0)
+    same = [a["completions"] for a in results["hf"]["results"]] == [b["completions"] for b in
+                                                                      results["static"]["results"]]
+    return {"median_s": {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}, "same_completions": same,
+            "accuracy": {k: v["accuracy"] for k, v in results.items()}, "problems": problems}
+
+
+def test_lab_evaluation_decoders():
+    """The main job's held-out evaluation: HF generate vs the static-cache decoder (same greedy completions)."""
+    pytest.importorskip("atesd.engine.lab")
+    res = evaluation_decoders()
+    hf, st = res["median_s"]["hf"], res["median_s"]["static"]
+    print(f"\n[lab evaluation, {res['problems']} problems, greedy] hf generate {hf:.2f} s, static {st:.2f} s: "
+          f"{hf / st:.2f}x; same completions: {res['same_completions']}; accuracy {res['accuracy']}")
+    assert res["same_completions"]
 
 
 GPU_COMMAND = "PYTHONPATH=. python3 -m benchmarks.bench_rollout --gpu --out OUT_DIR/rollout-cuda.md"

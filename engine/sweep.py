@@ -9,7 +9,9 @@
    token-weighted mean over the run) and top-1 disagreement (1 - ``top1_agree``) vs alpha, final held-out
    accuracy and gain (after - before) vs alpha; paired over seeds, the change of KL and disagreement between
    consecutive alphas (the paper's monotone mismatch growth) and each interior alpha's accuracy minus that of
-   alpha = 1 (suboptimality of full exposure).
+   alpha = 1 (suboptimality of full exposure); and whether ATESD's reward would rank the alphas like the gain
+   (``engine.reward_audit``: its per-decision learning progress and, with ``-- --eval-every K``, the accuracy
+   change per decision).
 2. methods: every ``--methods`` exposure spec (``controller.build``; ``full`` is OPSD, alpha=1) x ``--seeds``:
    final accuracy and gain, and ATESD (``adaptive``, else the first method) minus each other one and minus the
    best fixed alpha, paired over seeds.

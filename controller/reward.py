@@ -105,9 +105,8 @@ def decision_reward(
     measured on another signal (:func:`accuracy_progress`); ``losses`` and ``starts`` are then unused."""
     if not all(math.isfinite(x) for x in credits):
         raise ValueError("decision_reward got a non-finite credit; such decisions must be dropped")
-    if progress is None:
-        progress = learning_progress(losses, starts, gamma=gamma, scale=scale, horizon=horizon)
-    prog = progress
+    prog = progress if progress is not None else learning_progress(
+        losses, starts, gamma=gamma, scale=scale, horizon=horizon)
     credit = sum(credits) / len(credits) if credits else 0.0
     (mp, sp), (mc, sc) = p_stats, c_stats
     if sp <= 0 or sc <= 0:

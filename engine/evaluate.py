@@ -21,6 +21,7 @@ trainer's periodic evaluation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -204,10 +205,7 @@ def evaluate_problems(
     )
     gen_s = time.time() - t0
     golds = [str(p["answer"]) for p in mine for _ in range(n)]
-    if hasattr(grader, "grade_many"):
-        flags = grader.grade_many(comps, golds)
-    else:
-        flags = [bool(grader(c, g)) for c, g in zip(comps, golds)]
+    flags = grade_all(grader, comps, golds)
     if world > 1:
         comps, flags, gen_s = _gather_strided(comps, flags, gen_s, len(problems), n)
     correct = [flags[i * n : (i + 1) * n] for i in range(len(problems))]
@@ -236,6 +234,26 @@ def evaluate_problems(
     }
 
 
+@contextlib.contextmanager
+def task_grader(task: Task, workers: int = 2):
+    """The task's verifier ``(completion, answer) -> bool``, or, when it has none, math-verify in ``workers``
+    processes (``grading.MathGrader``, shut down on exit)."""
+    if task.verify is not None:
+        yield task.verify
+        return
+    from atesd.engine.grading import MathGrader
+
+    with MathGrader(workers=workers) as grader:
+        yield grader
+
+
+def grade_all(grader, completions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """``grader`` over pairs: its ``grade_many`` when it has one (worker pools), else one call per pair."""
+    if hasattr(grader, "grade_many"):
+        return grader.grade_many(completions, answers)
+    return [bool(grader(c, a)) for c, a in zip(completions, answers)]
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -261,13 +279,8 @@ def evaluate_task(
     kw = dict(n_samples=proto.n_samples, max_new_tokens=proto.max_new_tokens, temperature=proto.temperature,
               top_p=proto.top_p, top_k=proto.top_k, thinking=proto.thinking, batch_size=batch_size, seed=seed,
               messages_fn=messages_fn, templates=templates or task.templates, decoder=decoder)
-    if task.verify is not None:
-        res = evaluate_problems(model, tokenizer, problems, task.verify, **kw)
-    else:
-        from atesd.engine.grading import MathGrader
-
-        with MathGrader(workers=workers) as grader:
-            res = evaluate_problems(model, tokenizer, problems, grader, **kw)
+    with task_grader(task, workers) as grader:
+        res = evaluate_problems(model, tokenizer, problems, grader, **kw)
     if not keep_results:
         res.pop("results")
     res["protocol"] = dict(vars(proto))

@@ -30,6 +30,7 @@ from atesd.engine import checkpoint, distributed
 from atesd.engine.config import Config, diff_run, locate_run, parse_invocation, read_run_config
 from atesd.engine.data import DataStream, clean_rows, load_rows
 from atesd.engine.errors import DataError, RankLost, UsageError
+from atesd.engine.evaluate import grade_all, task_grader
 from atesd.engine.evaluator import Evaluator
 from atesd.engine.exposure import Example, make_example
 from atesd.engine.loss import describe_loss_backend, distillation_loss, token_logprobs
@@ -114,8 +115,8 @@ class Trainer:
         self.rows, self.examples = rows, {}
         self.stream = DataStream(len(rows), cfg.seed)
         self.probe = self._probe_set()
-        self.accuracy_probe = self._probe_set(cfg.probe_accuracy_size, stream=104729) if cfg.controller_signal == (
-            "accuracy") else []
+        accuracy_signal = cfg.controller_signal == "accuracy"
+        self.accuracy_probe = self._probe_set(cfg.probe_accuracy_size, stream=104729) if accuracy_signal else []
         self.step_no = 0
 
     # ------------------------------------------------------------------------------------------------- data
@@ -324,14 +325,8 @@ class Trainer:
             eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id, temperature=0.0,
         )  # fmt: skip
         texts = self.tokenizer.batch_decode([g[0] for g in outs], skip_special_tokens=True)
-        answers = [ex.answer for ex in exs]
-        if self.task.verify is not None:
-            flags = [bool(self.task.verify(t, a)) for t, a in zip(texts, answers)]
-        else:
-            from atesd.engine.grading import MathGrader
-
-            with MathGrader(workers=1) as grader:
-                flags = grader.grade_many(texts, answers)
+        with task_grader(self.task, workers=1) as grader:
+            flags = grade_all(grader, texts, [ex.answer for ex in exs])
         return sum(flags) / len(flags)
 
     # ------------------------------------------------------------------------------------------- checkpoint

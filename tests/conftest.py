@@ -43,3 +43,19 @@ def _checkout_stays_clean():
     if before is not None and after is not None:
         new = sorted(after - before)
         assert not new, f"the tests left {len(new)} file(s) in the checkout: {', '.join(new[:8])}"
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """The genuine Qwen3 tokenizer (tests/qwen3_real.py)."""
+    from qwen3_real import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory) -> str:
+    """A random-weight Qwen3 of the real vocabulary (151936, width 64, 2 layers) with the genuine tokenizer."""
+    from qwen3_real import build_model_dir
+
+    return build_model_dir(str(tmp_path_factory.mktemp("qwen3-real")))

@@ -51,6 +51,9 @@ RECIPE_FIELDS = (
     "max_reference_tokens",
     "steps",
     "eval_problems",
+    "lr_schedule",
+    "save_every",
+    "eval_every",
 )
 
 # TRL / transformers.TrainingArguments names that mean exactly what an option here means
@@ -249,7 +252,12 @@ class Config:
     lr: float | None = _f(None, "AdamW learning rate (recipe: 5e-6 for Qwen3, 1e-3 for tiny)", check=greater_than(0))
     weight_decay: float = _f(0.0, "AdamW weight decay", check=at_least(0))
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps", check=at_least(0))
-    lr_schedule: str = _f("constant", "after warm-up: constant or cosine", choices=("constant", "cosine"))
+    lr_schedule: str | None = _f(
+        None,
+        "after warm-up: constant, linear (to 0 at the last step; the HF Trainer's default, OPSD's) or cosine "
+        "(recipe: linear for Qwen3, constant for tiny)",
+        choices=("constant", "linear", "cosine"),
+    )
     max_grad_norm: float = _f(0.1, "gradient-norm clip", check=greater_than(0))
     lora_r: int | None = _f(None, "LoRA rank (recipe: 64)", check=at_least(1))
     lora_alpha: int | None = _f(None, "LoRA alpha (recipe: 128)", check=at_least(1))
@@ -281,7 +289,10 @@ class Config:
     output_dir: str | None = _f(
         None, "run directory (default runs/<model>-<time>)", path=True, on_resume="invocation"
     )
-    save_every: int = _f(10, "checkpoint every N steps (and at the end)", check=at_least(1), on_resume="change")
+    save_every: int | None = _f(
+        None, "checkpoint every N steps and at the end (recipe: 25 for Qwen3, the paper's rule; 10 for tiny)",
+        check=at_least(1), on_resume="change",
+    )
     report_to: str = _f(
         "tensorboard",
         "where metrics go besides metrics.jsonl: tensorboard, wandb (needs the wandb package), a comma list of "
@@ -297,16 +308,19 @@ class Config:
     eval_problems: int | None = _f(
         None, "held-out lab problems for greedy accuracy before/after (0 = skip)", check=at_least(0)
     )
-    eval_every: int = _f(
-        0,
-        "also evaluate every N steps, checkpointing each evaluated step (0 = only before and after training)",
+    eval_every: int | None = _f(
+        None,
+        "also evaluate every N steps, checkpointing each evaluated step (0 = only before and after training; "
+        "recipe: 25 for Qwen3, the paper's rule, whose best checkpoint never counts step 0, the base model; 0 for "
+        "tiny)",
         check=at_least(0),
     )
     eval_benchmarks: str | None = _f(
         None,
         "comma list evaluated before training, every --eval-every steps and at the end: lab (held-out lab "
         "split, --eval-problems problems), aime24, aime25, hmmt25 or a local .jsonl with problem/answer; "
-        "'' = none (default: lab when --data lab and --eval-problems > 0, else none)",
+        "'' = none (recipe: aime24,aime25,hmmt25 for the Qwen3 presets, their hub ids and directories named like "
+        "them; otherwise lab when --data lab and --eval-problems > 0, else none)",
         sep=",",
     )
     eval_max_new_tokens: int | None = _f(
@@ -367,6 +381,8 @@ class Config:
             from atesd.engine.task import is_task
 
             self.task = self.data if is_task(self.data) else "math"
+        if self.eval_benchmarks is None:
+            self.eval_benchmarks = recipe.eval_benchmarks
         if self.eval_benchmarks is None:
             self.eval_benchmarks = "lab" if self.data == "lab" and self.eval_problems else ""
         return self

@@ -8,7 +8,7 @@ and pass@k.
     python -m engine.evaluate --model tiny --benchmarks lab  # the lab's protocol: greedy
     python -m engine.evaluate --model <dir> --data local.jsonl        # rows with problem + answer
 
-Defaults come from the task (``engine.task``): math benchmarks use the ``math`` task, i.e. OPSD's student
+Defaults come from the task (``engine.task``): math benchmarks use the ``math`` task, i.e. OPSD's evaluation
 prompt and the paper's protocol (OPSD's): thinking on, T=1.0, top-p 0.95, no top-k, 38912 new tokens,
 n=12, Average@12; a task that generates its own problems (``--benchmarks lab``) uses its own (the lab:
 greedy, 128 tokens). Every flag overrides its part of the protocol; ``--greedy`` is T=0 with one sample.
@@ -155,13 +155,14 @@ def evaluate_problems(
     decoder=None,
 ) -> dict:
     """Sample ``n_samples`` completions per problem (dicts with ``problem``, ``answer``, optional ``level``)
-    from the student prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
-    Defaults: the paper's protocol and OPSD's student prompt (``templates``: default the math task's).
+    from the evaluation prompt, grade them with ``grader(completion, answer)`` (or ``grader.grade_many``).
+    Defaults: the paper's protocol and OPSD's evaluation prompt (``templates.evaluation``, else the student's;
+    default: the math task's).
     ``thinking`` is the chat template's ``enable_thinking`` (None: not passed); ``chat_kwargs`` adds more.
 
     Returns ``{"accuracy": Average@n, "pass@k": {k: ..}, "per_level": {level: Average@n}, "n": #problems,
     "n_samples", "results": [per-problem dicts]}``. Greedy (``temperature == 0``) uses one sample.
-    ``messages_fn(problem_dict) -> chat messages`` replaces the student prompt (e.g. to score a teacher).
+    ``messages_fn(problem_dict) -> chat messages`` replaces the evaluation prompt (e.g. to score a teacher).
     ``decoder``: the static-cache decoder to generate with (:func:`generate_completions`; None: HF ``generate``).
 
     Under torchrun every rank must call it with the same problems: rank r generates and grades problems
@@ -182,7 +183,7 @@ def evaluate_problems(
     mine = [problems[i] for i in range(rank, len(problems), world)]  # all of them with one process
     prompts = [
         tokenizer.apply_chat_template(
-            messages_fn(p) if messages_fn else templates.student_messages(p["problem"] + prompt_suffix),
+            messages_fn(p) if messages_fn else templates.evaluation_messages(p["problem"] + prompt_suffix),
             tokenize=False,
             add_generation_prompt=True,
             **chat_kwargs,
@@ -269,7 +270,7 @@ def evaluate_task(
     decoder=None,
     **protocol: float | int | bool | None,
 ) -> dict:
-    """Accuracy on ``problems`` with a task's student prompt (or ``templates``), verifier (math-verify in
+    """Accuracy on ``problems`` with a task's evaluation prompt (or ``templates``), verifier (math-verify in
     ``workers`` processes when it has none) and evaluation protocol; ``protocol`` keys of
     :class:`engine.task.EvalProtocol` (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``,
     ``n_samples``, ``thinking``) override it (None: keep). Returns :func:`evaluate_problems`' dict

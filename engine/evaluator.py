@@ -123,16 +123,26 @@ class Evaluator:
         self.write()
         return out
 
-    def best(self, name: str) -> dict:
-        """Highest accuracy in the history (the earliest step on ties)."""
-        e = max(self.history[name], key=lambda e: (e["accuracy"], -e["step"]))
+    def best(self, name: str) -> dict | None:
+        """The trained checkpoint with the highest accuracy (the earliest step on ties), the paper's rule: step 0
+        is the base model, reported as the base row (:meth:`base`), never chosen. None before any trained step."""
+        trained = [e for e in self.history.get(name, []) if e["step"] > 0]
+        if not trained:
+            return None
+        e = max(trained, key=lambda e: (e["accuracy"], -e["step"]))
         return {"step": e["step"], "accuracy": e["accuracy"], "checkpoint": e["checkpoint"]}
+
+    def base(self, name: str) -> dict | None:
+        """The base model's evaluation (step 0), or None when it was not evaluated."""
+        e = next((e for e in self.history.get(name, []) if e["step"] == 0), None)
+        return None if e is None else {"step": 0, "accuracy": e["accuracy"], "checkpoint": None}
 
     def summary(self) -> dict:
         return {
             "eval_every": self.cfg.eval_every,
             "benchmarks": {
-                name: {"best": self.best(name), "history": sorted(hist, key=lambda e: e["step"])}
+                name: {"base": self.base(name), "best": self.best(name),
+                       "history": sorted(hist, key=lambda e: e["step"])}
                 for name, hist in self.history.items()
                 if hist
             },

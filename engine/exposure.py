@@ -3,25 +3,35 @@
 A reference solution splits into reasoning (every line before the one holding the last ``\\boxed{}``) and
 the answer block (that line onward). For exposure ``alpha`` in [0, 1] the teacher sees
 
-    tokens mode:  the first floor(alpha * m) of the m reasoning tokens
+    tokens mode:  the first floor(alpha * m) of the m tokens of the reasoning
     lines  mode:  the first floor(alpha * L) of the L reasoning lines
 
 followed by the answer block, which is always kept, inside the teacher template's ``{reference}`` slot
 (OPSD's: between begin/end markers, then the transition instruction). alpha = 1 is OPSD's full-reference
-teacher, alpha = 0 shows the answer only. The prompts come from the task's templates
-(``engine.task.PromptTemplates``). Everything is built from token ids, so the teacher sequence is the exact
-concatenation [head ; revealed reasoning ; answer ; tail] that the prefix-sharing tree uses.
+teacher, alpha = 0 shows the answer only.
+
+**Prompts are text first** (DESIGN 4.2d). The cut is made on the reasoning's own tokens (``tokenizer(reasoning)``)
+or lines, turned back into text (the characters those tokens cover; a cut inside a line is closed with a newline
+so the answer line stands on its own line, as in the full reference), placed in the template, rendered by the
+chat template, and the whole text is tokenized once: the ids the model sees are exactly
+``tokenizer(rendered_text, add_special_tokens=False)`` (the chat template writes every special token itself;
+for Qwen3 this equals ``tokenizer(rendered_text)``). Piecewise ids would differ: BPE merges across newlines and
+punctuation (Qwen's ``.\\n\\n`` is one token). A reply teacher-forced after a prompt (the credit branch, the
+probe NLL) is the continuation of the whole text ``prompt + reply``, so it too is what the tokenizer produces.
+``python -m engine.prompts`` prints the texts and ids of both roles.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atesd.engine.task import OPSD_TEMPLATES, PromptTemplates
 
 DEFAULT_INSTRUCTION = OPSD_TEMPLATES.instruction
-_PLACEHOLDER = "\u2063EXPOSED-REFERENCE\u2063"
+log = logging.getLogger("engine")
 
 
 def last_boxed(text: str) -> str | None:
@@ -57,40 +67,87 @@ def render(tokenizer, messages: list[dict], thinking: bool) -> str:
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    """The ids of ``text`` tokenized whole (the chat template already wrote the special tokens)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def continuation(tokenizer, prompt_text: str, prompt_ids: list[int], reply: str) -> list[int]:
+    """Ids of ``reply`` as the tokenizer reads it after ``prompt_text``: the tail of the whole text's ids. When
+    the two merge across the boundary (the prompt's ids are not a prefix), the reply is tokenized alone."""
+    whole = encode(tokenizer, prompt_text + reply)
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids):]
+    log.debug("reply merges with its prompt at the boundary; tokenized alone")
+    return encode(tokenizer, reply)
+
+
+def char_ends(tokenizer, text: str, ids: list[int]) -> list[int]:
+    """End offset in ``text`` (characters) of each token of ``ids = encode(tokenizer, text)``: from the fast
+    tokenizer's offsets, else from decoded prefixes (slow tokenizers; quadratic, short texts only)."""
+    if not ids:
+        return []
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [end for _, end in enc["offset_mapping"]]
+    else:
+        ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    # byte-level pieces of one character share its offsets; keep the ends monotone and within the text
+    out, top = [], 0
+    for end in ends:
+        top = min(max(top, end), len(text))
+        out.append(top)
+    return out
 
 
 @dataclass
 class Example:
-    """One problem, tokenized once: student prompt, teacher head/tail and the reference split for exposure."""
+    """One problem: the student prompt (text and ids), the reference split for exposure, and the texts and ids the
+    teacher sees at any cut. A *cut* is the number of reasoning characters revealed (``cut(alpha, mode)``)."""
 
     problem: str
     answer: str
-    student_prompt: list[int]
-    teacher_head: list[int]  # chat prefix + the teacher template up to {reference}
-    teacher_tail: list[int]  # the template after {reference} (markers, instruction) + the assistant turn
-    reasoning: list[list[int]]  # reasoning token ids, one list per line
-    answer_ids: list[int]  # the answer block, always revealed
+    templates: PromptTemplates
+    tokenizer: object = field(repr=False)
+    reasoning: str  # the reasoning text, every line before the answer block
+    answer_block: str  # from the last boxed line on, always revealed
+    student_text: str  # the rendered student prompt
+    student_prompt: list[int]  # encode(student_text)
+    reasoning_ids: list[int]  # encode(reasoning): the unit of the tokens mode
+    token_ends: list[int]  # character end of each reasoning token
+    line_ends: list[int]  # character end of each reasoning line
+    student_reply_ids: list[int] = field(default_factory=list)  # the whole reference as the student's reply
+    teacher_reply_ids: list[int] = field(default_factory=list)  # ... and as the teacher's (the credit branch)
 
-    @property
-    def reasoning_ids(self) -> list[int]:
-        return [t for line in self.reasoning for t in line]
-
-    def revealed(self, alpha: float, mode: str = "tokens") -> int:
-        """Number of reasoning tokens the teacher sees at exposure ``alpha``."""
+    def cut(self, alpha: float, mode: str = "tokens") -> int:
+        """Reasoning characters revealed at exposure ``alpha``: the end of token floor(alpha*m) or of line
+        floor(alpha*L)."""
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"exposure alpha must be in [0, 1], got {alpha!r}")
-        if mode == "tokens":
-            # the epsilon guards against alpha*m landing a hair under an integer (e.g. 0.7 * 10)
-            return math.floor(alpha * sum(map(len, self.reasoning)) + 1e-9)
-        if mode == "lines":
-            n = math.floor(alpha * len(self.reasoning) + 1e-9)
-            return sum(len(line) for line in self.reasoning[:n])
-        raise ValueError(f"exposure mode must be 'tokens' or 'lines', got {mode!r}")
+        ends = {"tokens": self.token_ends, "lines": self.line_ends}.get(mode)
+        if ends is None:
+            raise ValueError(f"exposure mode must be 'tokens' or 'lines', got {mode!r}")
+        n = math.floor(alpha * len(ends) + 1e-9)  # the epsilon guards alpha*m a hair under an integer (0.7 * 10)
+        return ends[n - 1] if n else 0
 
-    def teacher_prompt(self, k: int) -> list[int]:
-        """Teacher prompt ids with k reasoning tokens revealed (the tree's root + answer segments)."""
-        return self.teacher_head + self.reasoning_ids[:k] + self.answer_ids + self.teacher_tail
+    def revealed_tokens(self, cut: int) -> int:
+        """Reasoning tokens wholly inside the first ``cut`` characters."""
+        return bisect.bisect_right(self.token_ends, cut)
+
+    def exposed_reference(self, cut: int) -> str:
+        """The reference the teacher sees: the revealed reasoning, then the answer block on a line of its own."""
+        shown = self.reasoning[:cut]
+        if shown and not shown.endswith("\n"):
+            shown += "\n"
+        return shown + self.answer_block
+
+    def teacher_text(self, cut: int) -> str:
+        """The teacher's rendered chat prompt with ``cut`` reasoning characters revealed."""
+        messages = self.templates.teacher_messages(self.problem, self.exposed_reference(cut))
+        return render(self.tokenizer, messages, thinking=self.templates.teacher_thinking)
+
+    def teacher_prompt(self, cut: int) -> list[int]:
+        """``encode(teacher_text(cut))``: the root of the teacher's prefix-sharing tree."""
+        return encode(self.tokenizer, self.teacher_text(cut))
 
 
 def make_example(
@@ -103,25 +160,31 @@ def make_example(
     instruction: str | None = None,
     teacher_thinking: bool | None = None,
 ) -> Example:
-    """Tokenize one row with the task's templates (default: OPSD's); ``instruction`` and
+    """Render and tokenize one row with the task's templates (default: OPSD's); ``instruction`` and
     ``teacher_thinking`` override the templates' own. Raises ValueError when the solution has no boxed
     answer."""
     templates = templates.replace(instruction=instruction, teacher_thinking=teacher_thinking)
     lines, answer_block = split_reference(solution)
+    reasoning = "".join(lines)
     answer = answer if answer is not None else last_boxed(solution)
-    student = render(tokenizer, templates.student_messages(problem), thinking=templates.student_thinking)
-    teacher = render(
-        tokenizer, templates.teacher_messages(problem, _PLACEHOLDER), thinking=templates.teacher_thinking
-    )
-    if teacher.count(_PLACEHOLDER) != 1:
-        raise ValueError("the teacher prompt template must contain the exposed reference exactly once")
-    head, tail = teacher.split(_PLACEHOLDER)
-    return Example(
+    student_text = render(tokenizer, templates.student_messages(problem), thinking=templates.student_thinking)
+    student_prompt = encode(tokenizer, student_text)
+    reasoning_ids = encode(tokenizer, reasoning)
+    line_ends = [sum(map(len, lines[: i + 1])) for i in range(len(lines))]
+    ex = Example(
         problem=problem,
         answer=str(answer),
-        student_prompt=encode(tokenizer, student),
-        teacher_head=encode(tokenizer, head),
-        teacher_tail=encode(tokenizer, tail),
-        reasoning=[encode(tokenizer, line) for line in lines],
-        answer_ids=encode(tokenizer, answer_block),
+        templates=templates,
+        tokenizer=tokenizer,
+        reasoning=reasoning,
+        answer_block=answer_block,
+        student_text=student_text,
+        student_prompt=student_prompt,
+        reasoning_ids=reasoning_ids,
+        token_ends=char_ends(tokenizer, reasoning, reasoning_ids),
+        line_ends=line_ends,
     )
+    full = ex.teacher_text(len(reasoning))  # its end (the assistant turn) is the same at every cut
+    ex.student_reply_ids = continuation(tokenizer, student_text, student_prompt, solution)
+    ex.teacher_reply_ids = continuation(tokenizer, full, encode(tokenizer, full), solution)
+    return ex

@@ -34,7 +34,14 @@ class Recipe:
     max_reference_tokens: int = 8192
     steps: int = 100
     eval_problems: int = 0
+    lr_schedule: str = "linear"  # OPSD: the HF Trainer's default linear decay over --max_steps 100
+    # the paper's checkpoint rule: save and evaluate every 25 steps (25/50/75/100), report the best checkpoint
+    save_every: int = 25
+    eval_every: int = 25
+    eval_benchmarks: str | None = None  # None: the engine's rule (lab when --data lab, else none)
 
+
+PAPER_BENCHMARKS = "aime24,aime25,hmmt25"  # the paper's Table 1, with the paper's protocol (the math task's)
 
 # OPSD's recipe for Qwen3 (forward KL, T=1.1, clip 0.05; 0.06 for 8B; LoRA r=64/alpha=128, lr 5e-6).
 # The embedded tiny model is ~1000x smaller and trains for a few dozen steps on 2 CPU cores: LoRA updates of
@@ -45,9 +52,9 @@ class Recipe:
 # "put mass here" are clipped (no gradient) and the student drifts away from the teacher (measured: KL 0.14 ->
 # 0.45 over 40 steps, held-out accuracy 0.13 -> 0.09; benchmarks/RESULTS.md).
 RECIPES: dict[str, Recipe] = {
-    "qwen3-1.7b": Recipe("Qwen/Qwen3-1.7B"),
-    "qwen3-4b": Recipe("Qwen/Qwen3-4B"),
-    "qwen3-8b": Recipe("Qwen/Qwen3-8B", clip=0.06),
+    "qwen3-1.7b": Recipe("Qwen/Qwen3-1.7B", eval_benchmarks=PAPER_BENCHMARKS),
+    "qwen3-4b": Recipe("Qwen/Qwen3-4B", eval_benchmarks=PAPER_BENCHMARKS),
+    "qwen3-8b": Recipe("Qwen/Qwen3-8B", clip=0.06, eval_benchmarks=PAPER_BENCHMARKS),
     "tiny": Recipe(
         "tiny",
         clip=None,
@@ -61,15 +68,34 @@ RECIPES: dict[str, Recipe] = {
         max_reference_tokens=384,
         steps=60,
         eval_problems=400,
+        lr_schedule="constant",
+        save_every=10,
+        eval_every=0,
     ),
 }
 
 
-def recipe_for(model: str) -> Recipe:
-    """The preset's recipe, or the 1.7B/4B defaults with ``model`` as the hub id / local directory."""
+def recipe_name(model: str) -> str | None:
+    """The preset whose recipe ``model`` takes: a preset name, its hub id (any case: ``Qwen/Qwen3-8B``) or a local
+    directory named like it (``/models/Qwen3-8B``); None for any other model."""
     if model in RECIPES:
-        return RECIPES[model]
-    return Recipe(model)
+        return model
+    key = model.rstrip("/").lower()
+    for name, r in RECIPES.items():
+        hub = r.model_id.lower()
+        if "/" in hub and (key == hub or os.path.basename(key) == hub.split("/")[-1]):
+            return name
+    return None
+
+
+def recipe_for(model: str) -> Recipe:
+    """The recipe of the preset ``model`` names (:func:`recipe_name`); for any other model the 1.7B/4B training
+    defaults, evaluating only before and after training and no benchmark unless asked (the paper's benchmarks
+    come from the hub: ``--eval-benchmarks aime24,aime25,hmmt25 --eval-every 25``)."""
+    name = recipe_name(model)
+    if name is not None:
+        return RECIPES[name]
+    return Recipe(model, eval_every=0)
 
 
 class ModelLoadError(UsageError, RuntimeError):
@@ -145,6 +171,15 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
 def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa"):
     """(model, tokenizer) from a preset name, hub id or local directory; a one-line ModelLoadError naming the model
     and the reason (missing or empty directory, no tokenizer, hub unreachable and not cached)."""
+    return _load(model, weights=dict(dtype=dtype, attn_implementation=attn), device=device)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer alone of a preset name, hub id or local directory (no weights); errors as :func:`load_model`."""
+    return _load(model, weights=None)[1]
+
+
+def _load(model: str, *, weights: dict | None, device: str = "cpu"):
     problem = model_problem(model)
     if problem:
         raise ModelLoadError(f"model {model!r}: {problem}")
@@ -160,13 +195,12 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = 
         if local_only
         else "" if local else " -- check the name, or the network"
     )
-    step = "tokenizer"
+    step, net = "tokenizer", None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        step = "weights"
-        net = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn, local_files_only=local_only
-        )
+        if weights is not None:
+            step = "weights"
+            net = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **weights).to(device)
     except Exception as e:  # hub unreachable, offline, bad id, broken files: all end here
         first = (str(e).strip().splitlines() or [""])[0]
         raise ModelLoadError(
@@ -174,7 +208,7 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = 
         ) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return net.to(device), tokenizer
+    return net, tokenizer
 
 
 def add_lora(model, r: int, alpha: int, dropout: float = 0.0, targets=LORA_TARGETS):

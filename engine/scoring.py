@@ -1,11 +1,14 @@
 """Teacher and student scoring over prefix-sharing trees (DESIGN 4.2).
 
-Per problem, with k revealed reasoning tokens and rollouts r_1..r_G:
+Per problem, with a cut of the reasoning revealed (``Example.cut``) and rollouts r_1..r_G:
 
-    teacher tree   [head ; reasoning[:k] ; answer ; tail] -> r_1 | ... | r_G
-                                                          -> y* = [reasoning ; answer]   (credit branch)
-    student tree   [student prompt] -> r_1 | ... | r_G
+    teacher tree   teacher prompt(cut) -> r_1 | ... | r_G
+                                       -> y* = the whole reference solution   (credit branch)
+    student tree   student prompt -> r_1 | ... | r_G
 
+where teacher prompt(cut) is the ids of the rendered teacher text (problem, exposed reference, instruction,
+assistant turn; ``engine.exposure``) tokenized whole, and y* the reference's ids as the tokenizer reads them
+after that prompt. Rollout ids are the student's own tokens, appended as they were sampled (as OPSD does).
 so the teacher prompt (problem, exposed reference, instruction, assistant turn) is run once per problem, not
 once per branch. The credit branch is the paper's teacher-grounded score: the verified reference solution y*
 (all of it, whatever alpha) teacher-forced as the reply in the very context the teacher scores rollouts
@@ -33,11 +36,11 @@ from atesd.engine.packing import Packed, Segment, pack
 _flex_failed = False
 
 
-def teacher_tree(ex: Example, k: int, rollouts: list[list[int]], credit: bool = True) -> list[Segment]:
-    """Root = the teacher prompt with k reasoning tokens revealed; its children: the rollouts, then (credit)
-    the whole reference solution."""
-    tree = [Segment(ex.teacher_prompt(k))] + [Segment(r, 0) for r in rollouts]
-    return tree + [Segment(ex.reasoning_ids + ex.answer_ids, 0)] if credit else tree
+def teacher_tree(ex: Example, cut: int, rollouts: list[list[int]], credit: bool = True) -> list[Segment]:
+    """Root = the teacher prompt with ``cut`` reasoning characters revealed; its children: the rollouts, then
+    (credit) the whole reference solution."""
+    tree = [Segment(ex.teacher_prompt(cut))] + [Segment(r, 0) for r in rollouts]
+    return tree + [Segment(ex.teacher_reply_ids, 0)] if credit else tree
 
 
 def student_tree(ex: Example, rollouts: list[list[int]]) -> list[Segment]:
@@ -113,14 +116,14 @@ def _gather(
 def score_teacher(
     model,
     examples: list[Example],
-    ks: list[int],
+    cuts: list[int],
     rollouts: list[list[list[int]]],
     attention: str = "dense",
     credit: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """No grad. (teacher hidden at rollout tokens [n, H], credit hidden [m, H], credit targets [m]); the
     last two are None when ``credit`` is False."""
-    trees = [teacher_tree(ex, k, r, credit) for ex, k, r in zip(examples, ks, rollouts)]
+    trees = [teacher_tree(ex, c, r, credit) for ex, c, r in zip(examples, cuts, rollouts)]
     packed = pack(trees)
     with torch.no_grad():
         h = hidden_states(model, packed, attention)

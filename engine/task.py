@@ -44,25 +44,31 @@ class PromptTemplates:
     """Chat user messages of both roles. ``student`` holds ``{problem}``; ``teacher`` holds ``{problem}``,
     ``{reference}`` (the exposed reference: a prefix of the reasoning plus the final answer, always) and
     optionally ``{instruction}`` (replaced by ``instruction``). ``*_thinking`` is the chat template's
-    ``enable_thinking`` for that role (Qwen3: off writes an empty think block)."""
+    ``enable_thinking`` for that role (Qwen3: off writes an empty think block). ``evaluation`` is the prompt the
+    evaluated model gets (``{problem}``; None: the student's); its thinking switch is the evaluation protocol's."""
 
     student: str
     teacher: str
     instruction: str = ""
     student_thinking: bool = False
     teacher_thinking: bool = True
+    evaluation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.student.count("{problem}") != 1:
-            raise ValueError("the student template must contain {problem} exactly once")
+        for role, text in (("student", self.student), ("evaluation", self.evaluation)):
+            if text is not None and text.count("{problem}") != 1:
+                raise ValueError(f"the {role} template must contain {{problem}} exactly once")
+            if text is not None and "{reference}" in text:
+                raise ValueError(f"the {role} template must not contain {{reference}}")
         for name in ("problem", "reference"):
             if self.teacher.count("{" + name + "}") != 1:
                 raise ValueError(f"the teacher template must contain {{{name}}} exactly once")
-        if "{reference}" in self.student:
-            raise ValueError("the student template must not contain {reference}")
 
     def student_messages(self, problem: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": fill(self.student, problem=problem)}]
+
+    def evaluation_messages(self, problem: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": fill(self.evaluation or self.student, problem=problem)}]
 
     def teacher_messages(self, problem: str, reference: str, instruction: str | None = None) -> list[dict]:
         text = fill(self.teacher, problem=problem, reference=reference,
@@ -114,8 +120,10 @@ OPSD_TEACHER = (
     "{reference}\n=== Reference Solution End ===\n\n\n{instruction}\n\n"
     "Please reason step by step, and put your final answer within \\boxed{}."
 )
+# OPSD's evaluation prompt (eval/evaluate_math.py of the OPSD repository): the problem without "Problem: ".
+OPSD_EVALUATION = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 OPSD_TEMPLATES = PromptTemplates(OPSD_STUDENT, OPSD_TEACHER, OPSD_INSTRUCTION, student_thinking=False,
-                                 teacher_thinking=True)
+                                 teacher_thinking=True, evaluation=OPSD_EVALUATION)
 # The paper's (OPSD's) evaluation: thinking on, T=1.0, top-p 0.95, no top-k, 38912 new tokens, Average@12.
 PAPER_EVAL = EvalProtocol(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38912, n_samples=12, thinking=True)
 
@@ -186,7 +194,7 @@ def find_model(name: str) -> str | None:
 
 def load_templates(source: str | Mapping[str, Any]) -> dict[str, Any]:
     """Template overrides from a mapping (the YAML config's ``prompts:``) or a .yaml/.yml/.json file:
-    any of student, teacher, instruction (strings), student_thinking, teacher_thinking (booleans)."""
+    any of student, teacher, instruction, evaluation (strings), student_thinking, teacher_thinking (booleans)."""
     if isinstance(source, Mapping):
         data = dict(source)
     else:

@@ -34,7 +34,7 @@ from atesd.engine.evaluate import grade_all, task_grader
 from atesd.engine.evaluator import Evaluator
 from atesd.engine.exposure import Example, make_example
 from atesd.engine.loss import describe_loss_backend, distillation_loss, token_logprobs
-from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model
+from atesd.engine.models import Teacher, adapter_params, add_lora, lm_head_weight, load_model, recipe_name
 from atesd.engine.packing import Segment, pack
 from atesd.engine.rollout import build_rollout
 from atesd.engine.sampling import problem_seeds
@@ -124,9 +124,11 @@ class Trainer:
         cfg = self.cfg
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         if cfg.lr_schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.lr_schedule == "linear":  # Hugging Face Trainer's default (OPSD's): to 0 at the last step
+            return 1.0 - progress
         return 1.0
 
     def example(self, i: int) -> Example | None:
@@ -140,7 +142,7 @@ class Trainer:
             else:
                 too_long = (
                     len(ex.student_prompt) > cfg.max_prompt_tokens
-                    or len(ex.reasoning_ids) + len(ex.answer_ids) > cfg.max_reference_tokens
+                    or len(ex.teacher_reply_ids) > cfg.max_reference_tokens
                 )
                 reason = "too_long" if too_long else None
                 ex = None if too_long else ex
@@ -206,10 +208,10 @@ class Trainer:
         # the loss is normalised by the global token count, so N ranks make one process's update
         n_tokens = int(distributed.all_reduce_sum({"n": sum(len(r) for g in rollouts for r in g)})["n"])
 
-        # 2. exposure: one alpha for the step, decided on rank 0; k reasoning tokens revealed per problem
+        # 2. exposure: one alpha for the step, decided on rank 0; a cut of each reference's reasoning revealed
         alpha = distributed.broadcast(float(self.policy.exposure()) if distributed.is_main() else None)
-        ks = [ex.revealed(alpha, cfg.exposure_mode) for ex in examples]
-        local_ks = [ks[j] for j in mine]
+        cuts = [ex.cut(alpha, cfg.exposure_mode) for ex in examples]
+        local_cuts = [cuts[j] for j in mine]
 
         with_credit = self.policy.uses_credit  # a teacher pass over every reference: only when it is used
         t_head = time.perf_counter()
@@ -223,7 +225,7 @@ class Trainer:
             # 3. teacher scoring (no grad): rollout positions (+ the credit branch), one packed tree pass
             with self.teacher.view():
                 ht, hc, tc = score_teacher(
-                    model, local[mb], local_ks[mb], rollouts[mb], self.attention, credit=with_credit
+                    model, local[mb], local_cuts[mb], rollouts[mb], self.attention, credit=with_credit
                 )
                 if with_credit:
                     credit = token_logprobs(hc, weight.detach(), tc)
@@ -294,7 +296,10 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_tokens": n_tokens,
-            "revealed_frac": _mean(sum(ks), sum(len(ex.reasoning_ids) for ex in examples)),
+            "revealed_frac": _mean(
+                sum(ex.revealed_tokens(c) for ex, c in zip(examples, cuts)),
+                sum(len(ex.reasoning_ids) for ex in examples),
+            ),
             "skipped_step": int(skipped),
             "tokens_per_s": n_tokens / dt,
             "step_time_s": dt,
@@ -308,7 +313,7 @@ class Trainer:
     def probe_nll(self) -> float:
         """Student NLL (per token) of the probe set's reference solutions given the student prompt."""
         trees = [
-            [Segment(ex.student_prompt), Segment(ex.reasoning_ids + ex.answer_ids, 0)] for ex in self.probe
+            [Segment(ex.student_prompt), Segment(ex.student_reply_ids, 0)] for ex in self.probe
         ]
         packed = pack(trees)
         h, tgt = _gather(hidden_states(self.model, packed, self.attention), packed, trees, lambda t: [1])
@@ -705,6 +710,9 @@ def _train(cfg: Config, run_dir: str, resume: bool, named: str | None, changed: 
     if main:
         _write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.run_dict(), sort_keys=False))
     log.info("this invocation: progress=%s stop_after=%s", cfg.progress, cfg.stop_after)
+    preset = recipe_name(cfg.model)
+    log.info("recipe: %s", f"{preset} (model {cfg.model})" if preset else "the generic defaults (no preset matches "
+             f"{cfg.model!r}; the 1.7B/4B training settings, no benchmark evaluation unless asked)")
     if not (cfg.progress and main):  # no bars at all, transformers' weight-loading bar included
         from transformers.utils import logging as hf_logging
 
@@ -803,9 +811,12 @@ def _finish(trainer: Trainer, cfg: Config, run_dir: str, reporters: Reporters) -
     if not main:
         return
     for name in ev.history:
-        b = ev.best(name)
-        where = os.path.join(run_dir, b["checkpoint"]) if b["checkpoint"] else "the base model"
-        print(f"best {name} accuracy: {b['accuracy']:.3f} at step {b['step']} ({where})", flush=True)
+        b, base = ev.best(name), ev.base(name)
+        if b is None:
+            continue
+        before = f"; base model {base['accuracy']:.3f}" if base else ""
+        print(f"best {name} accuracy: {b['accuracy']:.3f} at step {b['step']} "
+              f"({os.path.join(run_dir, b['checkpoint'])}){before}", flush=True)
     _write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(run_summary(run_dir, cfg, ev), indent=1))
 
 
@@ -827,6 +838,7 @@ def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
             "before": by_step.get(0),
             "after": by_step.get(cfg.steps),
             "best": evaluator.best(name),
+            "base": evaluator.base(name),
         }
     head = evals.get("lab") or next(iter(evals.values()), {})
     before, after = head.get("before"), head.get("after")

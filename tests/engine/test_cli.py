@@ -68,7 +68,8 @@ def test_offline_fails_fast_naming_the_model(monkeypatch, tmp_path):
         load_model("nobody/no-such-model-xyz")
     data = write_dataset(tmp_path / "d.jsonl", n=4)
     run = tmp_path / "run"
-    args = ("--model", "qwen3-8b", "--data", data, "--exposure", "full", "--output-dir", str(run))
+    args = ("--model", "qwen3-8b", "--data", data, "--exposure", "full", "--output-dir", str(run),
+            "--eval-benchmarks", "")  # the recipe's hub benchmarks would fail first, offline
     out = _run(*args, env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "qwen3-8b" in out.stderr and "Qwen/Qwen3-8B" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -64,7 +64,7 @@ import atesd.engine.train, atesd.engine.evaluate, atesd.engine.evaluator, atesd.
 from atesd.engine.config import parse
 from atesd.engine.task import get_task
 cfg, _ = parse(["--model", "qwen3-1.7b", "--data", "someorg/math-rows"])  # a hub id: parsed, not loaded
-assert cfg.task == "math" and cfg.eval_benchmarks == ""
+assert cfg.task == "math" and cfg.eval_benchmarks == "aime24,aime25,hmmt25"
 try:
     get_task("lab")
 except ValueError as e:

@@ -62,22 +62,22 @@ def test_pack_positions_and_mask():
 def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
     model = _lora_model(len(tiny_tokenizer))
     examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
-    ks = [3, 7]  # unequal reveals; the rollouts have unequal lengths too
+    cuts = [3, 7]  # unequal reveals (reasoning characters); the rollouts have unequal lengths too
     rollouts = _rollouts(G, seed=G)
     ctx = model.disable_adapter() if not adapter else torch.enable_grad()
     with ctx:
-        ht, hc, tc = score_teacher(model, examples, ks, rollouts)
+        ht, hc, tc = score_teacher(model, examples, cuts, rollouts)
         hs, ts = score_student(model, examples, rollouts)
         # the same quantities path by path
         exp_t, exp_s, exp_c, exp_tc = [], [], [], []
         with torch.no_grad():
-            for ex, k, group in zip(examples, ks, rollouts):
-                prompt = ex.teacher_prompt(k)
+            for ex, cut, group in zip(examples, cuts, rollouts):
+                prompt = ex.teacher_prompt(cut)
                 for r in group:
                     exp_t.append(_alone(model, prompt + r)[len(prompt) - 1 : len(prompt) + len(r) - 1])
                     exp_s.append(_alone(model, ex.student_prompt + r)[len(ex.student_prompt) - 1 : -1])
                 # credit: the whole reference as the reply, in the context the rollouts are scored from
-                credit = ex.reasoning_ids + ex.answer_ids
+                credit = ex.teacher_reply_ids
                 exp_c.append(_alone(model, prompt + credit)[len(prompt) - 1 : -1])
                 exp_tc.append(torch.tensor(credit))
     assert ht.shape == hs.shape == (sum(len(r) for g in rollouts for r in g), model.config.hidden_size)
@@ -87,7 +87,7 @@ def test_tree_equals_separate_paths(tiny_tokenizer, G, adapter):
     assert tc.tolist() == torch.cat(exp_tc).tolist()
     assert ts.tolist() == [t for g in rollouts for r in g for t in r]
     with model.disable_adapter() if not adapter else torch.enable_grad():  # no credit branch: same states
-        ht2, hc2, tc2 = score_teacher(model, examples, ks, rollouts, credit=False)
+        ht2, hc2, tc2 = score_teacher(model, examples, cuts, rollouts, credit=False)
     assert hc2 is None and tc2 is None
     torch.testing.assert_close(ht2, ht, atol=1e-5, rtol=1e-5)
 
@@ -117,5 +117,5 @@ def test_paths_unshares_a_tree(tiny_tokenizer):
     tree = teacher_tree(ex, 2, [[9, 9], [8]])
     leaves = [p[0].tokens for p in paths(tree)]
     assert leaves[0] == ex.teacher_prompt(2) + [9, 9] and leaves[1] == ex.teacher_prompt(2) + [8]
-    assert leaves[2] == ex.teacher_prompt(2) + ex.reasoning_ids + ex.answer_ids  # the credit branch
+    assert leaves[2] == ex.teacher_prompt(2) + ex.teacher_reply_ids  # the credit branch
     assert len(paths(student_tree(ex, [[1], [2], [3]]))) == 3

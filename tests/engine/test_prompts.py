@@ -67,7 +67,7 @@ def teacher_text(reference: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def qwen3_tokenizer() -> PreTrainedTokenizerFast:
+def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character (printable ASCII and the em dash), Qwen3's special tokens and chat template."""
     chars = sorted(set(string.printable) - set("\x0b\x0c\r")) + ["\u2014"]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
@@ -79,19 +79,21 @@ def qwen3_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def test_opsd_student_and_teacher_byte_exact(qwen3_tokenizer):
-    tok = qwen3_tokenizer
+def test_opsd_student_and_teacher_byte_exact(char_tokenizer):
+    tok = char_tokenizer
     ex = make_example(tok, PROBLEM, SOLUTION, templates=MATH.templates)
     assert OPSD_INSTRUCTION == INSTRUCTION
     assert tok.decode(ex.student_prompt) == STUDENT_TEXT
     # full exposure is OPSD's teacher; alpha = 0 keeps the answer line only, always inside the markers
-    assert tok.decode(ex.teacher_prompt(ex.revealed(1.0))) == teacher_text(SOLUTION)
-    assert tok.decode(ex.teacher_prompt(ex.revealed(0.0))) == teacher_text("So the answer is \\boxed{10}.")
-    half = ex.revealed(0.5, mode="lines")
+    assert tok.decode(ex.teacher_prompt(ex.cut(1.0))) == teacher_text(SOLUTION)
+    assert tok.decode(ex.teacher_prompt(ex.cut(0.0))) == teacher_text("So the answer is \\boxed{10}.")
+    half = ex.cut(0.5, mode="lines")
     assert tok.decode(ex.teacher_prompt(half)) == teacher_text("We have f(3) = 9.\nSo the answer is \\boxed{10}.")
-    # token mode: a prefix of the reasoning, cut inside a line, then the answer
-    k = ex.revealed(0.3)
-    assert tok.decode(ex.teacher_prompt(k)) == teacher_text(SOLUTION[:k] + "So the answer is \\boxed{10}.")
+    # token mode: a prefix of the reasoning cut inside a line, closed with a newline, then the answer line
+    cut = ex.cut(0.3)
+    assert 0 < cut and SOLUTION[cut - 1] != "\n"
+    assert tok.decode(ex.teacher_prompt(cut)) == teacher_text(SOLUTION[:cut] + "\nSo the answer is \\boxed{10}.")
+    assert ex.teacher_text(cut) == teacher_text(SOLUTION[:cut] + "\nSo the answer is \\boxed{10}.")
     # the same text the chat template gives for the documented message
     msgs = MATH.templates.teacher_messages(PROBLEM, SOLUTION)
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
@@ -107,8 +109,8 @@ def test_fill_is_one_pass_and_keeps_braces():
         PromptTemplates("no slot", "{problem} {reference}")
 
 
-def test_user_templates_from_yaml_file_and_config(qwen3_tokenizer, tmp_path):
-    tok = qwen3_tokenizer
+def test_user_templates_from_yaml_file_and_config(char_tokenizer, tmp_path):
+    tok = char_tokenizer
     f = tmp_path / "prompts.yaml"
     f.write_text('student: "Q: {problem}"\nteacher: "Q: {problem}\\n<ref>\\n{reference}\\n</ref>\\n{instruction}"\n'
                  'instruction: "Solve it."\nteacher_thinking: false\n')
@@ -116,7 +118,7 @@ def test_user_templates_from_yaml_file_and_config(qwen3_tokenizer, tmp_path):
     ex = make_example(tok, "1+1?", "1+1=2\n\\boxed{2}", templates=t)
     think_off = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert tok.decode(ex.student_prompt) == "<|im_start|>user\nQ: 1+1?<|im_end|>\n" + think_off
-    assert tok.decode(ex.teacher_prompt(ex.revealed(0.0))) == (
+    assert tok.decode(ex.teacher_prompt(ex.cut(0.0))) == (
         "<|im_start|>user\nQ: 1+1?\n<ref>\n\\boxed{2}\n</ref>\nSolve it.<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )

@@ -31,7 +31,7 @@ def test_embedded_default_prompts_are_the_pretraining_formats():
     # exactly what engine/lab/pretrain.py renders (it uses these same message functions)
     assert tok.decode(ex.student_prompt) == chat(student_messages(row["problem"]))
     for alpha in (0.0, 0.5, 1.0):
-        k = ex.revealed(alpha, "lines")
+        k = ex.cut(alpha, "lines")
         assert tok.decode(ex.teacher_prompt(k)) == chat(teacher_messages(row["problem"],
                                                                           expose_reference(row["solution"], alpha)))
     assert chat(teacher_messages("P?", "\\boxed{1}")) == (

@@ -20,7 +20,8 @@ REFERENCES = {
     "trailing_spaces": "Step one: write the equation.  \nStep two: divide by 2. \n  \nThus \\boxed{8}",
     "latex": "We have $\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}$.\n\\[ x^2 - 4 = 0 \\implies x = \\pm 2 \\]\n"
     "So $x = \\frac{5}{6}$.\nThe answer is $\\boxed{\\frac{5}{6}}$.",
-    "unicode": "Since \u03c0 \u2248 3.14 and \u221a2 \u2248 1.41, the product is \u2248 4.44 \u2014 caf\u00e9 \U0001f600.\n"
+    "unicode": "Since \u03c0 \u2248 3.14 and \u221a2 \u2248 1.41, the product is \u2248 4.44 \u2014 "
+    "caf\u00e9 \U0001f600.\n"
     "\u5e73\u65b9\u6839\u662f 2\u3002\nThus \\boxed{4.44}",
     "bold": "**Step 1:** Set up $2x = 16$.\n**Step 2:** Solve: $x = 8$.\n\n**Answer:** \\boxed{8}",
     "answer_only": "\\boxed{8}",

@@ -331,7 +331,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        """Everything but the adapter weights that an exact resume needs (trainer_state.pt).
+        """Everything but the adapter weights that an exact resume needs (trainer_state.json + .safetensors).
 
         Under torchrun (a collective: every rank calls it) the sharded tensors are gathered whole, as one process
         would save them, and ``ranks`` holds every rank's RNG and data position (the controller is rank 0's)."""

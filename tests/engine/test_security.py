@@ -405,6 +405,41 @@ def test_a_pickled_adapter_is_refused(tiny_model_dir, tmp_path, capsys):
     assert not ran.exists() and sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
+
+# Known gaps outside engine/checkpoint.py, measured here: each test fails today (strict xfail) and passes once
+# the fix in its reason is made; then its marker goes.
+@pytest.mark.xfail(strict=True, reason="a run's config.yaml names its task, and --resume imports a module:ATTR task "
+                   "(code) before any check; fix in engine/config.py restore(): refuse a module:ATTR task read from a "
+                   "run's config.yaml unless this invocation's --task repeats it")  # fmt: skip
+def test_a_task_module_named_by_a_runs_config_is_not_imported(run, tmp_path, capsys, monkeypatch):
+    name = f"atesd_hostile_task_{os.getpid()}"
+    imported = tmp_path / "module-imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(imported)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # `python -m engine.train` puts the working directory first
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert "task: math\n" in text
+    config.write_text(text.replace("task: math\n", f"task: {name}:TASK\n"))
+    try:
+        code, err = _cli(train_mod.main, ["--resume", str(run)], capsys)
+    finally:
+        sys.modules.pop(name, None)
+    assert not imported.exists()
+    _one_line_error(code, err, "--task")
+
+
+@pytest.mark.xfail(strict=True, reason="a resumed run opens run.log for appending before load_latest checks the "
+                   "run's links; fix in engine/train.py _train_in_group(): call checkpoint.check_run_dir(run_dir) "
+                   "right after locate_run()")  # fmt: skip
+def test_a_run_log_linking_out_of_the_run_receives_nothing(run, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.remove(run / "run.log")
+    os.symlink(victim, run / "run.log")
+    code, err = _cli(train_mod.main, ["--resume", str(run)], capsys)
+    _one_line_error(code, err, "run.log is a symbolic link leading outside the run")
+    assert victim.read_text() == "precious\n"
+
 # ------------------------------------------------------------------------------------------ the code itself
 UNSAFE = ("torch.load", "eval", "exec", "marshal.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load",
           "shelve.open", "dill.load", "dill.loads", "joblib.load", "np.load", "numpy.load")

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import stat
@@ -292,7 +293,7 @@ def write_manifest(directory: str, step: int, base_model: str | None, exclude: t
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, directory)
-            if rel != MANIFEST_FILE and rel not in exclude:
+            if rel not in (MANIFEST_FILE, MANIFEST_FILE + ".tmp") and rel not in exclude:
                 files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
     manifest = {"format": 1, "step": step, "base_model": base_model, "files": files}
     with open(os.path.join(directory, MANIFEST_FILE + ".tmp"), "w") as fh:
@@ -575,8 +576,8 @@ def read_legacy_state(path: str, *, trust: bool = False) -> dict:
         else:
             with torch.serialization.safe_globals(_numpy_array_globals()):
                 state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if trust:
+    except Exception as e:  # a corrupt zip or a truncated pickle: damage; a global off the allow-list: refusal
+        if trust or not isinstance(e, pickle.UnpicklingError) or "weights_only" not in str(e).lower():
             raise BrokenCheckpoint(f"{LEGACY_STATE_FILE} is unreadable ({type(e).__name__}: {_first(e, 80)})") from None
         raise UsageError(
             f"{file}: not converted: it holds more than tensors, containers and numbers ({type(e).__name__}), "

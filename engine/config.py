@@ -802,12 +802,12 @@ def parse(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 # ------------------------------------------------------------------------------------------------- resume
 CONFIG_FILE = "config.yaml"
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"
 
 
 def locate_run(resume: str, output_dir: str | None = None) -> tuple[str, str | None]:
     """(run directory, the checkpoint named, or None) for ``--resume`` (``'auto'``: ``--output-dir``). A run
-    directory holds config.yaml; a checkpoint is ``<run>/checkpoints/step-*`` holding trainer_state.pt. Reads only."""
+    directory holds config.yaml; a checkpoint is ``<run>/checkpoints/step-*`` holding trainer_state.json. Reads only."""
     if resume == "auto":
         if not output_dir:
             raise UsageError("--resume without a directory needs --output-dir (or give the run: --resume DIR)")
@@ -857,6 +857,9 @@ def restore(
     """The run's Config with this invocation's values applied where allowed; returns (config, {field: (old,
     new)} for the fields changed). A given value that would change the run is a UsageError listing them all."""
     stored = read_run_config(run_dir)
+    if stored.task and ":" in stored.task and values.get("task") != stored.task:  # a run directory is data
+        raise UsageError(f"--resume {run_dir}: its config.yaml names the task {stored.task!r}, a module that would be "
+                         f"imported (code); if you trust it, resume with --task {stored.task}")
     conflicts, changed = [], {}
     for name, value in values.items():
         mode = _meta(name).get("on_resume", "run")

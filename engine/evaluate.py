@@ -418,6 +418,13 @@ def load_model(
                 f"--adapter {adapter!r} was trained on {model!r}, which is not here "
                 f"({models.model_problem(model)}); give --model"
             )
+    if adapter:  # read as data before any model loads: safetensors weights, plain files inside it
+        if not Path(adapter).is_dir():
+            raise UsageError(f"--adapter {adapter!r}: no such directory")
+        try:
+            checkpoint.verify_adapter(adapter)
+        except checkpoint.BrokenCheckpoint as e:
+            raise UsageError(f"--adapter {adapter!r} is refused: {e}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -427,12 +434,6 @@ def load_model(
     if adapter:
         from peft import PeftModel
 
-        if not Path(adapter).is_dir():
-            raise UsageError(f"--adapter {adapter!r}: no such directory")
-        try:
-            checkpoint.verify(adapter)
-        except checkpoint.BrokenCheckpoint as e:
-            raise UsageError(f"--adapter {adapter!r} is damaged: {e}") from None
         if (Path(adapter) / "tokenizer_config.json").exists():  # the checkpoint's own tokenizer
             tok = AutoTokenizer.from_pretrained(adapter)
             if tok.pad_token is None:

@@ -336,7 +336,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        """Everything but the adapter weights that an exact resume needs (trainer_state.pt).
+        """Everything but the adapter weights that an exact resume needs (trainer_state.json + .safetensors).
 
         Under torchrun (a collective: every rank calls it) the sharded tensors are gathered whole, as one process
         would save them, and ``ranks`` holds every rank's RNG and data position (the controller is rank 0's)."""
@@ -628,6 +628,7 @@ def _train_in_group(cfg: Config, resume: str | None) -> str:
     named = None
     if resume:
         run_dir, named = locate_run(resume, cfg.output_dir)
+        checkpoint.check_run_dir(run_dir)  # before run.log is opened: a link out of the run is refused first
         conflicts, changed = diff_run(read_run_config(run_dir), cfg)
         if conflicts:
             raise UsageError(f"--resume {run_dir}: {', '.join(conflicts)} differ from the run's config.yaml")

@@ -18,6 +18,7 @@ import torch
 from engine_tiny import write_dataset
 from safetensors.torch import load_file
 
+from atesd.engine import checkpoint
 from atesd.engine.config import parse
 from atesd.engine.train import train
 
@@ -65,8 +66,7 @@ def _adapter(run_dir, step):
 
 
 def _state(run_dir, step):
-    path = os.path.join(run_dir, "checkpoints", f"step-{step:06d}", "trainer_state.pt")
-    return torch.load(path, weights_only=False)
+    return checkpoint.read_state(os.path.join(run_dir, "checkpoints", f"step-{step:06d}"))
 
 
 def assert_same_run(a, b, step=3, exact=False):

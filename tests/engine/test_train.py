@@ -9,6 +9,7 @@ import yaml
 from engine_tiny import write_dataset
 
 import atesd.engine.train as train_mod
+from atesd.engine import checkpoint
 from atesd.engine.config import parse
 from atesd.engine.train import train
 
@@ -69,7 +70,8 @@ def test_train_checkpoint_and_exact_resume(tiny_model_dir, data, tmp_path):
     assert ckpts == [f"step-{s:06d}" for s in (5, 10, 15, 20)]
     for c in ckpts:
         files = set(os.listdir(os.path.join(full, "checkpoints", c)))
-        assert {"adapter_model.safetensors", "adapter_config.json", "trainer_state.pt"} <= files
+        assert {"adapter_model.safetensors", "adapter_config.json", "trainer_state.json",
+                "trainer_state.safetensors"} <= files
     assert os.path.exists(os.path.join(full, "config.yaml")) and os.listdir(os.path.join(full, "tb"))
     with open(os.path.join(full, "run.log")) as fh:
         assert "'no_boxed_answer': 1" in fh.read()  # bad rows counted in the run log
@@ -182,7 +184,7 @@ def test_controller_settings_roundtrip_yaml_flags_config_and_resume(tiny_model_d
     killed = run(tmp_path / "killed", "--stop-after", "5")
     run(tmp_path / "killed", "--resume")
     assert _metrics(killed) == m_full  # exact: alphas, rewards, policy updates
-    state = torch.load(os.path.join(killed, "checkpoints", "step-000010", "trainer_state.pt"), weights_only=False)
+    state = checkpoint.read_state(os.path.join(killed, "checkpoints", "step-000010"))
     assert {k: state["controller"]["config"][k] for k in CONTROLLER_SET} == CONTROLLER_SET
     with pytest.raises(ValueError, match="hold"):  # resuming with other settings is refused, by name
         run(tmp_path / "killed", "--resume", "--controller-hold", "3")

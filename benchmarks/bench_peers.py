@@ -194,7 +194,8 @@ def prepare(shape: str, workdir: str) -> tuple[str, str]:
                                               layers=s["layers"])  # fmt: skip
     rows = os.path.join(workdir, "rows.jsonl")
     with open(rows, "w") as fh:
-        for problem, solution, answer in ROWS[: s["batch"]]:
+        for i in range(s["batch"]):  # one step's problems: every row once (cycled when the batch is larger)
+            problem, solution, answer = ROWS[i % len(ROWS)]
             fh.write(json.dumps({"problem": problem, "solution": solution, "answer": answer}) + "\n")
     return model_dir, rows
 
@@ -491,7 +492,10 @@ def render_op(r: dict, command: str) -> str:
     for (n, h, v_, impl), c in r["cells"].items():
         ours = r["cells"].get((n, h, v_, "ours"))
         ratio = f"{c['seconds'] / ours['seconds']:.2f}x" if ours else "-"
-        share = f"{ours['peak_extra_mib'] / c['peak_extra_mib']:.1%}" if ours and impl != "ours" else "-"
+        share = "-"
+        if ours and impl != "ours":
+            frac = ours["peak_extra_mib"] / c["peak_extra_mib"]
+            share = f"{frac:.1%}" if frac >= 0.001 else "< 0.1%"
         lines.append(f"| {n} | {h} | {v_} | {impl}: {c['what']} | {c['seconds']:.3f} | {ratio} | "
                      f"{c['peak_extra_mib']:.1f} | {share} | {c['loss']:.5f} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
@@ -56,6 +57,49 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def phase_clock(trainer) -> Iterator[dict[str, float]]:
+    """Inside the block, every ``trainer.step()`` adds the wall seconds of its phases (``PHASES``: the functions
+    ``Trainer.step`` calls, wrapped, CUDA synchronised around each) to the yielded clock; clear it between steps.
+    The step's remainder (backward through the student, bookkeeping) is its total minus their sum. Everything
+    wrapped is restored on exit."""
+    import atesd.engine.train as train_mod
+
+    clock: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            _sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            _sync()
+            clock[name] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    functions = {"teacher": "score_teacher", "student": "score_student", "loss": "distillation_loss"}
+    methods = {"rollout": (trainer.rollout, "sample"), "optimizer": (trainer.optimizer, "step")}
+    saved = {attr: getattr(train_mod, attr) for attr in functions.values()}
+    own = {name: vars(obj).get(attr) for name, (obj, attr) in methods.items()}  # instance attributes, if any
+    for name, attr in functions.items():
+        setattr(train_mod, attr, timed(name, saved[attr]))
+    for name, (obj, attr) in methods.items():
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
+    try:
+        with warnings.catch_warnings():  # the scheduler warns about a wrapped optimizer.step; it is only timed
+            warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
+            yield clock
+    finally:
+        for attr, fn in saved.items():
+            setattr(train_mod, attr, fn)
+        for name, (obj, attr) in methods.items():
+            if own[name] is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, own[name])
+
+
 def measure(shape: str = "smoke", workdir: str | None = None) -> dict:
     """Per-phase seconds of step 2 (and step 1's total), rollout tokens, tokens/s and peak memory."""
     import atesd.engine.train as train_mod
@@ -70,42 +114,18 @@ def measure(shape: str = "smoke", workdir: str | None = None) -> dict:
                     "--eval-problems", "0", "--exposure", "fixed:0.5", "--save-every", "1000",
                     "--output-dir", os.path.join(root, "run"), "--no-progress"])  # fmt: skip
     trainer = train_mod.Trainer(cfg, os.path.join(root, "run"))
-    clock: dict[str, float] = defaultdict(float)
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
+    totals = []
+    with phase_clock(trainer) as clock:
+        for i in range(2):
+            if i == 1:
+                clock.clear()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
             _sync()
             t0 = time.perf_counter()
-            out = fn(*a, **kw)
+            metrics = trainer.step()
             _sync()
-            clock[name] += time.perf_counter() - t0
-            return out
-
-        return wrapper
-
-    patches = {"teacher": "score_teacher", "student": "score_student", "loss": "distillation_loss"}
-    saved = {attr: getattr(train_mod, attr) for attr in patches.values()}
-    for name, attr in patches.items():
-        setattr(train_mod, attr, timed(name, saved[attr]))
-    trainer.rollout.sample = timed("rollout", trainer.rollout.sample)
-    trainer.optimizer.step = timed("optimizer", trainer.optimizer.step)
-    totals = []
-    try:
-        with warnings.catch_warnings():  # the scheduler warns about a wrapped optimizer.step; it is only timed
-            warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
-            for i in range(2):
-                if i == 1:
-                    clock.clear()
-                    if torch.cuda.is_available():
-                        torch.cuda.reset_peak_memory_stats()
-                _sync()
-                t0 = time.perf_counter()
-                metrics = trainer.step()
-                _sync()
-                totals.append(time.perf_counter() - t0)
-    finally:
-        for attr, fn in saved.items():
-            setattr(train_mod, attr, fn)
+            totals.append(time.perf_counter() - t0)
     phases = {p: clock[p] for p in PHASES}
     phases["backward + rest"] = totals[1] - sum(phases.values())
     return {

@@ -9,7 +9,8 @@ torch on [N, K] tensors in ``linear_kl_topk.py``. Two ops in namespace ``atesd``
     hs [N, H] and w [V, H] in one float dtype, bs [V] or None, ids [N, K] int64, distinct and in [0, V) per row.
     With z = (hs w^T + bs) / T (fp32):
     z_topk   [N, K] fp32  z[n, ids[n, k]]                        (a gather: K dot products per row)
-    lse_tail [N] fp32     log sum_{v not in ids[n]} exp z[n, v]  (-inf when K = V)
+    lse_tail [N] fp32     log sum_{v not in ids[n]} exp z[n, v]  (-inf when K = V; NaN when one of those
+                          logits is not finite: a non-finite input never hides as a probability of 0 or 1)
     tail_max [N] fp32     max over the same entries, tail_arg [N] int64 its first index,
     tail_ent [N] fp32     the entropy of softmax over the same entries (for the student-entropy statistic).
     The full log-normaliser is logaddexp(lse_tail, logsumexp_k z_topk); keeping the two parts apart gives the
@@ -24,8 +25,8 @@ torch on [N, K] tensors in ``linear_kl_topk.py``. Two ops in namespace ``atesd``
     need_grad_w), grad_b = sum_n dz / T ([V] fp32, or 0-element unless need_grad_b).
 
 No backend allocates an N x V tensor or synchronises with the host; extra memory is O(N*H + N*K) plus tiles.
-Non-finite inputs propagate as in the full op (a NaN or inf in hs, w or bs makes the affected outputs NaN); a
-row whose grad_lse_tail is 0 gets no tail gradient whatever its logits hold. Backends are the full op's
+Non-finite inputs propagate (a NaN or inf in hs, w or bs makes the affected logits, lse_tail and gradients NaN);
+a row whose grad_lse_tail is 0 gets no tail gradient whatever its logits hold. Backends are the full op's
 (``_ops.backend_for``): Triton on CUDA (``triton_topk``), the native C++ kernel on CPU when built (the same
 library, ``linear_kl_topk.cpp``), else the tiled torch path (``cpu_tiled_topk``).
 """

@@ -63,10 +63,13 @@ def forward(hs, w, bs, ids, temperature: float):
         e = torch.zeros(rows, device=dev)  # sum exp(z - m) (z - m)
         arg = torch.zeros(rows, dtype=torch.long, device=dev)
         for lo, hi in cpu_tiled._blocks(w.shape[0], cpu_tiled.COLS):
-            keep = ~_member(ids[r0:r1], lo, hi)
-            z = cpu_tiled._logits(h32, w, bs, lo, hi, temperature).masked_fill(~keep, -math.inf)
-            tile_arg = z.argmax(dim=1)
-            tile_max = z.gather(1, tile_arg[:, None]).squeeze(1)
+            outside = ~_member(ids[r0:r1], lo, hi)
+            z = cpu_tiled._logits(h32, w, bs, lo, hi, temperature)
+            keep = outside & torch.isfinite(z)
+            poisoned = (outside & ~keep).any(1)  # a non-finite logit outside the ids makes lse_tail NaN
+            zk = z.masked_fill(~keep, -math.inf)
+            tile_arg = zk.argmax(dim=1)
+            tile_max = zk.gather(1, tile_arg[:, None]).squeeze(1)
             arg = torch.where(tile_max > m, tile_arg + lo, arg)  # strict '>': the first index wins ties
             new_m = torch.maximum(m, tile_max)
             base = torch.where(torch.isfinite(new_m), new_m, 0.0)  # nothing unmasked yet: any finite base
@@ -74,7 +77,7 @@ def forward(hs, w, bs, ids, temperature: float):
             x = torch.where(keep, z - base[:, None], 0.0)
             p = torch.where(keep, torch.exp(x), 0.0)
             e = torch.exp(shift) * (e + shift * s) + (p * x).sum(1)
-            s = torch.exp(shift) * s + p.sum(1)
+            s = torch.exp(shift) * s + p.sum(1) + torch.where(poisoned, math.nan, 0.0)
             m = new_m
         base = torch.where(torch.isfinite(m), m, 0.0)
         lse_tail[r0:r1] = base + torch.log(s)  # -inf for an empty tail (K = V)

@@ -100,6 +100,9 @@ def fused_linear_kl_topk(
     z_topk, lse_tail, tail_max, tail_arg, tail_ent = _StudentTopK.apply(
         p.hs.contiguous(), p.w.contiguous(), bs, p.ids.contiguous(), float(temperature)
     )
+    # a non-finite logit at the ids makes the row NaN (an infinite one would be clipped, or cancel in autograd's
+    # logaddexp): the rule of the reference, where any non-finite logit of a row makes it NaN
+    z_topk = z_topk + z_topk * 0
     if p.live is not None:  # rows that do not count enter the [N, K] math as zeros: no NaN reaches their gradient
         zero = torch.zeros((), device=z_topk.device)
         z_topk = torch.where(p.live[:, None], z_topk, zero)

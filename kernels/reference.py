@@ -214,7 +214,8 @@ def linear_kl_topk(
 
     Non-finite inputs follow the full op's contract: a NaN or +-inf in a counted row's inputs - its hidden
     states, its teacher log-probs (-inf included: pad a short top-k list with finite log-probs), or the head or
-    bias every row uses - makes that row's loss, kl and clipped_kl NaN and its hidden-state gradient NaN.
+    bias every row uses - makes that row's loss, kl and clipped_kl NaN and its hidden-state gradient NaN. (Exactly:
+    a row is NaN when one of its V logits or K teacher log-probs is not finite.)
 
     Per-token statistics, without gradient, 0 at excluded tokens: kl = sum_j l_j (unclipped), clipped_kl = L,
     top1_agree = [argmax_v zs == the teacher's top-1 id] (ties: the smallest id), student_max_prob = max_v ps,
@@ -234,6 +235,7 @@ def linear_kl_topk(
     if p.bs is not None:
         zs = zs + p.bs.float()
     zs = zs / temperature
+    zs = zs + (zs - zs)  # a non-finite logit (from a non-finite input) makes its whole row NaN
     log_ps = torch.log_softmax(zs, dim=-1)
     a = log_ps.gather(1, ids)
     b = t

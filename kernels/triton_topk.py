@@ -8,8 +8,9 @@ gradients when they are needed).
 
     stats (_tail_stats_kernel): per (row, split), an online max / sum-exp / sum exp(z-m)(z-m) / first argmax over
         the vocabulary entries that are not among the row's K teacher ids (each tile's columns are compared with
-        the K ids: K compares per logit, next to the 2H flops of its dot product). A few torch ops on [N, S]
-        merge the splits into lse_tail, tail_max, tail_arg and the tail's entropy.
+        the K ids: K compares per logit, next to the 2H flops of its dot product); a non-finite logit among them
+        makes the sum NaN. A few torch ops on [N, S] merge the splits into lse_tail, tail_max, tail_arg and the
+        tail's entropy.
     gather (_gather_kernel): z[n, k] = (hs[n] . W[ids[n, k]] + b) / T, a (token tile, k) grid of row dot products.
     backward (_tail_bwd_kernel): recompute the logit tiles, dz = coef[n] exp(z - lse_tail[n]) outside the ids
         (coef = dLoss/dlse_tail / T), then loop over H: grad_hs[rows] += dz @ W[tile] and, if needed,
@@ -99,18 +100,21 @@ def _tail_stats_kernel(hs_ptr, w_ptr, bs_ptr, ids_ptr, part_ptr, N, V, H, K, n_s
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _student_logits(hs_ptr, w_ptr, bs_ptr, rows, cols, N, V, H, inv_t, HAS_BS, DOT_PREC, BLOCK_N, BLOCK_V,
                             BLOCK_K)
-        keep = _outside_ids(ids_ptr, rows, cols, N, V, K, BLOCK_N, BLOCK_V)
+        outside = _outside_ids(ids_ptr, rows, cols, N, V, K, BLOCK_N, BLOCK_V)
+        keep = outside & (tl.abs(z) < float("inf"))  # False for NaN
+        # a non-finite logit outside the ids (from a non-finite input) makes the row's sum NaN
+        poisoned = tl.sum((outside & ~keep).to(tl.int32), 1) > 0
         zk = tl.where(keep, z, float("-inf"))
         tmax = tl.max(zk, 1)
-        # strict '>' keeps the earlier index on ties across tiles (NaN reads as -inf for the arg-max only)
-        arg = tl.argmax(tl.where(zk == zk, zk, float("-inf")), 1)
+        # strict '>' keeps the earlier index on ties across tiles
+        arg = tl.argmax(zk, 1)
         idx = tl.where(tmax > m, arg + v0, idx)
         m_new = tl.maximum(m, tmax)
         alpha = tl.exp(m - m_new)
         x = tl.where(keep, z - m_new[:, None], 0.0)
         u = tl.where(keep, tl.exp(x), 0.0)
         e = alpha * (e + (m - m_new) * s) + tl.sum(u * x, 1)
-        s = alpha * s + tl.sum(u, 1)
+        s = alpha * s + tl.sum(u, 1) + tl.where(poisoned, float("nan"), 0.0)
         m = m_new
     rmask = rows < N
     stride = N * n_splits

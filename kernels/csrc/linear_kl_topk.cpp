@@ -4,7 +4,7 @@
 // As in linear_kl.cpp, each thread owns a contiguous range of vocabulary tiles and walks all tokens in row blocks
 // (any N keeps every thread busy; grad_w needs no reduction); logit tiles come from at::mm on fp32 sub-blocks.
 //
-// Forward: per tile, the entries at each row's K ids are set to -inf and an online log-sum-exp (plus the max,
+// Forward: per tile, the entries at each row's K ids are masked and an online log-sum-exp (plus the max,
 //   first argmax and entropy sum) runs over the others, per thread; the threads' states are merged in vocabulary
 //   order. The K logits at the ids are a gather (K dot products per row). Nothing of size N x V is allocated.
 // Backward: recompute each tile, dz = coef exp(z - lse_tail) outside the ids (0 at them), grad_hs += dz W
@@ -101,7 +101,7 @@ struct Scratch {
 };
 
 // Scaled logits (hs w^T + b) / T of rows [r0, r0 + rb) and tile [v0, v0 + vt), the entries at each row's ids
-// set to -inf; returns the tile's data (row-major [rb, vt]).
+// set to kMasked; returns the tile's data (row-major [rb, vt]).
 float* masked_logits(const Inputs& in, Scratch& sc, const at::Tensor& wtile, int64_t v0, int64_t vt, int64_t r0,
                      int64_t rb) {
   at::Tensor z = sc.z.narrow(0, 0, rb * vt).view({rb, vt});
@@ -113,7 +113,7 @@ float* masked_logits(const Inputs& in, Scratch& sc, const at::Tensor& wtile, int
     const int64_t* row = I + (r0 + i) * in.k;
     for (int64_t j = 0; j < in.k; ++j) {
       const int64_t c = row[j] - v0;
-      if (c >= 0 && c < vt) zp[i * vt + c] = -kInf;
+      if (c >= 0 && c < vt) zp[i * vt + c] = kMasked;
     }
   }
   return zp;

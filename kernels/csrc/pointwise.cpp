@@ -253,11 +253,21 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
 ATESD_CLONES
 void tail_online_tile(const float* z, int64_t rows, int64_t vt, int64_t v0, float* m, float* s, float* e,
                       int64_t* idx) {
+  constexpr float kMax = std::numeric_limits<float>::max();
   for (int64_t i = 0; i < rows; ++i) {
     const float* x = z + i * vt;
     float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < vt; ++j) mx = x[j] > mx ? x[j] : mx;  // NaN and -inf (masked) never win
+    int bad = 0;  // unmasked entries that are not finite
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+    for (int64_t j = 0; j < vt; ++j) {
+      const bool keep = x[j] != kMasked, finite = std::fabs(x[j]) <= kMax;  // NaN: not <=
+      mx = keep && finite && x[j] > mx ? x[j] : mx;
+      bad += keep && !finite ? 1 : 0;
+    }
+    if (bad) {
+      s[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     if (mx > m[i]) {  // strict: on ties the earlier (smaller) vocabulary index wins, as torch.argmax
       int64_t j = 0;
       while (j < vt && x[j] != mx) ++j;
@@ -269,17 +279,12 @@ void tail_online_tile(const float* z, int64_t rows, int64_t vt, int64_t v0, floa
       }
       m[i] = mx;
     }
-    if (m[i] == kNegInf) {  // nothing unmasked and finite yet: only a NaN entry changes the state
-      bool nan = false;
-      for (int64_t j = 0; j < vt; ++j) nan |= x[j] != x[j];
-      if (nan) s[i] = std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
+    if (m[i] == kNegInf) continue;  // every entry so far masked
     float ts = 0.f, te = 0.f;
     const float mm = m[i];
 #pragma omp simd reduction(+ : ts, te)
     for (int64_t j = 0; j < vt; ++j) {
-      const bool keep = x[j] != kNegInf;
+      const bool keep = x[j] != kMasked;
       const float u = x[j] - mm;
       const float p = keep ? fast_exp(u) : 0.f;
       ts += p;
@@ -301,7 +306,7 @@ void tail_grad_tile(float* z, int64_t rows, int64_t vt, const float* lse_tail, c
     }
 #pragma omp simd
     for (int64_t j = 0; j < vt; ++j) {
-      const bool keep = x[j] != kNegInf;
+      const bool keep = x[j] != kMasked;
       const float g = c * fast_exp(x[j] - lt);
       x[j] = keep ? g : 0.f;
     }

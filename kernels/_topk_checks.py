@@ -117,7 +117,7 @@ def prepare_topk(
                          "(pass tail=False)")
 
     ids = teacher_ids.reshape(-1, k).long()
-    t = teacher_logprobs.reshape(-1, k).to(torch.float32)
+    t = teacher_logprobs.detach().reshape(-1, k).to(torch.float32)  # the teacher never gets a gradient
     live = None if p.weights is None else p.weights != 0
     out_of_range = (ids < 0) | (ids >= v)
     sorted_ids = ids.sort(dim=-1).values

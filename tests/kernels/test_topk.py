@@ -366,6 +366,13 @@ def test_clear_errors(change, match):
     assert "\n" not in str(err.value) and "teacher_hidden" not in str(err.value)
 
 
+def test_teacher_and_frozen_head_get_no_gradient():
+    hs, w, ids, t = _make()
+    s, tc = hs.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    kernels.fused_linear_kl_topk(s, w, ids, tc, clip=0.05).backward()
+    assert tc.grad is None and w.grad is None and s.grad is not None
+
+
 def test_module_matches_function():
     hs, w, ids, t = _make()
     mod = kernels.FusedLinearKLTopK(temperature=1.1, clip=0.05, tail=False, return_stats=True)

@@ -124,7 +124,7 @@ def prepare_topk(
     duplicate = sorted_ids[:, 1:] == sorted_ids[:, :-1]
     invalid = out_of_range.any(-1) | duplicate.any(-1)
     counted_invalid = invalid if live is None else invalid & live
-    if ids.shape[0] and not torch.compiler.is_compiling() and bool(counted_invalid.any()):
+    if not torch.compiler.is_compiling() and ids.shape[0] and bool(counted_invalid.any()):
         _refuse_bad_ids(ids, counted_invalid, out_of_range, duplicate, v, p.lead)
     # Every row the kernels see holds valid ids: rows that do not count (and, under torch.compile, invalid rows)
     # get 0..K-1. An invalid counted row's log-probs are NaN (its loss is NaN); rows that do not count get 0s.

@@ -41,6 +41,7 @@ import math
 import torch
 
 from atesd.kernels._checks import prepare, reduce_loss
+from atesd.kernels._topk_checks import prepare_topk
 
 STAT_NAMES = ("kl", "clipped_kl", "top1_agree", "student_max_prob", "student_entropy")
 
@@ -222,8 +223,6 @@ def linear_kl_topk(
     student_entropy = -sum_v ps log ps (full vocabulary), student_topk_mass = sum_k exp a_k,
     teacher_topk_mass = sum_k exp t_k.
     """
-    from atesd.kernels._topk_checks import prepare_topk
-
     p = prepare_topk(student_hidden, weight, teacher_ids, teacher_logprobs, bias, temperature, clip, beta, tail,
                      mask, labels, ignore_index, reduction, num_items_in_batch)
     n = p.hs.shape[0]

@@ -91,3 +91,22 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
                 use_cache=False)
     return out.hidden_states[-1]
+
+
+def load_student(args: argparse.Namespace) -> tuple[PreTrainedModel, AutoTokenizer]:
+    """The student and the tokenizer alone, as ``load`` builds them (for a trainer whose teacher runs elsewhere)."""
+    if args.tiny:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+        return tiny_model(len(tokenizer), hidden=32, seed=0), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    return AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32), tokenizer
+
+
+def load_teacher(args: argparse.Namespace, teacher_padding: int = 8) -> PreTrainedModel:
+    """The teacher alone (frozen, eval mode), as ``load`` builds it (for the process or job that serves it)."""
+    if args.tiny:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+        teacher = tiny_model(len(tokenizer) + teacher_padding, hidden=48, seed=1)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher or args.student, dtype=torch.bfloat16)
+    return teacher.eval().requires_grad_(False)

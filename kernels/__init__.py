@@ -5,6 +5,8 @@
                                   temperature=1.1, clip=0.05, labels=labels, return_stats=True)
 
 ``atesd.kernels.reference.linear_kl`` is the plain-torch meaning (materialises logits); see its docstring for the math.
+For a served teacher that ships only its top-k log-probabilities per token, ``fused_linear_kl_topk`` (meaning:
+``atesd.kernels.reference.linear_kl_topk``).
 """
 
 if __name__ == "kernels":  # found by its bare name through a checkout on sys.path: not ours (atesd/__init__.py)
@@ -17,5 +19,7 @@ else:
     from atesd.kernels import reference
     from atesd.kernels._ops import backend_for, describe_backend, native_cpu_available
     from atesd.kernels.linear_kl import FusedLinearKL, fused_linear_kl
+    from atesd.kernels.linear_kl_topk import FusedLinearKLTopK, fused_linear_kl_topk
 
-__all__ = ["fused_linear_kl", "FusedLinearKL", "reference", "backend_for", "describe_backend", "native_cpu_available"]
+__all__ = ["fused_linear_kl", "FusedLinearKL", "fused_linear_kl_topk", "FusedLinearKLTopK", "reference", "backend_for",
+           "describe_backend", "native_cpu_available"]

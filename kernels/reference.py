@@ -41,6 +41,7 @@ import math
 import torch
 
 from atesd.kernels._checks import prepare, reduce_loss
+from atesd.kernels._topk_checks import prepare_topk
 
 STAT_NAMES = ("kl", "clipped_kl", "top1_agree", "student_max_prob", "student_entropy")
 
@@ -128,4 +129,139 @@ def linear_kl(
         }
         stats = {k: torch.zeros(n, device=hs.device).index_put((rows,), v.detach()).reshape(p.lead)
                  for k, v in stats.items()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Top-k variant for served teachers (DESIGN 3.6): the teacher arrives as K token ids and log-probabilities per token.
+
+TOPK_STAT_NAMES = STAT_NAMES + ("student_topk_mass", "teacher_topk_mass")
+TEACHER_LOG_MASS_CAP = -1e-7  # the teacher's top-k log-mass is capped here, so its tail bucket is never log 0
+
+
+def teacher_tail_logprob(teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """log of the teacher's mass outside its top-k, [..., K] fp32 -> [...]: log(1 - sum_k exp t_k), with the
+    top-k log-mass capped at -1e-7 (the tail is at least ~1e-7: served log-probs that round to a mass >= 1 give a
+    finite tail, as TRL's ``_add_tail_bucket`` does). NaN in, NaN out."""
+    log_mass = torch.logsumexp(teacher_logprobs, dim=-1).clamp(max=TEACHER_LOG_MASS_CAP)
+    return torch.log(-torch.expm1(log_mass))
+
+
+def linear_kl_topk(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    beta: float = 0.0,
+    tail: bool = True,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_stats: bool = False,
+):
+    """Clipped divergence against a served teacher's top-k log-probabilities, materialising the student's logits.
+
+    The plain-torch meaning of :func:`atesd.kernels.fused_linear_kl_topk` (small shapes only; fp32 math).
+
+    Per token n, with the teacher's K distinct token ids ``i_1..i_K`` and log-probabilities ``t_1..t_K``::
+
+        zs = (hs W^T + b) / T,  log ps = log_softmax(zs) over all V entries      (student; gradient flows here)
+        a_k = log ps[i_k],  b_k = t_k                                            k = 1..K
+        tail=True:  a_{K+1} = log(sum_{v not in ids} ps[v])                      (the student's mass elsewhere)
+                    b_{K+1} = log(1 - sum_k exp t_k)                             (the teacher's; top-k log-mass
+                                                                                  capped at -1e-7, never log 0)
+        l_j = l(a_j, b_j)                   the full op's pointwise term (beta 0: forward KL, 1: reverse, JSD)
+        L[n] = sum_j min(l_j, clip)         over the K entries (plus the tail bucket): clipping is pointwise
+        loss = the full op's reductions of L (mask / labels / ignore_index / num_items_in_batch, 'mean' of none 0)
+
+    With ``tail=True`` the K + 1 buckets are two proper distributions (each sums to 1): the divergence is the
+    exact divergence between the coarse-grained teacher and student, non-negative unclipped (forward KL: a lower
+    bound of the full-vocabulary KL). With ``tail=False`` it is the full op's vocabulary sum restricted to the K
+    teacher entries, log-probabilities as they are (not renormalised): a truncated sum that goes negative where
+    the student holds more of the top-k mass than the teacher. Nothing is clamped at 0: its gradient still moves
+    the student towards the teacher (the forward-KL minimum is the teacher's top-k renormalised).
+    ``temperature`` scales the student's logits only: the teacher's log-probabilities are used as given (serve
+    them at the same temperature, as TRL asks its server to). Their gradient is never taken.
+
+    Where this matches the served-teacher losses of other trainers (tested: ``tests/kernels/test_topk.py``):
+
+    - verl ``forward_kl_topk``: the same terms as ``tail=False, beta=0`` (student log-probs from the full
+      log-softmax, gathered at the teacher's ids, not renormalised). verl then clamps each token's loss at 0
+      (``clamp_min(0.0)``: the truncated sum's negative tokens lose their gradient) and at ``loss_max_clamp``
+      (``clamp(-c, c)`` on the token's sum: a clamped token has no gradient at all), and optionally floors both
+      sides' log-probs at ``log_prob_min_clamp``. We clamp neither and floor nothing; our ``clip`` bounds each
+      entry's term before the sum, so a token with one runaway entry keeps the gradient of its other entries.
+    - TRL ``ServerDistillationTrainer`` (``loss_top_k``, ``loss_add_tail=True``, its default; ``beta=0`` for
+      K > 1): the same K + 1 buckets and terms, hence the same per-token loss, and TRL's ``_jsd_divergence`` of
+      the same buckets equals ours for every beta (``m = (1 - beta) ps + beta pt``). TRL caps both sides'
+      top-k log-mass at -1e-7; we cap the teacher's only and compute the student's tail from its other logits
+      (exact even when its top-k mass rounds to 1, where TRL's is floored at ~1e-7).
+      With ``loss_add_tail=False`` TRL renormalises both sides over the K entries (a divergence between the two
+      conditional distributions); we do not: on the same inputs, unclipped forward KL,
+      TRL = L / M_t + log(M_s / M_t) with M_t, M_s the teacher's and the student's top-k masses (the stats
+      teacher_topk_mass, student_topk_mass). TRL's server path divides by its local count of counted tokens
+      ('mean' here) and does not use num_items_in_batch.
+
+    Ids: an integer tensor [..., K] of distinct token ids in [0, V) per counted position (K <= V; K < V with
+    ``tail``); a duplicate or an out-of-range id at a counted position is a ValueError naming it (one host read;
+    under torch.compile the check is skipped and such a position's loss is NaN instead). Positions that do not
+    count may hold anything (padding), as their hidden states may.
+
+    Non-finite inputs follow the full op's contract: a NaN or +-inf in a counted row's inputs - its hidden
+    states, its teacher log-probs (-inf included: pad a short top-k list with finite log-probs), or the head or
+    bias every row uses - makes that row's loss, kl and clipped_kl NaN and its hidden-state gradient NaN. (Exactly:
+    a row is NaN when one of its V logits or K teacher log-probs is not finite.)
+
+    Per-token statistics, without gradient, 0 at excluded tokens: kl = sum_j l_j (unclipped), clipped_kl = L,
+    top1_agree = [argmax_v zs == the teacher's top-1 id] (ties: the smallest id), student_max_prob = max_v ps,
+    student_entropy = -sum_v ps log ps (full vocabulary), student_topk_mass = sum_k exp a_k,
+    teacher_topk_mass = sum_k exp t_k.
+    """
+    p = prepare_topk(student_hidden, weight, teacher_ids, teacher_logprobs, bias, temperature, clip, beta, tail,
+                     mask, labels, ignore_index, reduction, num_items_in_batch)
+    n = p.hs.shape[0]
+    rows = torch.arange(n, device=p.hs.device) if p.weights is None else (p.weights != 0).nonzero().squeeze(1)
+    hs = p.hs.index_select(0, rows).float()
+    ids = p.ids.index_select(0, rows)
+    t = p.logprobs.index_select(0, rows)
+    zs = hs @ p.w.float().T
+    if p.bs is not None:
+        zs = zs + p.bs.float()
+    zs = zs / temperature
+    zs = zs + (zs - zs)  # a non-finite logit (from a non-finite input) makes its whole row NaN
+    log_ps = torch.log_softmax(zs, dim=-1)
+    a = log_ps.gather(1, ids)
+    b = t
+    if tail:
+        others = log_ps.scatter(1, ids, float("-inf"))
+        a = torch.cat([a, torch.logsumexp(others, dim=-1, keepdim=True)], dim=1)
+        b = torch.cat([b, teacher_tail_logprob(t)[:, None]], dim=1)
+    pointwise = pointwise_divergence(a, b, beta)
+    # c_j = [not (l_j > clip)]: a NaN term is kept (value and gradient), as in every backend of the full op
+    clipped = pointwise if clip is None else torch.where(pointwise > clip, clip, pointwise)
+    token_loss = torch.zeros(n, device=hs.device).index_put((rows,), clipped.sum(-1))
+
+    loss = reduce_loss(token_loss, p.weights, reduction, num_items_in_batch, p.lead)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        v = zs.shape[1]
+        teacher_top1 = torch.where(t == t.max(-1, keepdim=True).values, ids, v).amin(-1)
+        stats = {
+            "kl": pointwise.sum(-1),
+            "clipped_kl": clipped.sum(-1),
+            "top1_agree": (zs.argmax(-1) == teacher_top1).to(torch.float32),
+            "student_max_prob": log_ps.max(-1).values.exp(),
+            "student_entropy": -(log_ps.exp() * log_ps).sum(-1),
+            "student_topk_mass": log_ps.gather(1, ids).exp().sum(-1),
+            "teacher_topk_mass": t.exp().sum(-1),
+        }
+        stats = {k: torch.zeros(n, device=hs.device).index_put((rows,), v_.detach()).reshape(p.lead)
+                 for k, v_ in stats.items()}
     return loss, stats

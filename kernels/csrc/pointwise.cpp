@@ -247,4 +247,70 @@ void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, f
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Top-k op: the student's distribution outside the teacher's ids (masked to -inf by the caller).
+
+ATESD_CLONES
+void tail_online_tile(const float* z, int64_t rows, int64_t vt, int64_t v0, float* m, float* s, float* e,
+                      int64_t* idx) {
+  constexpr float kMax = std::numeric_limits<float>::max();
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = z + i * vt;
+    float mx = kNegInf;
+    int bad = 0;  // unmasked entries that are not finite
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+    for (int64_t j = 0; j < vt; ++j) {
+      const bool keep = x[j] != kMasked, finite = std::fabs(x[j]) <= kMax;  // NaN: not <=
+      mx = keep && finite && x[j] > mx ? x[j] : mx;
+      bad += keep && !finite ? 1 : 0;
+    }
+    if (bad) {
+      s[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    if (mx > m[i]) {  // strict: on ties the earlier (smaller) vocabulary index wins, as torch.argmax
+      int64_t j = 0;
+      while (j < vt && x[j] != mx) ++j;
+      idx[i] = v0 + j;
+      if (s[i] > 0.f) {
+        const float d = mx - m[i], sc = fast_exp(-d);
+        e[i] = sc * (e[i] - d * s[i]);
+        s[i] = sc * s[i];
+      }
+      m[i] = mx;
+    }
+    if (m[i] == kNegInf) continue;  // every entry so far masked
+    float ts = 0.f, te = 0.f;
+    const float mm = m[i];
+#pragma omp simd reduction(+ : ts, te)
+    for (int64_t j = 0; j < vt; ++j) {
+      const bool keep = x[j] != kMasked;
+      const float u = x[j] - mm;
+      const float p = keep ? fast_exp(u) : 0.f;
+      ts += p;
+      te += keep ? p * u : 0.f;
+    }
+    s[i] += ts;
+    e[i] += te;
+  }
+}
+
+ATESD_CLONES
+void tail_grad_tile(float* z, int64_t rows, int64_t vt, const float* lse_tail, const float* coef) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* x = z + i * vt;
+    const float c = coef[i], lt = lse_tail[i];
+    if (c == 0.f) {  // no gradient for this row: exactly 0, NaN logits included
+      std::fill(x, x + vt, 0.f);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < vt; ++j) {
+      const bool keep = x[j] != kMasked;
+      const float g = c * fast_exp(x[j] - lt);
+      x[j] = keep ? g : 0.f;
+    }
+  }
+}
+
 }  // namespace atesd

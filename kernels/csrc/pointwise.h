@@ -38,4 +38,19 @@ void pass2_tile(const float* zs, const float* zt, int64_t rows, int64_t vt, int 
 void grad_tile(float* zs, const float* zt, int64_t rows, int64_t vt, int kind, float beta, float clip,
                const float* lse_s, const float* lse_t, const float* grad, const float* g, float inv_t);
 
+// Top-k op (linear_kl_topk.cpp): the caller overwrites the entries of each row that are among its teacher ids
+// with kMasked (finite, so that a genuine -inf logit stays distinguishable).
+constexpr float kMasked = -3.4028234663852886e38f;  // lowest float
+
+// Online log-sum-exp over the unmasked entries of one tile: per row i, running max m, s = sum exp(z - m),
+// e = sum exp(z - m)(z - m) and the first argmax idx (v0: the tile's first vocabulary index). A row whose entries
+// so far are all masked keeps m = -inf and s = 0; an unmasked entry that is not finite (NaN, +-inf: from a
+// non-finite input) makes s NaN, so the row's log-sum-exp, loss and gradient are NaN.
+void tail_online_tile(const float* z, int64_t rows, int64_t vt, int64_t v0, float* m, float* s, float* e,
+                      int64_t* idx);
+
+// Logit gradient of the unmasked entries, written over z: coef[i] * exp(z - lse_tail[i]), 0 at masked entries and
+// on rows with coef == 0 (whatever their logits hold).
+void tail_grad_tile(float* z, int64_t rows, int64_t vt, const float* lse_tail, const float* coef);
+
 }  // namespace atesd

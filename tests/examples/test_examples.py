@@ -12,9 +12,9 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
 
-def _run(name: str, monkeypatch, tmp_path) -> float:
+def _run(name: str, monkeypatch, tmp_path, *extra: str) -> float:
     monkeypatch.syspath_prepend(EXAMPLES)  # the examples import their sibling common.py
-    monkeypatch.setattr(sys, "argv", [name, "--tiny", "--steps", "2", "--output-dir", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", [name, "--tiny", "--steps", "2", "--output-dir", str(tmp_path), *extra])
     monkeypatch.chdir(tmp_path)  # nothing may be written into the checkout
     spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -37,3 +37,16 @@ def test_trl_distillation_trainer_example(monkeypatch, tmp_path, capsys):
     loss = _run("trl_distillation", monkeypatch, tmp_path)
     assert math.isfinite(loss) and loss > 0
     assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_served_teacher_topk_example(monkeypatch, tmp_path, capsys):
+    # the teacher in its own process (a stand-in for an inference server), then from a file an offline job wrote
+    loss = _run("served_teacher_topk", monkeypatch, tmp_path)
+    assert math.isfinite(loss) and loss > 0
+    out = capsys.readouterr().out
+    assert "step 1: loss" in out and "top-32 mass: teacher" in out
+    path = str(tmp_path / "topk.pt")
+    _run("served_teacher_topk", monkeypatch, tmp_path, "--write-teacher-topk", path)
+    assert "wrote the teacher's top-32" in capsys.readouterr().out
+    from_file = _run("served_teacher_topk", monkeypatch, tmp_path, "--teacher-topk", path)
+    assert math.isfinite(from_file) and abs(from_file - loss) < 1e-4  # the same teacher, the same two steps

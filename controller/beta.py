@@ -75,7 +75,7 @@ N_FEATURES = 6
 HISTORY = 256
 _EPS = 1e-6
 _MIN_EXTRA = 1e-4  # a, b >= 1 + 1e-4 > 1 even where softplus underflows
-_GATE_MIN_N = 4.0  # Hotelling's T^2 has a finite mean under the null only for n > p + 2 = 4
+_GATE_MIN_N = 5.0  # the F statistic (p = 2) has a finite mean under the null only for n > p + 3 = 5
 
 
 class BetaExposureController(ExposurePolicy):
@@ -451,8 +451,9 @@ class BetaExposureController(ExposurePolicy):
                           credit_mean=sum(d["credit"] for d in batch) / len(batch))
 
     def window_gradient(self) -> tuple[list[float], float]:
-        """(g, w) of the window update (module docstring): the weighted mean policy gradient in (a, b) over the
-        window's decisions, their rewards standardised within it, and the SNR gate w (1 without snr_gate)."""
+        """(g, w) of the window update (module docstring): g, the natural gradient of the expected reward in (a, b),
+        estimated as the weighted least-squares coefficients of the window's rewards (standardised within it) on
+        the Beta's sufficient statistics (log alpha, log(1 - alpha)); w, the SNR gate (1 without snr_gate)."""
         c, win = self.config, self._window
         lam = c["window_ema"]
         weights = [lam ** (len(win) - 1 - i) for i in range(len(win))]
@@ -467,21 +468,14 @@ class BetaExposureController(ExposurePolicy):
         rewards = standardised("P")
         if self.uses_credit:
             rewards = [r + c["lambda_gt"] * z for r, z in zip(rewards, standardised("C"))]
-        sums = {"s0": 0.0, "q": 0.0, "s1": [0.0, 0.0], "s2": [0.0, 0.0, 0.0, 0.0]}
-        for w, r, d in zip(weights, rewards, win):
-            sa, sb = _score_ab(d["alpha"], d["a"], d["b"])
-            u = (r * sa, r * sb)
-            sums["s0"] += w
-            sums["q"] += w * w
-            sums["s1"] = [sums["s1"][i] + w * u[i] for i in range(2)]
-            sums["s2"] = [sums["s2"][2 * i + j] + w * u[i] * u[j] for i in range(2) for j in range(2)]
-        if sums["s0"] <= 0:
-            return [0.0, 0.0], 0.0
-        g = [sums["s1"][0] / sums["s0"], sums["s1"][1] / sums["s0"]]
-        return g, (_gate_value(sums) if c["snr_gate"] else 1.0)
+        feats = [(math.log(min(max(d["alpha"], _EPS), 1 - _EPS)), math.log1p(-min(max(d["alpha"], _EPS), 1 - _EPS)))
+                 for d in win]
+        beta, r2, n = _weighted_regression(feats, rewards, weights)
+        return beta, (_gate_value(r2, n) if c["snr_gate"] else 1.0)
 
     def _natural_step(self, state: list[float], grad_ab: list[float]) -> None:
-        """Move the Beta at ``state`` by lr F^-1 (grad_ab + entropy bonus gradient) in (a, b), at most max_kl nats
+        """Move the Beta at ``state`` by lr (grad_ab + F^-1 entropy bonus gradient) in (a, b) (grad_ab: a natural
+        gradient already), at most max_kl nats
         (KL to second order) and no narrower than min_sd, through the smallest parameter change
         (J^T (J J^T)^-1) that moves the MLP's two outputs z (a = 1 + 1e-4 + softplus(z_1), likewise b) there."""
         c = self.config
@@ -490,9 +484,9 @@ class BetaExposureController(ExposurePolicy):
         ab = (1.0 + _MIN_EXTRA + F.softplus(z.detach())).double().requires_grad_(True)
         ent = torch.distributions.Beta(ab[0], ab[1]).entropy()
         (grad,) = torch.autograd.grad(c["entropy_coef"] * ent.clamp(max=c["entropy_cap"]), ab, allow_unused=True)
-        grad = (torch.zeros(2, dtype=torch.float64) if grad is None else grad) + torch.tensor(grad_ab).double()
         fisher = _beta_fisher(ab.detach())
-        step = c["lr"] * torch.linalg.solve(fisher, grad)
+        bonus = torch.zeros(2, dtype=torch.float64) if grad is None else torch.linalg.solve(fisher, grad)
+        step = c["lr"] * (torch.tensor(grad_ab, dtype=torch.float64) + bonus)  # both natural gradients
         kl = 0.5 * float(step @ fisher @ step)
         if c["max_kl"] > 0 and kl > c["max_kl"]:
             step = step * math.sqrt(c["max_kl"] / kl)
@@ -596,32 +590,39 @@ def _window_length(decay: float) -> int:
     return max(8, math.ceil(3.0 / (1.0 - decay)))
 
 
-def _gate_value(sums: dict[str, Any]) -> float:
-    """w = max(0, 1 - 2 E0 / T^2) from weighted sums of the gradients u (s0 = sum w, q = sum w^2, s1 = sum w u,
-    s2 = sum w u u' row-major): T^2 = n m' S^-1 m (m, S: weighted mean and covariance of u, n = s0^2 / q the
-    effective number of decisions) and E0 = p (n - 1) / (n - p - 2), p = 2, the mean of T^2 when E[u] = 0.
-    0 until n > 4."""
-    s0, q = sums["s0"], sums["q"]
-    if s0 <= 0 or q <= 0:
-        return 0.0
-    n = s0 * s0 / q
+def _weighted_regression(x: list[tuple[float, float]], y: list[float],
+                         w: list[float]) -> tuple[list[float], float, float]:
+    """Weighted least squares of y on two regressors with an intercept: (coefficients, R^2, effective n =
+    (sum w)^2 / sum w^2). Degenerate inputs (n < 2, no spread) give zero coefficients and R^2 = 0."""
+    sw = sum(w)
+    if len(y) < 2 or sw <= 0:
+        return [0.0, 0.0], 0.0, float(len(y))
+    n = sw * sw / sum(v * v for v in w)
+    mx = [sum(wi * xi[k] for wi, xi in zip(w, x)) / sw for k in range(2)]
+    my = sum(wi * yi for wi, yi in zip(w, y)) / sw
+    xc = [(xi[0] - mx[0], xi[1] - mx[1]) for xi in x]
+    yc = [yi - my for yi in y]
+    sxx = [[sum(wi * a[j] * a[k] for wi, a in zip(w, xc)) for k in range(2)] for j in range(2)]
+    sxy = [sum(wi * a[j] * b for wi, a, b in zip(w, xc, yc)) for j in range(2)]
+    syy = sum(wi * b * b for wi, b in zip(w, yc))
+    det = sxx[0][0] * sxx[1][1] - sxx[0][1] * sxx[1][0]
+    if det <= 1e-12 * max(sxx[0][0] * sxx[1][1], 1e-300) or syy <= 0:
+        return [0.0, 0.0], 0.0, n
+    coef = [(sxx[1][1] * sxy[0] - sxx[0][1] * sxy[1]) / det, (sxx[0][0] * sxy[1] - sxx[1][0] * sxy[0]) / det]
+    r2 = min(1.0, max(0.0, (coef[0] * sxy[0] + coef[1] * sxy[1]) / syy))
+    return coef, r2, n
+
+
+def _gate_value(r2: float, n: float) -> float:
+    """w = max(0, 1 - 2 E0 / F) for the regression's F = (R^2 / p) / ((1 - R^2) / (n - p - 1)), p = 2, and E0 =
+    (n - p - 1) / (n - p - 3), the mean of F when the rewards do not depend on alpha. 0 until n > 5."""
     if n <= _GATE_MIN_N + 1e-9:
         return 0.0
-    m = [sums["s1"][i] / s0 for i in range(2)]
-    cov = [(sums["s2"][2 * i + j] / s0 - m[i] * m[j]) * n / (n - 1) for i in range(2) for j in range(2)]
-    det = cov[0] * cov[3] - cov[1] * cov[2]
-    if det <= 1e-12 * max(cov[0] * cov[3], 1e-300):
-        return 0.0
-    t2 = n * (cov[3] * m[0] * m[0] - (cov[1] + cov[2]) * m[0] * m[1] + cov[0] * m[1] * m[1]) / det
-    e0 = 2.0 * (n - 1) / (n - 4)
-    return max(0.0, 1.0 - 2.0 * e0 / t2) if t2 > 0 else 0.0
-
-
-def _score_ab(alpha: float, a: float, b: float) -> tuple[float, float]:
-    """grad_(a, b) log Beta(alpha; a, b) = (log x - psi(a) + psi(a+b), log(1-x) - psi(b) + psi(a+b))."""
-    x = min(max(alpha, _EPS), 1 - _EPS)
-    psi = torch.special.digamma(torch.tensor([a, b, a + b], dtype=torch.float64)).tolist()
-    return math.log(x) - psi[0] + psi[2], math.log1p(-x) - psi[1] + psi[2]
+    if r2 >= 1.0 - 1e-12:
+        return 1.0
+    f = (r2 / 2.0) / ((1.0 - r2) / (n - 3.0))
+    e0 = (n - 3.0) / (n - 5.0)
+    return max(0.0, 1.0 - 2.0 * e0 / f) if f > 0 else 0.0
 
 
 def _beta_fisher(ab: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -87,7 +87,15 @@ TUNING: dict[str, Design] = {
                      note="best 0.2 rising with competence to ~0.8"),
     "wide": Design(c0=0.3, a0=0.35, w_lo=0.4, w_hi=0.4, floor=0.4, tau=1, note="best 0.35, broad, no delay"),
 }
-HELD_BACK: dict[str, Design] = {}
+# Written after the defaults were fixed (commit 6c67664) and never tuned on.
+HELD_BACK: dict[str, Design] = {
+    "falling": Design(c0=0.2, a0=0.9, a1=-0.8, w_lo=0.2, w_hi=0.2, floor=0.2, tau=5,
+                      note="best 0.74 falling with competence to ~0.35"),
+    "sharp": Design(c0=0.4, a0=0.7, w_lo=0.1, w_hi=0.1, floor=0.1, tau=8, phi=2.0,
+                    note="best 0.7, narrow, delay 8, strong low-exposure lure"),
+    "edge-low": Design(c0=0.15, a0=0.05, w_lo=0.2, w_hi=0.25, floor=0.25, tau=6,
+                       note="best 0.05 (answer only), delay 6"),
+}
 PURE_NOISE = Design(c0=0.3, a0=0.5, floor=1.0, phi=0.0, credit_alpha=0.0, tau=3, informative=False,
                     note="learns the same whatever alpha")
 STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, "pure-noise": PURE_NOISE}
@@ -254,12 +262,6 @@ def wins(cell: Cell, method: str, ref: str) -> tuple[int, int]:
     return sum(x["skill"] > y["skill"] for x, y in zip(a, b)), len(a)
 
 
-def with_held_back(names: dict[str, Design]) -> None:
-    """Register held-back students (kept out of STUDENTS until the defaults were fixed)."""
-    HELD_BACK.update(names)
-    STUDENTS.update(names)
-
-
 def _parse_list(text: str, kind: type) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
@@ -272,9 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="one budget (overrides --budgets)")
     ap.add_argument("--noise", default=",".join(f"{x:g}" for x in NOISE),
                     help="comma list of noise levels, x the per-step progress at the best exposure")
-    ap.add_argument("--students", default="all", help=f"comma list of {', '.join(STUDENTS)}, or all, tuning, held-back")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods or build specs")
-    ap.add_argument("--out", default="runs/controller_sim.png", help="PNG path ('' to skip the figure)")
+    ap.add_argument("--students", default="all",
+                    help=f"comma list of {', '.join(STUDENTS)}; or all, tuning, held-back")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma list of methods (adaptive, paper, random, full, best-fixed) or build specs with "
+                         "settings, e.g. 'adaptive?decisions=32'")
+    ap.add_argument("--out", default="runs/controller_sim.png",
+                    help="PNG path ('' to skip the figure); the docs' figure, docs/controller_sim.png, only when named")
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
     args = ap.parse_args(argv)
     budgets = [args.steps] if args.steps else _parse_list(args.budgets, int)
@@ -284,10 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
         ap.error(f"unknown student(s) {unknown}; choose from {', '.join(STUDENTS)}")
+    methods = tuple(_parse_list(args.methods, str))
     t = time.perf_counter()
-    cells = grid(students, budgets, noises, args.seeds, tuple(_parse_list(args.methods, str)))
-    text = report(cells, args.seeds)
-    text += f"\n\n{time.perf_counter() - t:.0f} s\n"
+    cells = grid(students, budgets, noises, args.seeds, methods)
+    text = report(cells, [m for m in methods if m not in ("random", "full", "best-fixed")])
+    text += f"\n\n{len(cells)} cells, {args.seeds} seeds, {time.perf_counter() - t:.0f} s\n"
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as fh:
@@ -298,47 +305,155 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
 
 
-def report(cells: list[Cell], seeds: int) -> str:
-    return detail_table(cells)
+# ---- the tables --------------------------------------------------------------------------------------------
+def target_met(cells: list[Cell], method: str) -> bool:
+    """Both win rates (vs random and vs full) at least 80% in every one of ``cells``."""
+    return all(min(wins(c, method, "random")[0], wins(c, method, "full")[0]) >= 0.8 * len(c.runs[method])
+               for c in cells)
 
 
-def detail_table(cells: list[Cell]) -> str:
-    methods = [m for m in METHODS if m in cells[0].runs] + [m for m in cells[0].runs if m not in METHODS]
-    head = ["student", "T", "noise"] + [f"{m} skill" for m in methods]
-    cmp = [m for m in methods if m not in ("random", "full", "best-fixed")]
-    head += [f"{m} > random" for m in cmp] + [f"{m} > full" for m in cmp] + [f"{m} late alpha" for m in cmp]
-    head += ["best alpha"]
+def noise_ok(run: dict) -> bool:
+    """The pure-noise target for one run: final policy mean within 0.15 of 0.5 and sd above 0.15."""
+    return abs(run["final_mean"] - 0.5) <= 0.15 and run["final_sd"] > 0.15
+
+
+def summary_table(cells: list[Cell], methods: list[str]) -> str:
+    """Per (budget, noise), pooled over the cells' students and seeds: seeds beating random, beating full, and
+    the students whose cell meets the target (both at least 80% of seeds)."""
+    keys = sorted({(c.steps, c.noise) for c in cells})
+    head = ["T", "noise"] + [f"{m}: {x}" for m in methods for x in ("> random", "> full", "students at target")]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in cells:
-        row = [c.student, str(c.steps), f"{c.noise:g}"]
-        row += [f"{_mean([r['skill'] for r in c.runs[m]]):.4f}" for m in methods]
-        for ref in ("random", "full"):
-            row += ["{}/{}".format(*wins(c, m, ref)) if ref in c.runs else "-" for m in cmp]
-        row += [f"{_mean([r['late_alpha'] for r in c.runs[m]]):.2f}" for m in cmp]
-        row += [f"{c.best_alpha:.2f}"]
+    for steps, noise in keys:
+        cs = [c for c in cells if (c.steps, c.noise) == (steps, noise)]
+        row = [str(steps), f"{noise:g}"]
+        for m in methods:
+            n = sum(len(c.runs[m]) for c in cs)
+            row += [f"{sum(wins(c, m, 'random')[0] for c in cs)}/{n}", f"{sum(wins(c, m, 'full')[0] for c in cs)}/{n}",
+                    f"{sum(target_met([c], m) for c in cs)}/{len(cs)}"]
         out.append("| " + " | ".join(row) + " |")
     return "\n".join(out)
 
 
+def student_table(cells: list[Cell], method: str) -> str:
+    """Per student and budget, one column per noise level: seeds beating random, seeds beating full (r, f)."""
+    noises = sorted({c.noise for c in cells})
+    head = ["student", "T", "best fixed alpha"] + [f"noise {x:g}" for x in noises]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(c.student for c in cells):
+        for steps in sorted({c.steps for c in cells if c.student == name}):
+            cs = {c.noise: c for c in cells if c.student == name and c.steps == steps}
+            row = [name, str(steps), f"{next(iter(cs.values())).best_alpha:.2f}"]
+            for x in noises:
+                r, n = wins(cs[x], method, "random")
+                f, _ = wins(cs[x], method, "full")
+                row.append(f"{r}, {f}" + ("" if min(r, f) >= 0.8 * n else " ✗"))
+            out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def skill_table(cells: list[Cell], methods: list[str], noise: float) -> str:
+    """Mean cumulative skill per student and budget at one noise level, every method side by side."""
+    cols = [m for m in (*methods, "random", "full", "best-fixed") if m in cells[0].runs]
+    head = ["student", "T"] + cols + ["adaptive alpha, last quarter", "best alpha (hindsight, fixed)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        if c.noise != noise:
+            continue
+        row = [c.student, str(c.steps)] + [f"{_mean([r['skill'] for r in c.runs[m]]):.4f}" for m in cols]
+        la = [r["late_alpha"] for r in c.runs[methods[0]]]
+        row += [f"{_mean(la):.2f} ± {_sd(la):.2f}", f"{c.best_alpha:.2f}"]
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def noise_table(cells: list[Cell], methods: list[str]) -> str:
+    """Pure-noise student: the final policy (at the state of a next decision) per budget and noise level."""
+    head = ["T", "noise"] + [f"{m}: {x}" for m in methods for x in ("final mean (min-max)", "final sd (min)",
+                                                                  "seeds at target")]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        row = [str(c.steps), f"{c.noise:g}"]
+        for m in methods:
+            fm, fs = [r["final_mean"] for r in c.runs[m]], [r["final_sd"] for r in c.runs[m]]
+            row += [f"{_mean(fm):.2f} ({min(fm):.2f}-{max(fm):.2f})", f"{_mean(fs):.2f} ({min(fs):.2f})",
+                    f"{sum(noise_ok(r) for r in c.runs[m])}/{len(fm)}"]
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def report(cells: list[Cell], methods: list[str]) -> str:
+    """Markdown: summary per group of students, per-student win table of the first method, skills, pure noise."""
+    parts = []
+    noisy = [c for c in cells if c.student == "pure-noise"]
+    for title, names in (("tuning students", TUNING), ("held-back students", HELD_BACK)):
+        cs = [c for c in cells if c.student in names]
+        if cs and methods:
+            parts += [f"### {title}: seeds beating random / full (cumulative skill, paired by seed)", "",
+                      summary_table(cs, methods), ""]
+    learn = [c for c in cells if c.student != "pure-noise"]
+    if learn and methods:
+        parts += [f"### per student: `{methods[0]}` seeds > random, seeds > full (✗: below 80% of seeds)", "",
+                  student_table(learn, methods[0]), ""]
+        for noise in sorted({c.noise for c in learn})[:1] + sorted({c.noise for c in learn})[-1:]:
+            parts += [f"### mean cumulative skill at noise {noise:g}", "", skill_table(learn, methods, noise), ""]
+    if noisy and methods:
+        parts += ["### pure-noise student: the final policy (target: |mean - 0.5| <= 0.15 and sd > 0.15)", "",
+                  noise_table(noisy, methods), ""]
+    return "\n".join(parts).rstrip()
+
+
+def _sd(x: list[float]) -> float:
+    m = _mean(x)
+    return math.sqrt(sum((v - m) ** 2 for v in x) / max(len(x) - 1, 1)) if x else math.nan
+
+
 def plot(cells: list[Cell], path: str) -> None:
+    """One figure: per method (rows), the share of seeds meeting the target per budget x noise, for the tuning
+    students, the held-back students (both: beating random and full) and the pure-noise student (staying broad)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({c.student for c in cells}):
-        cs = [c for c in cells if c.student == name]
-        ax.plot(range(len(cs)), [wins(c, "adaptive", "random")[0] if "random" in c.runs else 0 for c in cs],
-                label=name)
-    ax.legend(fontsize=8)
+    methods = [m for m in cells[0].runs if m not in ("random", "full", "best-fixed")]
+    groups = [(t, [c for c in cells if c.student in names]) for t, names in (
+        ("tuning students: seeds beating random and full", TUNING),
+        ("held-back students: seeds beating random and full", HELD_BACK),
+        ("pure noise: seeds ending broad", {"pure-noise": PURE_NOISE}))]
+    groups = [(t, cs) for t, cs in groups if cs]
+    if not methods or not groups:
+        return
+    fig, axes = plt.subplots(len(methods), len(groups), figsize=(5.2 * len(groups), 3.6 * len(methods)),
+                             squeeze=False)
+    for i, m in enumerate(methods):
+        for j, (title, cs) in enumerate(groups):
+            budgets, noises = sorted({c.steps for c in cs}), sorted({c.noise for c in cs})
+            grid_ = [[math.nan] * len(noises) for _ in budgets]
+            for bi, steps in enumerate(budgets):
+                for ni, noise in enumerate(noises):
+                    sel = [c for c in cs if (c.steps, c.noise) == (steps, noise)]
+                    if "pure noise" in title:
+                        ok = [noise_ok(r) for c in sel for r in c.runs[m]]
+                    else:
+                        ok = [x["skill"] > max(y["skill"], z["skill"]) for c in sel
+                              for x, y, z in zip(c.runs[m], c.runs["random"], c.runs["full"])]
+                    grid_[bi][ni] = sum(ok) / len(ok) if ok else math.nan
+            ax = axes[i][j]
+            ax.imshow(grid_, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for bi in range(len(budgets)):
+                for ni in range(len(noises)):
+                    ax.text(ni, bi, f"{grid_[bi][ni]:.0%}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(noises)), [f"{x:g}x" for x in noises])
+            ax.set_yticks(range(len(budgets)), [str(b) for b in budgets])
+            ax.set(xlabel="reward noise / per-step progress", ylabel="budget (steps)", title=f"{m}: {title}")
+            ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-__all__ = ["BUDGETS", "HELD_BACK", "METHODS", "NOISE", "STUDENTS", "TUNING", "Design", "Student", "grid", "main",
-           "replace", "run"]
+__all__ = ["BUDGETS", "HELD_BACK", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING", "Design", "Student",
+           "grid", "main", "report", "run"]
 
 
 if __name__ == "__main__":

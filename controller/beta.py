@@ -24,15 +24,17 @@ Updates (docs/controller.md derives them):
       policy_loss = -mean_j A_j log Beta(alpha_j; a(s_j), b(s_j)) - entropy_coef * mean_j min(H_j, entropy_cap)
   with A_j the reward standardised by running statistics of earlier decisions, centred and normalised in the
   batch when `baseline="batch"` (the paper).
-- ``update="window"`` (default): after each scored decision, with exponential weights lambda^age over the last
-  decisions (lambda = `window_ema`), rewards r_i = clip(z(P_i)) + lambda_gt z(C_i) standardised in that window,
-  per-decision gradients u_i = r_i grad_(a,b) log Beta(alpha_i; a_i, b_i) (at the Beta it was sampled from),
-  their weighted mean g and covariance S, effective size n = (sum w)^2 / sum w^2, and Hotelling's
-  T^2 = n g' S^-1 g, whose mean is E0 = 2 (n - 1) / (n - 4) when rewards do not depend on alpha:
-      w = max(0, 1 - 2 E0 / T^2)        (snr_gate; 0 until n > 4)
-      Delta(a, b) = lr F(a, b)^-1 (w g + entropy_coef grad min(H, entropy_cap))
-  at the state of the next decision, F the Beta's Fisher information; the step is capped at `max_kl` nats and
-  at a concentration whose sd is `min_sd`, and made by the smallest parameter change that moves the MLP's
+- ``update="window"`` (default): after each scored decision, over the last decisions with weights lambda^age
+  (lambda = `window_ema`), rewards r_i = clip(z(P_i)) + lambda_gt z(C_i) standardised within that window are
+  regressed (weighted least squares, intercept) on the Beta's sufficient statistics x_i = (log alpha_i,
+  log(1 - alpha_i)). For an exponential family the natural gradient of E[r] in (a, b) is F^-1 Cov(x, r) =
+  Cov(x)^-1 Cov(x, r): the regression coefficients g. With R^2 the fit, n = (sum w)^2 / sum w^2 the effective
+  number of decisions, F = (R^2 / 2) / ((1 - R^2) / (n - 3)) and E0 = (n - 3) / (n - 5) its mean when rewards do
+  not depend on alpha:
+      w = max(0, 1 - 2 E0 / F)        (snr_gate; 0 until n > 5)
+      Delta(a, b) = lr (w g + F(a, b)^-1 grad entropy_coef min(H, entropy_cap))
+  at the state of the next decision (F(a, b): the Beta's Fisher information); the step is capped at `max_kl` nats
+  and at a concentration whose sd is `min_sd`, and made by the smallest parameter change that moves the MLP's
   output there. Rewards that carry no information leave w ~ 0: the policy stays near its prior.
 """
 

@@ -44,7 +44,8 @@ class RandomExposure(ExposurePolicy):
             self._alpha = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate(), "alpha": self._alpha, "in_window": self._in_window,
+        version, internal, gauss = self._rng.getstate()  # plain lists: storable without pickle
+        return {"rng": [version, list(internal), gauss], "alpha": self._alpha, "in_window": self._in_window,
                 "last": self._last}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

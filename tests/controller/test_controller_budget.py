@@ -96,6 +96,11 @@ def test_random_exposure_holds_as_long_as_the_adaptive_policy():
         r = build("random", strict=False, total_steps=steps, preset=preset, seed=1)
         assert r.hold == build("adaptive", total_steps=steps, preset=preset).K
     assert build("random", hold=7, total_steps=2000).hold == 7
+    r = build("random", seed=3, total_steps=100)
+    drive(r, 6, decreasing)
+    q = build("random", seed=9, total_steps=100)
+    q.load_state_dict(json.loads(json.dumps(r.state_dict())))  # plain data, JSON-able
+    assert drive(r, 20, decreasing) == drive(q, 20, decreasing)
     assert build("full", strict=False, total_steps=2000, preset="paper", hold=None).alpha == 1.0
 
 

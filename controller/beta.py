@@ -13,7 +13,7 @@ a, b > 1 and the Beta is unimodal. The last layer starts at zero weight and bias
 decisions come from Beta(2, 2).
 
 Timing: one alpha per hold window of K = `hold` steps; decision d (first step t0) is scored when step t0 + L
-(L = `lookahead` > K) has been observed, by its progress P(d) (`progress`: a least-squares slope of the signal
+(L = `lookahead` > K) has been observed, by its progress P(d) (`estimator`: a least-squares slope of the signal
 over the lookahead, or the paper's discounted mean of loss decreases; `controller.reward`) and the mean
 teacher-grounded credit C(d) of its held steps. `finish()` scores the decisions still in flight on the steps
 they got. K, L, gamma and the step size come from `controller.presets`: the default preset sizes them from the
@@ -57,9 +57,9 @@ from atesd.controller.baselines import _as_rng_state
 from atesd.controller.presets import (
     BASELINES,
     DEFAULTS,
+    ESTIMATORS,
     LEGACY,
     OPTIMIZERS,
-    PROGRESS,
     SETTINGS,
     SIGNALS,
     UPDATES,
@@ -107,7 +107,7 @@ class BetaExposureController(ExposurePolicy):
         signal: 'loss' (the paper's KD loss), 'accuracy' (probe accuracy, measured at each decision's start when
             :meth:`wants` asks) or 'probe_nll' (the student's NLL of fixed reference solutions, which does not
             depend on alpha; measured where :meth:`wants` asks: ~4 times per hold window).
-        progress: 'slope' (least-squares slope over the lookahead) or 'delta' (the paper's discounted mean of
+        estimator: 'slope' (least-squares slope over the lookahead) or 'delta' (the paper's discounted mean of
             same-alpha loss decreases; accuracy / probe NLL: the discounted mean change between measurements).
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
@@ -139,14 +139,14 @@ class BetaExposureController(ExposurePolicy):
         reward_ema: float | None = None,
         grad_clip: float | None = None,
         signal: str | None = None,
-        progress: str | None = None,
+        estimator: str | None = None,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in SETTINGS and v is not None}
         r = resolve(preset, total_steps, **given)
         ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden"), \
-            ("update", "optimizer", "baseline", "signal", "progress"), ("snr_gate",)
+            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate",)
         c: dict[str, Any] = {k: (int(v) if k in ints else str(v) if k in strs else bool(v) if k in bools else
                                  None if v is None else int(v) if k == "decisions" else float(v))
                              for k, v in r.items()}
@@ -197,7 +197,7 @@ class BetaExposureController(ExposurePolicy):
         if c["update_batch"] < 1 or (c["decisions"] is not None and c["decisions"] < 1):
             raise ValueError(f"update_batch and decisions must be >= 1, got {c['update_batch']}, {c['decisions']}")
         for key, allowed in (("signal", SIGNALS), ("update", UPDATES), ("optimizer", OPTIMIZERS),
-                             ("baseline", BASELINES), ("progress", PROGRESS)):
+                             ("baseline", BASELINES), ("estimator", ESTIMATORS)):
             if c[key] not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {c[key]!r}")
         if c["snr_gate"] and c["update"] != "window":
@@ -375,13 +375,13 @@ class BetaExposureController(ExposurePolicy):
         horizon = 1 if c["one_step"] else None
         if c["signal"] == "loss":
             scale = max(d["scale"] if d["scale"] is not None else 1.0, _EPS)
-            if c["progress"] == "delta":
+            if c["estimator"] == "delta":
                 return None  # decision_reward computes the paper's learning_progress from the losses
             return loss_slope_progress(d["losses"], d["starts"], gamma=c["gamma"], scale=scale, horizon=horizon)
         sign, scale = 1.0, 1.0
         if c["signal"] == "probe_nll":  # a decrease is progress; relative to the NLL level at t0
             sign, scale = -1.0, max(abs(d["nll_scale"]) if d.get("nll_scale") is not None else 1.0, _EPS)
-        if c["progress"] == "delta":
+        if c["estimator"] == "delta":
             return accuracy_progress([(i, sign * v / scale) for i, v in d["points"]], gamma=c["gamma"],
                                      horizon=horizon)
         pts = [(i, v, 0) for i, v in d["points"] if horizon is None or i <= horizon]

@@ -9,7 +9,7 @@ of the lookahead weighs 0.5, and the step size shrinks like sqrt(64 / (T / K)) w
 decisions than that. Its update (``update="window"``) is a natural-gradient step on the Beta along the running
 policy-gradient estimate of the last ~10 decisions, scaled by the evidence that rewards depend on alpha at all
 (``snr_gate``), capped in KL (``max_kl``) and in concentration (``min_sd``); its progress is a least-squares slope
-of the signal over the lookahead (``progress="slope"``). docs/controller.md derives each rule.
+of the signal over the lookahead (``estimator="slope"``). docs/controller.md derives each rule.
 
 ``paper`` is the paper's mechanism as written (sections 4.2-4.3): batch-normalised REINFORCE over batches of
 completed decisions, Adam, the discounted sum of loss decreases, no budget sizing. The paper prints no numbers
@@ -25,7 +25,7 @@ from typing import Any
 # The learning-progress signal of the default preset: one constant, chosen on the lab's val split (issue 26, part 4).
 DEFAULT_SIGNAL = "loss"
 SIGNALS = ("loss", "accuracy", "probe_nll")
-PROGRESS = ("slope", "delta")  # how P is estimated from the signal's points over the lookahead
+ESTIMATORS = ("slope", "delta")  # how P is estimated from the signal's points over the lookahead
 BASELINES = ("running", "batch")  # advantage: running mean/sd of earlier decisions, or normalised in the batch
 OPTIMIZERS = ("sgd", "adam")
 
@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward_ema": 0.9,  # running mean / sd of P and C: reinforce's baseline, the logged reward
         "grad_clip": 1.0,  # max grad norm of a reinforce step
         "signal": DEFAULT_SIGNAL,
-        "progress": "slope",
+        "estimator": "slope",
     },
     "paper": {
         "decisions": None,  # no budget sizing
@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward_ema": 0.95,
         "grad_clip": 1.0,
         "signal": "loss",
-        "progress": "delta",
+        "estimator": "delta",
     },
 }
 SETTINGS = tuple(PRESETS["default"])
@@ -89,7 +89,7 @@ UPDATES = ("window", "reinforce")
 # What a setting added since the first checkpoints meant before it existed: a controller state written then loads
 # with these and continues exactly as it would have (the settings present then are in every such state).
 LEGACY: dict[str, Any] = {"decisions": None, "signal": "loss", "update": "reinforce", "baseline": "running",
-                          "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "progress": "delta"}
+                          "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta"}
 
 _LR0 = 0.3  # natural-gradient step at `decisions` decisions per run
 _MIN_HOLD = 4  # K below 4 leaves too few same-alpha steps to estimate a slope from

@@ -87,7 +87,7 @@ def accuracy_progress(points: Sequence[tuple[int, float]], *, gamma: float, hori
 
 
 def slope_progress(points: Sequence[Sequence[float]], *, gamma: float) -> float:
-    """Discounted least-squares slope of a signal over a decision's lookahead (``progress="slope"``, ours).
+    """Discounted least-squares slope of a signal over a decision's lookahead (``estimator="slope"``, ours).
     points = [(i, v, g)]: offset i from t0 (updates since the decision began), value v, segment g (points of one
     segment share an intercept: for the KD loss, the steps under one alpha, since the loss level itself moves
     with alpha; a probe has one segment). Weights w_i = gamma^i:
@@ -118,7 +118,7 @@ def loss_slope_progress(
     scale: float,
     horizon: int | None = None,
 ) -> float:
-    """P(d) of the KD loss for ``progress="slope"``: minus the :func:`slope_progress` of l_{t0..t0+H} with one
+    """P(d) of the KD loss for ``estimator="slope"``: minus the :func:`slope_progress` of l_{t0..t0+H} with one
     intercept per run of steps under one alpha (a new one wherever starts[i]), relative to ``scale``. Arguments
     as :func:`learning_progress`; with H = 1 both give (l_{t0} - l_{t0+1}) / s."""
     if len(losses) < 2:

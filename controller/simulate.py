@@ -169,7 +169,7 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
     kw: dict = {}
     for item in filter(None, over.split(",")):
         k, v = item.split("=")
-        kw[k] = v if k in ("optimizer", "signal", "baseline", "progress", "preset") else (
+        kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset") else (
             v == "true" if k == "snr_gate" else int(v) if k in ("hold", "lookahead", "update_batch", "hidden",
                                                                   "decisions") else float(v))
     if spec in ("adaptive", "adaptive-onestep", "random"):

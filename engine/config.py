@@ -256,9 +256,9 @@ class Config:
         f"window) (default: {CONTROLLER['signal']})",
         choices=CONTROLLER_SIGNALS,
     )
-    controller_progress: str | None = _f(
+    controller_estimator: str | None = _f(
         None, "how the progress is estimated over the lookahead: slope (least squares) or delta (the paper's "
-        f"discounted mean decrease) (default: {CONTROLLER['progress']})", choices=("slope", "delta"),
+        f"discounted mean decrease) (default: {CONTROLLER['estimator']})", choices=("slope", "delta"),
     )
     # rollouts
     num_samples: int = _f(1, "rollouts per problem (G)", check=at_least(1))

@@ -3,7 +3,7 @@
 ATESD can only learn an exposure if its reward ranks exposures the way the held-out accuracy does. A run at a
 fixed alpha is scored here exactly as the adaptive controller would score it: decisions start every K steps
 (``controller_hold``), and each gets the learning progress P(d) of the loss over its lookahead
-(``controller_lookahead``, ``controller_gamma``, ``controller_progress``: ``controller.reward.loss_slope_progress``
+(``controller_lookahead``, ``controller_gamma``, ``controller_estimator``: ``controller.reward.loss_slope_progress``
 or the paper's ``learning_progress``; losses across a decision boundary never compared, the loss EMA at the
 decision as its scale), all read from the run's own ``config.yaml`` (unset settings resolved as the controller
 resolves them, from the preset and ``steps``) and ``metrics.jsonl``. When
@@ -39,10 +39,10 @@ def decision_signals(run_dir: str) -> dict[str, list[float]]:
     evaluated at both ends of the decision's K steps, ``accuracy_progress`` (held-out accuracy after step
     t0 + K minus after step t0; step 0 is the base model)."""
     cfg = _read_config(run_dir)
-    keys = ("preset", "decisions", "hold", "lookahead", "gamma", "ema", "progress")  # unset: the preset's, sized
+    keys = ("preset", "decisions", "hold", "lookahead", "gamma", "ema", "estimator")  # unset: the preset's, sized
     c = resolve(total_steps=cfg.get("steps"), **{k: cfg.get(f"controller_{k}") for k in keys})  # from --steps
     K, L, gamma, ema = c["hold"], c["lookahead"], c["gamma"], c["ema"]
-    progress_of = loss_slope_progress if c["progress"] == "slope" else learning_progress
+    progress_of = loss_slope_progress if c["estimator"] == "slope" else learning_progress
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
     # the controller never observes a skipped step (non-finite loss or gradient): neither does this

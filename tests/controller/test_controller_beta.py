@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from atesd.controller import DEFAULTS, BetaExposureController, OneStepBetaController, build
 
 # the reward bookkeeping of the paper's REINFORCE path (and of the controller before budget sizing)
-REINFORCE = dict(update="reinforce", snr_gate=False, progress="delta", optimizer="sgd", lr=0.3)
+REINFORCE = dict(update="reinforce", snr_gate=False, estimator="delta", optimizer="sgd", lr=0.3)
 
 
 def stats(t: int, loss: float, credit: float = -1.0, **over) -> dict[str, float]:
@@ -227,7 +227,7 @@ def test_non_finite_stats_are_skipped_and_never_poison(key, val):
 def test_constructor_validation():
     bad = (dict(hold=1), dict(hold=4, lookahead=4), dict(gamma=0.0), dict(update_batch=0), dict(ema=1.0),
            dict(lambda_gt=-0.1), dict(optimizer="rmsprop"), dict(update="sgd"), dict(min_sd=0.5), dict(max_kl=-1.0),
-           dict(window_ema=1.0), dict(progress="mean"), dict(decisions=0), dict(update="reinforce", snr_gate=True),
+           dict(window_ema=1.0), dict(estimator="mean"), dict(decisions=0), dict(update="reinforce", snr_gate=True),
            dict(preset="fast"), dict(total_steps=0))
     for kw in bad:
         with pytest.raises(ValueError):

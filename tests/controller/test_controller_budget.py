@@ -134,7 +134,7 @@ def test_without_the_gate_the_same_noise_walks_the_policy_away():
     finals = []
     for seed in range(3):
         p = BetaExposureController(seed=seed, hold=4, lookahead=8, gamma=0.9, update="reinforce", snr_gate=False,
-                                   optimizer="sgd", lr=0.3, progress="delta")
+                                   optimizer="sgd", lr=0.3, estimator="delta")
         drive(p, 1000, noise)
         finals.append(_final(p))
     assert any(abs(m - 0.5) > 0.15 or s <= 0.15 for m, s in finals)
@@ -210,7 +210,7 @@ def test_a_state_written_before_budget_sizing_loads_and_continues_as_it_would_ha
     assert "preset" not in old["adaptive"]["config"]
     p = BetaExposureController(seed=5, total_steps=2000)  # defaults, another budget: the checkpoint's settings win
     p.load_state_dict(old["adaptive"])
-    assert (p.K, p.L, p.config["update"], p.config["progress"]) == (4, 8, "reinforce", "delta")
+    assert (p.K, p.L, p.config["update"], p.config["estimator"]) == (4, 8, "reinforce", "delta")
 
     def legacy(t, a):  # the fixture's stats
         return {"loss": 3.0 - 0.004 * t * (1 - a) + 0.05 * math.sin(1.3 * t), "mismatch": 0.1 + 0.2 * a,

@@ -88,7 +88,7 @@ def test_running_stats_start_exact_then_forget():
     assert (t.n, t.mean, t.var) == (s.n, s.mean, s.var)
 
 
-# ---- progress="slope" -------------------------------------------------------------------------------------
+# ---- estimator="slope" ------------------------------------------------------------------------------------
 def test_slope_is_a_weighted_least_squares_slope_with_one_intercept_per_segment():
     pts = [(0, 1.0, 0), (1, 0.8, 0), (2, 0.7, 0), (3, 5.5, 1), (4, 5.2, 1)]  # a jump at the boundary
     w = [0.5**i for i in range(5)]

@@ -35,9 +35,9 @@ def drive(p: BetaExposureController, steps: int, supply: bool = True) -> list[in
     return asked
 
 
-@pytest.mark.parametrize("progress", ["delta", "slope"])
-def test_asks_at_every_decisions_first_step_and_scores_from_the_points(progress):
-    p = BetaExposureController(signal="accuracy", hold=4, lookahead=8, lambda_gt=0.0, seed=1, progress=progress)
+@pytest.mark.parametrize("estimator", ["delta", "slope"])
+def test_asks_at_every_decisions_first_step_and_scores_from_the_points(estimator):
+    p = BetaExposureController(signal="accuracy", hold=4, lookahead=8, lambda_gt=0.0, seed=1, estimator=estimator)
     assert drive(p, 30) == list(range(0, 30, 4))
     p.finish()
     scored = sorted(p.history, key=lambda h: h["t0"])
@@ -46,7 +46,7 @@ def test_asks_at_every_decisions_first_step_and_scores_from_the_points(progress)
     for h in scored:
         pts = [(t - h["t0"], acc_at(t)) for t in range(h["t0"], min(30, h["t0"] + 9), 4)]
         g = p.config["gamma"]
-        want = (accuracy_progress(pts, gamma=g) if progress == "delta" else
+        want = (accuracy_progress(pts, gamma=g) if estimator == "delta" else
                 slope_progress([(i, v, 0) for i, v in pts], gamma=g))
         assert h["progress"] == pytest.approx(want)
     assert p.metrics()["updates"] >= 4

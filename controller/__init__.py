@@ -5,7 +5,8 @@ from typing import Any
 
 from atesd.controller.base import ExposurePolicy, FixedExposure, check_stats
 from atesd.controller.baselines import RandomExposure, ScheduledExposure
-from atesd.controller.beta import DEFAULTS, BetaExposureController, OneStepBetaController
+from atesd.controller.beta import BetaExposureController, OneStepBetaController
+from atesd.controller.presets import DEFAULT_SIGNAL, DEFAULTS, PRESETS, SIGNALS, resolve
 from atesd.controller.reward import decision_reward
 
 SPECS = ("adaptive", "adaptive-onestep", "full", "fixed:<a>", "random", "random:<lo>:<hi>",
@@ -14,10 +15,12 @@ SPECS = ("adaptive", "adaptive-onestep", "full", "fixed:<a>", "random", "random:
 
 def build(spec: str, seed: int = 0, strict: bool = True, **kwargs: Any) -> ExposurePolicy:
     """Parse an exposure spec (see SPECS). `seed` goes to the policies that sample; `kwargs` go to the
-    constructor (e.g. build('adaptive', hold=8, lookahead=24); build('random', hold=8)). With
-    strict=False, settings the chosen policy does not take are dropped (the engine passes every
-    controller setting whatever the spec: `hold` reaches RandomExposure, nothing reaches FixedExposure).
-    Schedules read training progress from observe(), so they need no total_steps."""
+    constructor (e.g. build('adaptive', total_steps=1000); build('adaptive', preset='paper');
+    build('adaptive', hold=8, lookahead=24); build('random', hold=8)). A setting given as None takes the preset's
+    value, sized from `total_steps` (controller.presets). With strict=False, settings the chosen policy does not
+    take are dropped (the engine passes every controller setting and total_steps whatever the spec: `hold`,
+    `preset`, `total_steps` reach RandomExposure, nothing reaches FixedExposure). Schedules read training
+    progress from observe(), so they need no total_steps."""
     s = spec.strip().lower()
     parts = s.split(":")
 
@@ -57,6 +60,7 @@ def build(spec: str, seed: int = 0, strict: bool = True, **kwargs: Any) -> Expos
 
 
 __all__ = [
-    "DEFAULTS", "BetaExposureController", "ExposurePolicy", "FixedExposure", "OneStepBetaController", "RandomExposure",
-    "ScheduledExposure", "build", "check_stats", "decision_reward",
+    "DEFAULTS", "DEFAULT_SIGNAL", "PRESETS", "SIGNALS", "BetaExposureController", "ExposurePolicy", "FixedExposure",
+    "OneStepBetaController", "RandomExposure", "ScheduledExposure", "build", "check_stats", "decision_reward",
+    "resolve",
 ]

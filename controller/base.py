@@ -4,6 +4,7 @@
     policy.observe(stats)       # after every student step; stats: loss, mismatch, confidence, progress
                                 # (floats); credit, probe_nll, probe_accuracy optional (see `uses_credit`,
                                 # `wants`)
+    policy.wants(key)           # whether the step needs `probe_accuracy` / `probe_nll` measured
     policy.finish()             # end of training: score/flush whatever is still pending
     policy.state_dict() / policy.load_state_dict(d)
     policy.metrics()            # latest diagnostics for logging
@@ -59,9 +60,10 @@ class ExposurePolicy:
         raise NotImplementedError
 
     def wants(self, key: str) -> bool:
-        """Whether the next observe() needs the optional stat ``key`` measured before this step's update
-        (``probe_accuracy``: the verified accuracy on a fixed probe set, which costs the engine a decode).
-        Asked at the start of every step."""
+        """Whether the next observe() needs the optional stat ``key``: ``probe_accuracy`` (the verified accuracy on
+        a fixed probe set, measured before this step's update; costs the engine a decode) or ``probe_nll`` (the
+        student's NLL of fixed reference solutions, measured after this step's update; one forward pass). Asked
+        once per step, before the step's observe()."""
         return False
 
     def observe(self, stats: Mapping[str, float]) -> None:

@@ -8,15 +8,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from atesd.controller.base import ExposurePolicy, check_stats
+from atesd.controller.presets import resolve
 
 
 class RandomExposure(ExposurePolicy):
-    """alpha ~ Uniform[low, high], one draw held for `hold` steps (same K as the adaptive controller, so the
-    comparison isolates learning). Seeded, checkpointable."""
+    """alpha ~ Uniform[low, high], one draw held for `hold` steps. hold=None takes the adaptive controller's K
+    for the same `preset`, `total_steps` and `decisions` (controller.presets.resolve), so the comparison isolates
+    learning. Seeded, checkpointable."""
 
-    def __init__(self, low: float = 0.0, high: float = 1.0, hold: int = 4, seed: int = 0) -> None:
+    def __init__(self, low: float = 0.0, high: float = 1.0, hold: int | None = None, seed: int = 0,
+                 total_steps: int | None = None, preset: str | None = None, decisions: int | None = None) -> None:
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+        if hold is None:
+            hold = resolve(preset, total_steps, decisions=decisions)["hold"]
         if hold < 1:
             raise ValueError(f"hold must be >= 1, got {hold}")
         self.low, self.high, self.hold = float(low), float(high), int(hold)
@@ -39,7 +44,8 @@ class RandomExposure(ExposurePolicy):
             self._alpha = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate(), "alpha": self._alpha, "in_window": self._in_window,
+        version, internal, gauss = self._rng.getstate()  # plain lists: storable without pickle
+        return {"rng": [version, list(internal), gauss], "alpha": self._alpha, "in_window": self._in_window,
                 "last": self._last}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

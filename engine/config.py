@@ -35,7 +35,10 @@ from typing import Any
 
 import yaml
 
-from atesd.controller import DEFAULTS as CONTROLLER
+from atesd.controller.presets import DEFAULTS as CONTROLLER
+from atesd.controller.presets import PRESETS as CONTROLLER_PRESETS
+from atesd.controller.presets import SIGNALS as CONTROLLER_SIGNALS
+from atesd.controller.presets import UPDATES as CONTROLLER_UPDATES
 from atesd.engine.errors import UsageError
 from atesd.engine.models import RECIPES, recipe_for
 
@@ -169,50 +172,96 @@ class Config:
         None,
         "Qwen3 thinking mode in the teacher prompt (default: the task's; on for math as in OPSD, off for lab)",
     )
-    # exposure controller (adaptive; --controller-hold also sets random's hold); docs/controller.md
-    controller_hold: int = _f(CONTROLLER["hold"], "K: student steps one sampled alpha is held", check=at_least(1))
-    controller_lookahead: int = _f(
-        CONTROLLER["lookahead"], "L > K: steps after a decision's first step that its reward looks at",
+    # exposure controller (adaptive; --controller-hold and --controller-preset also set random's hold);
+    # docs/controller.md. Unset (None): the preset's value, sized from --steps where the preset says so.
+    controller_preset: str | None = _f(
+        None, "controller settings: default (ours, sized from --steps) or paper (the paper's batch-normalised "
+        "REINFORCE, fixed K=4, L=12) (default: default)", choices=tuple(CONTROLLER_PRESETS),
+    )
+    controller_decisions: int | None = _f(
+        None, f"decisions per run the budget rule aims at (default: {CONTROLLER['decisions']})", check=at_least(1)
+    )
+    controller_hold: int | None = _f(
+        None, "K: student steps one sampled alpha is held (default: max(4, steps / decisions))", check=at_least(1)
+    )
+    controller_lookahead: int | None = _f(
+        None, "L > K: steps after a decision's first step that its reward looks at (default: K + max(4, K / 2))",
         check=at_least(1),
     )
-    controller_gamma: float = _f(
-        CONTROLLER["gamma"], "discount of the learning-progress reward", check=in_range(0, 1, lo_open=True)
+    controller_gamma: float | None = _f(
+        None, "per-step discount of the progress reward (default: 0.5 at the lookahead's end)",
+        check=in_range(0, 1, lo_open=True),
     )
-    controller_lambda_gt: float = _f(
-        CONTROLLER["lambda_gt"], "weight of the teacher-grounded credit in the reward (0: credit not computed)",
+    controller_lambda_gt: float | None = _f(
+        None, f"weight of the teacher-grounded credit in the reward, 0: credit not computed (default: "
+        f"{CONTROLLER['lambda_gt']})", check=at_least(0),
+    )
+    controller_clip: float | None = _f(
+        None, f"clip of the standardised progress term, standard deviations (default: {CONTROLLER['clip']})",
+        check=greater_than(0),
+    )
+    controller_update: str | None = _f(
+        None, f"policy update: window (gated natural-gradient step) or reinforce (default: {CONTROLLER['update']})",
+        choices=CONTROLLER_UPDATES,
+    )
+    controller_lr: float | None = _f(
+        None, "step size of the policy (default: 0.3, smaller when --controller-hold makes more than "
+        "--controller-decisions decisions)", check=greater_than(0),
+    )
+    controller_optimizer: str | None = _f(None, "optimizer of --controller-update reinforce", choices=("sgd", "adam"))
+    controller_baseline: str | None = _f(
+        None, "advantage of --controller-update reinforce: running (standardised by earlier decisions) or batch "
+        "(normalised in the batch)", choices=("running", "batch"),
+    )
+    controller_update_batch: int | None = _f(
+        None, f"scored decisions per policy step (default: {CONTROLLER['update_batch']})", check=at_least(1)
+    )
+    controller_snr_gate: bool | None = _f(
+        None, "scale each window step by the evidence that rewards depend on alpha (default: on)"
+    )
+    controller_window_ema: float | None = _f(
+        None, f"decay of the window update's weights (default: {CONTROLLER['window_ema']})",
+        check=in_range(0, 1, hi_open=True),
+    )
+    controller_max_kl: float | None = _f(
+        None, f"nats one window step may move the Beta at most, 0 = no cap (default: {CONTROLLER['max_kl']})",
         check=at_least(0),
     )
-    controller_clip: float = _f(
-        CONTROLLER["clip"], "clip of the standardised progress term (standard deviations)", check=greater_than(0)
+    controller_min_sd: float | None = _f(
+        None, f"smallest sd a window step leaves the Beta, 0 = none (default: {CONTROLLER['min_sd']})",
+        check=in_range(0, 0.5, hi_open=True),
     )
-    controller_lr: float = _f(CONTROLLER["lr"], "learning rate of the policy", check=greater_than(0))
-    controller_optimizer: str = _f(
-        CONTROLLER["optimizer"], "optimizer of the policy", choices=("sgd", "adam")
+    controller_entropy_coef: float | None = _f(
+        None, f"weight of the capped entropy bonus (default: {CONTROLLER['entropy_coef']})", check=at_least(0)
     )
-    controller_update_batch: int = _f(
-        CONTROLLER["update_batch"], "scored decisions per REINFORCE step", check=at_least(1)
+    controller_entropy_cap: float | None = _f(
+        None, f"entropy (nats) above which there is no bonus (default: {CONTROLLER['entropy_cap']})"
     )
-    controller_entropy_coef: float = _f(
-        CONTROLLER["entropy_coef"], "weight of the capped entropy bonus", check=at_least(0)
+    controller_hidden: int | None = _f(
+        None, f"width of the policy MLP (default: {CONTROLLER['hidden']})", check=at_least(1)
     )
-    controller_entropy_cap: float = _f(CONTROLLER["entropy_cap"], "entropy (nats) above which there is no bonus")
-    controller_hidden: int = _f(CONTROLLER["hidden"], "width of the policy MLP", check=at_least(1))
-    controller_ema: float = _f(
-        CONTROLLER["ema"], "decay of the loss / mismatch / probe-NLL EMAs of the state",
+    controller_ema: float | None = _f(
+        None, f"decay of the loss / mismatch / probe-NLL EMAs of the state (default: {CONTROLLER['ema']})",
         check=in_range(0, 1, hi_open=True),
     )
-    controller_reward_ema: float = _f(
-        CONTROLLER["reward_ema"], "decay of the running mean / sd standardising progress and credit",
+    controller_reward_ema: float | None = _f(
+        None, f"decay of the running mean / sd standardising progress and credit (default: {CONTROLLER['reward_ema']})",
         check=in_range(0, 1, hi_open=True),
     )
-    controller_grad_clip: float = _f(
-        CONTROLLER["grad_clip"], "max grad norm of a policy step", check=greater_than(0)
+    controller_grad_clip: float | None = _f(
+        None, f"max grad norm of a reinforce step (default: {CONTROLLER['grad_clip']})", check=greater_than(0)
     )
-    controller_signal: str = _f(
-        CONTROLLER["signal"],
-        "what the reward's progress measures: loss (the paper: KD-loss decrease) or accuracy (rise of the greedy "
-        "verified accuracy on --probe-accuracy-size fixed training problems, decoded at each decision's start)",
-        choices=("loss", "accuracy"),
+    controller_signal: str | None = _f(
+        None,
+        "what the reward's progress measures: loss (the paper: KD-loss decrease), accuracy (rise of the greedy "
+        "verified accuracy on --probe-accuracy-size fixed training problems, decoded at each decision's start) or "
+        "probe_nll (decrease of the student's NLL of --probe-size fixed reference solutions, ~4 times per hold "
+        f"window) (default: {CONTROLLER['signal']})",
+        choices=CONTROLLER_SIGNALS,
+    )
+    controller_estimator: str | None = _f(
+        None, "how the progress is estimated over the lookahead: slope (least squares) or delta (the paper's "
+        f"discounted mean decrease) (default: {CONTROLLER['estimator']})", choices=("slope", "delta"),
     )
     # rollouts
     num_samples: int = _f(1, "rollouts per problem (G)", check=at_least(1))

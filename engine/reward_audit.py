@@ -2,9 +2,11 @@
 
 ATESD can only learn an exposure if its reward ranks exposures the way the held-out accuracy does. A run at a
 fixed alpha is scored here exactly as the adaptive controller would score it: decisions start every K steps
-(``controller_hold``), and each gets the learning progress P(d) of ``controller.reward.learning_progress`` over
-its lookahead (``controller_lookahead``, ``controller_gamma``, deltas across a decision boundary left out, the
-loss EMA at the decision as its scale), all read from the run's own ``config.yaml`` and ``metrics.jsonl``. When
+(``controller_hold``), and each gets the learning progress P(d) of the loss over its lookahead
+(``controller_lookahead``, ``controller_gamma``, ``controller_estimator``: ``controller.reward.loss_slope_progress``
+or the paper's ``learning_progress``; losses across a decision boundary never compared, the loss EMA at the
+decision as its scale), all read from the run's own ``config.yaml`` (unset settings resolved as the controller
+resolves them, from the preset and ``steps``) and ``metrics.jsonl``. When
 the run also evaluated every K steps (``--eval-every K``), each decision gets the change of held-out accuracy
 over its K steps too: a signal that measures the target itself, for comparison.
 
@@ -23,7 +25,8 @@ import statistics
 
 import yaml
 
-from atesd.controller.reward import learning_progress
+from atesd.controller.presets import resolve
+from atesd.controller.reward import learning_progress, loss_slope_progress
 
 
 def _read_config(run_dir: str) -> dict:
@@ -36,8 +39,10 @@ def decision_signals(run_dir: str) -> dict[str, list[float]]:
     evaluated at both ends of the decision's K steps, ``accuracy_progress`` (held-out accuracy after step
     t0 + K minus after step t0; step 0 is the base model)."""
     cfg = _read_config(run_dir)
-    K, L, gamma, ema = (cfg["controller_hold"], cfg["controller_lookahead"], cfg["controller_gamma"],
-                        cfg["controller_ema"])
+    keys = ("preset", "decisions", "hold", "lookahead", "gamma", "ema", "estimator")  # unset: the preset's, sized
+    c = resolve(total_steps=cfg.get("steps"), **{k: cfg.get(f"controller_{k}") for k in keys})  # from --steps
+    K, L, gamma, ema = c["hold"], c["lookahead"], c["gamma"], c["ema"]
+    progress_of = loss_slope_progress if c["estimator"] == "slope" else learning_progress
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
     # the controller never observes a skipped step (non-finite loss or gradient): neither does this
@@ -49,7 +54,7 @@ def decision_signals(run_dir: str) -> dict[str, list[float]]:
         if len(window) >= 2 and all(math.isfinite(x) for x in window):
             scale = abs(window[0]) if level is None else level
             starts = [(t0 + i) % K == 0 for i in range(len(window))]
-            progress.append(learning_progress(window, starts, gamma=gamma, scale=max(scale, 1e-12)))
+            progress.append(progress_of(window, starts, gamma=gamma, scale=max(scale, 1e-12)))
         for x in losses[t0 : t0 + K]:
             if math.isfinite(x):
                 level = x if level is None else ema * level + (1 - ema) * x

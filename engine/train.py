@@ -74,8 +74,10 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        try:  # every controller setting goes to the policy that takes it; --seed seeds every policy
-            self.policy = controller.build(cfg.exposure, seed=cfg.seed, strict=False, **cfg.controller_settings())
+        try:  # every controller setting goes to the policy that takes it; --seed seeds every policy, --steps sizes it
+            self.policy = controller.build(
+                cfg.exposure, seed=cfg.seed, strict=False, total_steps=cfg.steps, **cfg.controller_settings()
+            )
         except ValueError as e:
             raise UsageError(f"--exposure {cfg.exposure!r}: {e}") from e
         self.task = get_task(cfg.task)
@@ -115,7 +117,7 @@ class Trainer:
         self.rows, self.examples = rows, {}
         self.stream = DataStream(len(rows), cfg.seed)
         self.probe = self._probe_set()
-        accuracy_signal = cfg.controller_signal == "accuracy"
+        accuracy_signal = getattr(self.policy, "config", {}).get("signal") == "accuracy"  # the preset's if unset
         self.accuracy_probe = self._probe_set(cfg.probe_accuracy_size, stream=104729) if accuracy_signal else []
         self.step_no = 0
 
@@ -277,7 +279,9 @@ class Trainer:
         }
         if with_credit:  # the paper's teacher-grounded credit (engine/scoring.py)
             stats["credit"] = _mean(sums["credit"], sums["credit_tokens"])
-        if cfg.probe_every and self.step_no % cfg.probe_every == 0 and self.probe:
+        # the probe NLL: every --probe-every steps, and where the controller asks (signal probe_nll)
+        wants_nll = distributed.broadcast(self.policy.wants("probe_nll") if distributed.is_main() else None)
+        if self.probe and (wants_nll or (cfg.probe_every and self.step_no % cfg.probe_every == 0)):
             with parallel.gathered():
                 if distributed.is_main():
                     stats["probe_nll"] = self.probe_nll()

@@ -1,9 +1,11 @@
 import math
+import random
+import statistics
 
 import pytest
 
 from atesd.controller import decision_reward
-from atesd.controller.reward import RunningStats, learning_progress
+from atesd.controller.reward import RunningStats, learning_progress, loss_slope_progress, slope_progress
 
 KW = dict(gamma=0.5, scale=2.0, clip=10.0, lambda_gt=0.0)
 LOSSES = [1.0, 0.9, 0.85, 0.95, 0.8]
@@ -84,3 +86,43 @@ def test_running_stats_start_exact_then_forget():
     t = RunningStats(0.75)
     t.load_state_dict(s.state_dict())
     assert (t.n, t.mean, t.var) == (s.n, s.mean, s.var)
+
+
+# ---- estimator="slope" ------------------------------------------------------------------------------------
+def test_slope_is_a_weighted_least_squares_slope_with_one_intercept_per_segment():
+    pts = [(0, 1.0, 0), (1, 0.8, 0), (2, 0.7, 0), (3, 5.5, 1), (4, 5.2, 1)]  # a jump at the boundary
+    w = [0.5**i for i in range(5)]
+    # by hand: segment 0 weighted means, then segment 1
+    def seg(idx):
+        sw = sum(w[i] for i in idx)
+        mi = sum(w[i] * pts[i][0] for i in idx) / sw
+        mv = sum(w[i] * pts[i][1] for i in idx) / sw
+        return (sum(w[i] * (pts[i][0] - mi) * (pts[i][1] - mv) for i in idx),
+                sum(w[i] * (pts[i][0] - mi) ** 2 for i in idx))
+    (n0, d0), (n1, d1) = seg([0, 1, 2]), seg([3, 4])
+    assert slope_progress(pts, gamma=0.5) == pytest.approx((n0 + n1) / (d0 + d1))
+    assert slope_progress([(0, 1.0, 0), (1, 2.0, 1)], gamma=0.9) == 0.0  # no segment with two points
+
+
+def test_loss_slope_ignores_level_jumps_and_matches_delta_over_one_step():
+    losses = [2.0 - 0.1 * i + (0.7 if i >= 3 else 0.0) for i in range(7)]  # alpha changed at i = 3
+    starts = [True, False, False, True, False, False, False]
+    assert loss_slope_progress(losses, starts, gamma=0.8, scale=2.0) == pytest.approx(0.1 / 2.0)
+    assert loss_slope_progress(LOSSES, None, gamma=0.9, scale=2.0, horizon=1) == pytest.approx(
+        learning_progress(LOSSES, None, gamma=0.9, scale=2.0, horizon=1))
+    with pytest.raises(ValueError):
+        loss_slope_progress([1.0, math.nan], None, gamma=0.9, scale=1.0)
+
+
+def test_slope_is_far_less_noisy_than_the_delta_mean_over_long_lookaheads():
+    rng = random.Random(0)
+    n, draws = 100, 300
+    sl, dl = [], []
+    for _ in range(draws):
+        losses = [1.0 - 0.001 * i + rng.gauss(0, 0.01) for i in range(n)]
+        sl.append(loss_slope_progress(losses, None, gamma=1.0, scale=1.0))
+        dl.append(learning_progress(losses, None, gamma=1.0, scale=1.0))
+    sd = lambda x: statistics.pstdev(x)  # noqa: E731
+    assert sd(sl) < 0.25 * sd(dl)  # theory: sqrt(12 / n^3) vs sqrt(2) / n, 0.25 at n = 100
+    assert statistics.fmean(sl) == pytest.approx(0.001, rel=0.2)
+    assert statistics.fmean(dl) == pytest.approx(0.001, rel=0.6)

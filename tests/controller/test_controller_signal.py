@@ -5,7 +5,7 @@ import math
 import pytest
 
 from atesd.controller import DEFAULTS, BetaExposureController, build
-from atesd.controller.reward import accuracy_progress
+from atesd.controller.reward import accuracy_progress, slope_progress
 
 
 def test_accuracy_progress_is_a_discounted_mean_rise():
@@ -35,8 +35,9 @@ def drive(p: BetaExposureController, steps: int, supply: bool = True) -> list[in
     return asked
 
 
-def test_asks_at_every_decisions_first_step_and_scores_from_the_points():
-    p = BetaExposureController(signal="accuracy", hold=4, lookahead=8, lambda_gt=0.0, seed=1)
+@pytest.mark.parametrize("estimator", ["delta", "slope"])
+def test_asks_at_every_decisions_first_step_and_scores_from_the_points(estimator):
+    p = BetaExposureController(signal="accuracy", hold=4, lookahead=8, lambda_gt=0.0, seed=1, estimator=estimator)
     assert drive(p, 30) == list(range(0, 30, 4))
     p.finish()
     scored = sorted(p.history, key=lambda h: h["t0"])
@@ -44,7 +45,10 @@ def test_asks_at_every_decisions_first_step_and_scores_from_the_points():
     assert [h["t0"] for h in scored] == list(range(0, 25, 4)) and p.metrics()["dropped"] == 1
     for h in scored:
         pts = [(t - h["t0"], acc_at(t)) for t in range(h["t0"], min(30, h["t0"] + 9), 4)]
-        assert h["progress"] == pytest.approx(accuracy_progress(pts, gamma=0.9))
+        g = p.config["gamma"]
+        want = (accuracy_progress(pts, gamma=g) if estimator == "delta" else
+                slope_progress([(i, v, 0) for i, v in pts], gamma=g))
+        assert h["progress"] == pytest.approx(want)
     assert p.metrics()["updates"] >= 4
 
 
@@ -83,3 +87,71 @@ def test_resume_is_exact_and_old_checkpoints_load():
     with pytest.raises(ValueError, match="signal"):
         BetaExposureController(signal="accuracy", seed=0).load_state_dict(old)
     assert DEFAULTS["signal"] == "loss"
+
+
+# ---- signal="probe_nll" -------------------------------------------------------------------------------------
+def nll_at(t: int) -> float:
+    """The probe NLL after step t's update: falling, with a wiggle."""
+    return 2.0 - 0.01 * t + 0.02 * math.sin(0.9 * t)
+
+
+def drive_nll(p: BetaExposureController, steps: int, start: int = 0, every: int = 0,
+              supply: bool = True) -> list[int]:
+    """Engine order: the step runs, then a probe NLL (after its update) where the policy asks or every `every`
+    steps (--probe-every); returns the steps (0-based) measured."""
+    measured = []
+    for t in range(start, start + steps):
+        p.exposure()
+        s = {"loss": 1.0 - 0.001 * t, "mismatch": 0.1, "confidence": 0.5, "progress": t / 200}
+        if p.wants("probe_nll") or (every and (t + 1) % every == 0):
+            measured.append(t)
+            if supply:
+                s["probe_nll"] = nll_at(t)
+        p.observe(s)
+    return measured
+
+
+def test_probe_nll_is_asked_about_four_times_a_window_and_at_its_end():
+    p = BetaExposureController(signal="probe_nll", hold=8, lookahead=12, lambda_gt=0.0, seed=0)
+    assert p.probe_stride() == 2
+    assert drive_nll(p, 24) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
+    q = BetaExposureController(signal="probe_nll", hold=6, lookahead=10, lambda_gt=0.0, seed=0)  # stride 1
+    assert drive_nll(q, 12) == list(range(12))
+    r = BetaExposureController(signal="probe_nll", hold=10, lookahead=15, lambda_gt=0.0, seed=0)  # stride 2, K odd
+    assert drive_nll(r, 20) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    for spec in ("full", "random"):
+        assert not build(spec).wants("probe_nll")
+    assert not BetaExposureController().wants("probe_nll")  # the loss signal needs no probe
+
+
+def test_probe_nll_progress_is_the_relative_slope_of_the_measurements():
+    K, L = 8, 12
+    p = BetaExposureController(signal="probe_nll", hold=K, lookahead=L, lambda_gt=0.0, seed=0)
+    drive_nll(p, 60, every=5)
+    p.finish()
+    assert p.metrics()["dropped"] <= 1
+    for h in sorted(p.history, key=lambda h: h["t0"])[1:5]:
+        t0 = h["t0"]
+        # measured after the update of step t, i.e. after t - t0 + 1 updates since t0; t0 - 1 is offset 0
+        pts = [(t - t0 + 1, nll_at(t)) for t in range(t0 - 1, t0 + L) if (t % 2 == 1 or (t + 1) % 5 == 0)]
+        want = -slope_progress([(i, v, 0) for i, v in pts], gamma=p.config["gamma"])
+        scale = h["progress"] / want
+        assert scale == pytest.approx(1 / nll_at(t0 - 1), rel=0.1)  # relative to the NLL level near t0
+        assert h["progress"] > 0  # the NLL falls: progress
+
+
+def test_probe_nll_missing_is_warned_once_and_drops_decisions():
+    p = BetaExposureController(signal="probe_nll", hold=4, lookahead=8, lambda_gt=0.0)
+    with pytest.warns(RuntimeWarning, match="probe NLL"):
+        drive_nll(p, 20, supply=False)
+    p.finish()
+    assert p.metrics()["scored"] == 0 and p.metrics()["dropped"] == 5
+
+
+def test_probe_nll_resume_is_exact():
+    a = BetaExposureController(signal="probe_nll", total_steps=200, seed=3, lambda_gt=0.0)
+    drive_nll(a, 77, every=5)
+    b = BetaExposureController(signal="probe_nll", total_steps=200, seed=3, lambda_gt=0.0)
+    b.load_state_dict(a.state_dict())
+    assert drive_nll(a, 80, start=77, every=5) == drive_nll(b, 80, start=77, every=5)
+    assert a.history == b.history and a.exposure() == b.exposure()

@@ -141,6 +141,9 @@ def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
         def finish(self):
             self.finished = True
 
+        def wants(self, key):  # a probe NLL after the third step's update, besides every --probe-every steps
+            return key == "probe_nll" and self.calls.count("exposure") == 3
+
     policy = Recorder()
     policy.uses_credit = True  # the engine computes the teacher-grounded credit only for a policy using it
     built = {}
@@ -149,10 +152,11 @@ def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
     assert policy.calls[::2] == ["exposure"] * 4 and policy.finished
     observed = policy.calls[1::2]
     assert all({"loss", "mismatch", "confidence", "credit", "progress"} <= set(s) for s in observed)
-    assert [("probe_nll" in s) for s in observed] == [False, True, False, True]
+    assert [("probe_nll" in s) for s in observed] == [False, True, True, True]
     assert [s["progress"] for s in observed] == [0.25, 0.5, 0.75, 1.0]
     assert all(s["credit"] < 0 and 0 < s["confidence"] <= 1 and s["mismatch"] >= 0 for s in observed)
-    assert built["seed"] == 0 and built["hold"] == 4 and built["strict"] is False  # seed and settings reach it
+    assert built["seed"] == 0 and built["strict"] is False and built["total_steps"] == 4  # seed, budget, settings
+    assert built["hold"] is None and built["preset"] is None  # unset: the preset's, sized from total_steps
 
 
 CONTROLLER_FLAGS = ["--controller-hold", "2", "--controller-lookahead", "3", "--controller-lr", "0.5",
@@ -220,4 +224,26 @@ def test_accuracy_signal_measures_at_decision_starts_and_resumes_exactly(tiny_mo
     assert full[-1]["controller/scored"] >= 2 and full[-1]["controller/updates"] >= 1
     killed = run(tmp_path / "killed", "--stop-after", "4")
     run(tmp_path / "killed", "--resume")
+    assert _metrics(killed) == full
+
+
+@pytest.mark.parametrize("extra", [["--controller-signal", "probe_nll", "--controller-hold", "4",
+                                    "--controller-lookahead", "6", "--probe-every", "0"],
+                                   ["--controller-preset", "paper", "--controller-update-batch", "2"]])
+def test_probe_nll_signal_and_paper_preset_run_and_resume_exactly(tiny_model_dir, data, tmp_path, extra):
+    def run(out, *more):
+        args = _args(tiny_model_dir, data, out, "--exposure", "adaptive", "--steps", "8", "--save-every", "4",
+                     *extra, *more)
+        return train(*parse(args))
+
+    full = _metrics(run(tmp_path / "full"))
+    state = checkpoint.read_state(os.path.join(tmp_path / "full", "checkpoints", "step-000008"))["controller"]
+    if "probe_nll" in extra:  # asked after every update (K = 4: stride 1): the engine measured each step
+        assert all("probe_nll" in m for m in full) and state["config"]["signal"] == "probe_nll"
+        assert full[-1]["controller/scored"] >= 1
+    else:  # --steps 8 sizes nothing under the paper preset: K = 4, L = 12
+        c = state["config"]
+        assert c["preset"] == "paper" and (c["hold"], c["lookahead"], c["update"]) == (4, 12, "reinforce")
+    killed = run(tmp_path / "killed", "--stop-after", "4")
+    run(tmp_path / "killed", "--resume", "--steps", "8")
     assert _metrics(killed) == full

@@ -523,8 +523,10 @@ class StaticRollout:
 
     def _reserve(self, rows: int, columns: int) -> None:
         if self.decoder.reserve(rows, columns) and self.compiled is not None and self.decoder.device.type == "cuda":
-            for t in self.decoder.buffers():  # fixed addresses: CUDA graphs read them in place
-                torch._dynamo.mark_static_address(t)
+            # fixed addresses: CUDA graphs read them in place. Unguarded (the default of recent torch only): a
+            # grown cache then re-records the graphs instead of recompiling the step
+            for t in self.decoder.buffers():
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def _rows_bucket(self, live: int) -> int:
         if self.compiled is None:

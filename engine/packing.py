@@ -65,9 +65,9 @@ class Packed:
         """FlexAttention BlockMask of the same mask (needs attn_implementation='flex_attention').
 
         Built by a compiled ``create_block_mask``: it evaluates the mask tile by tile into [N/128, N/128] block
-        tables and never holds the N x N mask (eager ``create_block_mask`` materialises it: ~0.8 GB of host
-        memory at N=8192, growing as N^2). The first two packed lengths compile (the second with dynamic sizes);
-        later ones reuse the graph."""
+        tables and never holds the N x N mask (eager ``create_block_mask`` materialises it as int64: 512 MiB at
+        N=8192, growing as N^2). Compiled once per process with dynamic sizes: every packed length and segment
+        count reuses the graph."""
         seg, anc = self.seg.to(device), self.ancestor.to(device)
 
         def tree(b, h, q, k):

@@ -21,10 +21,9 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from atesd.engine.exposure import Example
 from atesd.engine.models import decoder
-from atesd.engine.packing import pack
-from atesd.engine.scoring import hidden_states, paths, teacher_tree
+from atesd.engine.packing import Segment, pack
+from atesd.engine.scoring import attention_used, hidden_states, paths
 
 SHAPES = {
     # name: (model config kwargs, problems B, prompt P, rollout R)
@@ -79,17 +78,9 @@ def _setup(shape: str):
     V = kwargs["vocab_size"]
     ids = lambda n: torch.randint(10, V, (n,)).tolist()  # noqa: E731
     trees = []
-    for _ in range(B):
-        ex = Example(
-            problem="",
-            answer="",
-            student_prompt=ids(P),
-            teacher_head=ids(P),
-            teacher_tail=ids(16),
-            reasoning=[ids(4 * R)],
-            answer_ids=ids(8),
-        )
-        trees.append(teacher_tree(ex, 4 * R, [ids(R) for _ in range(G)]))
+    for _ in range(B):  # a teacher tree's shape (engine.scoring.teacher_tree): prompt -> rollouts + credit branch
+        prompt = ids(P + 4 * R + 8 + 16)  # head, revealed reasoning, answer line, tail
+        trees.append([Segment(prompt)] + [Segment(ids(R), 0) for _ in range(G)] + [Segment(ids(4 * R + 8), 0)])
     return model, trees, B * G * R, device
 
 
@@ -125,13 +116,15 @@ def test_teacher_pass_throughput(benchmark, shape, mode):
     benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
     processed = packed.numel if mode == "shared" else sum(len(p[0].tokens) for t in trees for p in paths(t))
+    # the path that ran (a flex failure runs the dense mask and says so), not the one asked for
+    used = attention_used() if mode == "shared" else "sdpa causal"
     benchmark.extra_info.update(
         rollout_tokens_per_s=rollout_tokens / seconds,
         tokens_processed=processed,
-        attention=attention if mode == "shared" else "sdpa causal",
+        attention=used,
         device=device,
     )
     print(
         f"\n[prefix-sharing] {shape:5s} {mode:8s} {device}: {rollout_tokens / seconds:10.1f} rollout tok/s, "
-        f"{processed} tokens through the model, median {seconds * 1e3:.1f} ms"
+        f"{processed} tokens through the model, median {seconds * 1e3:.1f} ms, attention {used}"
     )

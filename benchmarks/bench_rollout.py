@@ -484,12 +484,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--impls", default="hf,compiled,generate",
+                        help="comma-separated, from hf, hf-static, static, static-unmerged, compiled, generate")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     if not args.gpu:
         print(f"issue 16's GPU measurement, from the repository root:\n  {GPU_COMMAND}")
         return
-    result = gpu_measurement(args.shape, device=args.device, dtype=getattr(torch, args.dtype), rounds=args.rounds)
+    impls = tuple(args.impls.split(","))
+    result = gpu_measurement(args.shape, impls, device=args.device, dtype=getattr(torch, args.dtype),
+                             rounds=args.rounds)
     if args.out:
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         head = f"{args.shape} on {name}, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"

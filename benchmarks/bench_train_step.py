@@ -9,7 +9,11 @@ prompts, 1024 new tokens; a random model almost never samples EOS, so rollouts r
 (compilation, allocator); step 2 is measured. Phases are timed by wrapping the functions ``Trainer.step`` calls
 (CUDA synchronised around each): rollout, teacher scoring, student scoring (forward), loss (fused op forward),
 optimizer; ``backward + rest`` is the step's remainder (the backward through the student and the bookkeeping).
-Writes a markdown table (device, versions, command) to ``--out`` when given, and prints it.
+Each phase also counts the graphs torch.compile built during it (dynamo's ``unique_graphs``): step 1 compiles
+(the decode step, FlexAttention, the block mask), and any graph built in step 2 is a recompile. The rollout engine
+and the tree-mask attention that actually ran are named (a compile or FlexAttention failure shows there).
+Writes a markdown table (device, versions, command) to ``--out`` when given (after step 1 already, so a timeout
+keeps the warm-up's figures), and prints it.
 """
 
 from __future__ import annotations
@@ -57,11 +61,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 @contextlib.contextmanager
-def phase_clock(trainer) -> Iterator[dict[str, float]]:
+def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[str, float]]:
     """Inside the block, every ``trainer.step()`` adds the wall seconds of its phases (``PHASES``: the functions
     ``Trainer.step`` calls, wrapped, CUDA synchronised around each) to the yielded clock; clear it between steps.
-    The step's remainder (backward through the student, bookkeeping) is its total minus their sum. Everything
+    The step's remainder (backward through the student, bookkeeping) is its total minus their sum. ``graphs``, when
+    given, counts the graphs torch.compile builds in each phase. Everything
     wrapped is restored on exit."""
     import atesd.engine.train as train_mod
 
@@ -70,10 +81,12 @@ def phase_clock(trainer) -> Iterator[dict[str, float]]:
     def timed(name, fn):
         def wrapper(*a, **kw):
             _sync()
-            t0 = time.perf_counter()
+            g0, t0 = _graphs(), time.perf_counter()
             out = fn(*a, **kw)
             _sync()
             clock[name] += time.perf_counter() - t0
+            if graphs is not None:
+                graphs[name] = graphs.get(name, 0) + _graphs() - g0
             return out
 
         return wrapper
@@ -100,8 +113,10 @@ def phase_clock(trainer) -> Iterator[dict[str, float]]:
                 setattr(obj, attr, own[name])
 
 
-def measure(shape: str = "smoke", workdir: str | None = None) -> dict:
-    """Per-phase seconds of step 2 (and step 1's total), rollout tokens, tokens/s and peak memory."""
+def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> dict:
+    """Per-phase seconds of step 2 (and step 1's total), graphs compiled per phase and step, rollout tokens,
+    tokens/s, peak memory, the rollout engine and the attention that ran. ``on_step(partial_result)`` is called
+    after each step (step 1's result has no phase split)."""
     import atesd.engine.train as train_mod
     from atesd.engine.config import parse
 
@@ -115,29 +130,39 @@ def measure(shape: str = "smoke", workdir: str | None = None) -> dict:
                     "--output-dir", os.path.join(root, "run"), "--no-progress"])  # fmt: skip
     trainer = train_mod.Trainer(cfg, os.path.join(root, "run"))
     totals = []
-    with phase_clock(trainer) as clock:
-        for i in range(2):
-            if i == 1:
-                clock.clear()
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
+    compiled = [{}, {}]  # graphs built per phase, step 1 and step 2
+    for i in range(2):
+        with phase_clock(trainer, compiled[i]) as clock:
+            if i == 1 and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             _sync()
-            t0 = time.perf_counter()
+            g0, t0 = _graphs(), time.perf_counter()
             metrics = trainer.step()
             _sync()
             totals.append(time.perf_counter() - t0)
+            compiled[i]["total"] = _graphs() - g0
+        if i == 0 and on_step is not None:
+            on_step(_result(shape, trainer, totals, None, compiled, metrics, clock))
     phases = {p: clock[p] for p in PHASES}
     phases["backward + rest"] = totals[1] - sum(phases.values())
+    return _result(shape, trainer, totals, phases, compiled, metrics, clock)
+
+
+def _result(shape, trainer, totals, phases, compiled, metrics, clock) -> dict:
+    from atesd.engine.scoring import attention_used
+
     return {
         "shape": shape,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "step1_s": totals[0],
-        "step2_s": totals[1],
+        "step2_s": totals[1] if len(totals) > 1 else None,
         "phases_s": phases,
+        "graphs": [dict(c) for c in compiled],
         "rollout_tokens": metrics["rollout_tokens"],
         "rollout_tokens_per_s": metrics["rollout_tokens"] / max(clock["rollout"], 1e-9),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "rollout_impl": type(trainer.rollout).__name__,
+        "rollout_impl": f"{type(trainer.rollout).__name__} {getattr(trainer.rollout, 'name', '')}".strip(),
+        "attention": f"{attention_used()} (asked: {trainer.attention})",
     }
 
 
@@ -148,19 +173,23 @@ def render(r: dict, command: str) -> str:
         triton_v = triton.__version__
     except ImportError:
         triton_v = "none"
+    graphs = r["graphs"]
     lines = [
         f"### One training step, shape {r['shape']} ({r['device']}, torch {torch.__version__}, triton {triton_v}, "
         f"{time.strftime('%Y-%m-%d')})\n",
-        f"`{command}`; rollouts by {r['rollout_impl']}; step 1 (warm-up) {r['step1_s']:.2f} s, "
-        f"step 2 {r['step2_s']:.2f} s; {r['rollout_tokens']} rollout tokens, "
-        f"{r['rollout_tokens_per_s']:.0f} rollout tokens/s"
+        f"`{command}`; rollouts by {r['rollout_impl']}; tree-mask attention {r['attention']}; step 1 (warm-up) "
+        f"{r['step1_s']:.2f} s, {graphs[0].get('total', 0)} graphs compiled"
+        + (f"; step 2 {r['step2_s']:.2f} s, {graphs[1].get('total', 0)} graphs compiled (any is a recompile)"
+           if r["step2_s"] is not None else "; step 2 not reached")
+        + f"; {r['rollout_tokens']} rollout tokens, {r['rollout_tokens_per_s']:.0f} rollout tokens/s"
         + (f"; peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "")
         + ".\n",
-        "| phase | seconds | share |",
-        "|---|---|---|",
     ]
-    for name, sec in r["phases_s"].items():
-        lines.append(f"| {name} | {sec:.3f} | {sec / r['step2_s']:.0%} |")
+    if r["phases_s"] is not None:
+        lines += ["| phase | seconds | share | graphs compiled, step 1 | step 2 |", "|---|---|---|---|---|"]
+        for name, sec in r["phases_s"].items():
+            lines.append(f"| {name} | {sec:.3f} | {sec / r['step2_s']:.0%} | {graphs[0].get(name, '')} | "
+                         f"{graphs[1].get(name, '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,14 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smoke")
     ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
     args = ap.parse_args(argv)
+    command = "python -m benchmarks.bench_train_step " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(result: dict) -> None:
+        md = render(result, command)
+        print(md, file=sys.__stdout__, flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as fh:
+                fh.write(md)
+
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints stay out of the table
-        result = measure(args.shape)
-    md = render(result, "python -m benchmarks.bench_train_step " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(md)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(md)
+        result = measure(args.shape, on_step=write)
+    write(result)
     return result
 
 

@@ -239,22 +239,32 @@ class Layer(nn.Module):
         for p in self.projections():
             p.refresh()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, col: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        col: torch.Tensor,
+        mask: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         """x [n, H], rope [n, 2, D] (cos; sin with its first half negated), col [1] (the cache column written),
-        mask [n, 1, 1, W] bool (the columns each row attends to) -> [n, H]."""
+        mask [n, 1, 1, W] bool (the columns each row attends to), this layer's caches [rows >= n, kv_heads,
+        columns > W, D] (``self.k_cache`` / ``self.v_cache``, passed in so a compiled graph sees their sizes as
+        dynamic: a cache that grows is not a recompile) -> [n, H]."""
         n, h, kv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps)).view(n, h + 2 * kv, d)
         qk = rms_norm(qkv[:, : h + kv], None, self.eps) * self.qk_norm
         # RoPE: x cos + rotate_half(x) sin, with rotate_half(x) sin = roll(x, D/2) * [-sin_1, sin_2] (exactly)
         qk = qk * rope[:, :1] + qk.roll(d // 2, -1) * rope[:, 1:]
-        self.k_cache[:n].index_copy_(2, col, qk[:, h:, None])
-        self.v_cache[:n].index_copy_(2, col, qkv[:, h + kv :, None])
+        k_cache[:n].index_copy_(2, col, qk[:, h:, None])
+        v_cache[:n].index_copy_(2, col, qkv[:, h + kv :, None])
         window = mask.shape[-1]
         # GQA without repeat_kv: the query heads of one KV head are that head's "query positions" (HF's pack_gqa)
         o = F.scaled_dot_product_attention(
             qk[:, :h].view(n, kv, h // kv, d),
-            self.k_cache[:n, :, :window],
-            self.v_cache[:n, :, :window],
+            k_cache[:n, :, :window],
+            v_cache[:n, :, :window],
             attn_mask=mask,
             scale=self.scaling,
         )
@@ -381,16 +391,30 @@ class Qwen3Decoder(nn.Module):
             for cache in (layer.k_cache, layer.v_cache):
                 cache[:n, :, :columns] = cache[index, :, :columns]
 
-    def forward(self, tok: torch.Tensor, col: torch.Tensor, start: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The buffers that grow with the cache: (rope, k_cache_0, v_cache_0, k_cache_1, ...)."""
+        return (self.rope, *(t for layer in self.layers for t in (layer.k_cache, layer.v_cache)))
+
+    def forward(
+        self,
+        tok: torch.Tensor,
+        col: torch.Tensor,
+        start: torch.Tensor,
+        cols: torch.Tensor,
+        state: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         """Logits [n, V] fp32 for tokens tok [n] written at cache column col [1]; row r attends to its columns
         [start[r], col] (left padding before start) at RoPE position col - start[r]. cols = arange(W), W > col:
-        the attended window (a tensor, so a compiled graph can take its length as a dynamic size)."""
+        the attended window (a tensor, so a compiled graph can take its length as a dynamic size). ``state``:
+        :meth:`state` (None: read it here), an argument so that a compiled graph takes the cache sizes as
+        dynamic sizes too (module buffers are specialised on: a grown cache would be a recompile)."""
+        rope_table, *caches = self.state() if state is None else state
         n, window = tok.shape[0], cols.shape[0]
-        rope = self.rope[col - start]
+        rope = rope_table[col - start]
         mask = ((cols >= start[:, None]) & (cols <= col)).view(n, 1, 1, window)
         x = F.embedding(tok, self.embed)
-        for layer in self.layers:
-            x = layer(x, rope, col, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, col, mask, caches[2 * i], caches[2 * i + 1])
         return F.linear(rms_norm(x, self.norm, self.eps), self.head).float()
 
 
@@ -414,9 +438,11 @@ def decode_one(
     top_k: int,
     top_p: float,
     pad_id: int,
+    state: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step, the unit ``torch.compile`` sees: (next tokens [n], done [n]); finished rows emit pad."""
-    nxt = next_token(dec(tok, col, start, cols), u, temperature, top_k, top_p).masked_fill(done, pad_id)
+    """One decode step, the unit ``torch.compile`` sees: (next tokens [n], done [n]); finished rows emit pad.
+    ``state``: ``dec.state()`` (the compiled path passes it, see :meth:`Qwen3Decoder.forward`)."""
+    nxt = next_token(dec(tok, col, start, cols, state), u, temperature, top_k, top_p).masked_fill(done, pad_id)
     return nxt, done | torch.isin(nxt, eos)
 
 
@@ -497,8 +523,10 @@ class StaticRollout:
 
     def _reserve(self, rows: int, columns: int) -> None:
         if self.decoder.reserve(rows, columns) and self.compiled is not None and self.decoder.device.type == "cuda":
-            for t in self.decoder.buffers():  # fixed addresses: CUDA graphs read them in place
-                torch._dynamo.mark_static_address(t)
+            # fixed addresses: CUDA graphs read them in place. Unguarded (the default of recent torch only): a
+            # grown cache then re-records the graphs instead of recompiling the step
+            for t in self.decoder.buffers():
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def _rows_bucket(self, live: int) -> int:
         if self.compiled is None:
@@ -506,25 +534,30 @@ class StaticRollout:
         # a power of two, but not 1: a dynamic size that becomes 1 is specialised on (one more compile)
         return max(2, 1 << (live - 1).bit_length())
 
-    def _window(self, needed: int, columns: int) -> int:
+    def _window(self, needed: int) -> int:
+        """Columns the step attends to: exact when eager; compiled, a multiple of ``window_multiple`` (few
+        distinct shapes, and a bool mask whose rows stay 8-aligned, which memory-efficient attention wants)."""
         if self.compiled is None:
             return needed
-        # below the cache length (needed always is): a slice as long as the cache is a case a compiled graph
-        # specialises on, one more compile
-        return min(columns - 1, math.ceil(needed / self.window_multiple) * self.window_multiple)
+        return math.ceil(needed / self.window_multiple) * self.window_multiple
 
     def _step(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
             return decode_one(self.decoder, *args)
         tok, _, start, done, _, u, cols = args[:7]
-        # rows and window as dynamic sizes from the first call: one compile serves every bucket
-        for t in (tok, start, done, u, cols):
+        state = self.decoder.state()
+        # rows, window and the cache's rows and columns as dynamic sizes from the first call: one compile serves
+        # every bucket and every cache size (a grown cache is new tensors of new sizes, not a recompile)
+        for t in (tok, start, done, u, cols, state[0]):
             if t is not None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+        for cache in state[1:]:
+            torch._dynamo.maybe_mark_dynamic(cache, 0)
+            torch._dynamo.maybe_mark_dynamic(cache, 2)
         try:
             if self.decoder.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            nxt, done = self.compiled(self.decoder, *args)
+            nxt, done = self.compiled(self.decoder, *args, state)
         except Exception as e:  # any compiler or generated-code failure: fall back, loudly
             log.warning("rollout: torch.compile failed (%s); decoding eagerly from now on", _describe(e))
             log.debug("rollout: the compile failure", exc_info=True)
@@ -608,7 +641,9 @@ class StaticRollout:
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
         # prefill: the HF model itself, adapter on (as the reference loop), once per prompt
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self._reserve(R, width + max_new)
+        # longer than the last step's window (width + max_new - 1 columns, bucketed): a window as long as the cache
+        # would be a size the compiled graph specialises on
+        self._reserve(R, self._window(width + max_new - 1) + 1)
         dec.load_prefill(out.cache if "cache" in out else out.past_key_values, G, width)
         logits = out.logits[:, -1].float().repeat_interleave(G, 0)
         del out
@@ -622,7 +657,7 @@ class StaticRollout:
         tok = next_token(logits, None if uniforms is None else uniforms[:, 0], temperature, top_k, top_p)
         done = torch.isin(tok, eos)
         tokens[:, 0] = tok
-        columns, n, every = dec.cache_shape()[1], R, self.check_every
+        n, every = R, self.check_every
         for t in range(1, max_new):
             if (t - 1) % every == 0:  # the one host sync per `every` tokens
                 live = (~done).nonzero().squeeze(-1)
@@ -640,8 +675,10 @@ class StaticRollout:
             col += 1
             u = None
             if uniforms is not None:  # each row's own stream, wherever compaction moved it
-                u = uniforms[:, t] if rows is None else uniforms[rows, t]
-            cols = dec.columns[: self._window(width + t, columns)]
+                # contiguous either way: a column view (stride max_new) and a gathered copy (stride 1) would be
+                # two graphs
+                u = (uniforms[:, t] if rows is None else uniforms[rows, t]).contiguous()
+            cols = dec.columns[: self._window(width + t)]
             tok, done = self._step(tok, col, start, done, eos, u, cols, temperature, top_k, top_p, pad_id)
             if rows is None:
                 tokens[:, t] = tok

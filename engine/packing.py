@@ -62,16 +62,32 @@ class Packed:
         return mask[None, None]
 
     def block_mask(self, device: torch.device | str):
-        """FlexAttention BlockMask of the same mask (needs attn_implementation='flex_attention')."""
-        from torch.nn.attention.flex_attention import create_block_mask
+        """FlexAttention BlockMask of the same mask (needs attn_implementation='flex_attention').
 
+        Built by a compiled ``create_block_mask``: it evaluates the mask tile by tile into [N/128, N/128] block
+        tables and never holds the N x N mask (eager ``create_block_mask`` materialises it as int64: 512 MiB at
+        N=8192, growing as N^2). Compiled once per process with dynamic sizes: every packed length and segment
+        count reuses the graph."""
         seg, anc = self.seg.to(device), self.ancestor.to(device)
 
         def tree(b, h, q, k):
             return (k <= q) & anc[seg[q], seg[k]]
 
         n = seg.numel()
-        return create_block_mask(tree, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+        return _compiled_create_block_mask()(tree, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+_CREATE_BLOCK_MASK = None
+
+
+def _compiled_create_block_mask():
+    """``torch.compile(create_block_mask)``, made once per process (torch's recommended way to compile it)."""
+    global _CREATE_BLOCK_MASK
+    if _CREATE_BLOCK_MASK is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _CREATE_BLOCK_MASK = torch.compile(create_block_mask, dynamic=True)
+    return _CREATE_BLOCK_MASK
 
 
 def pack(trees: list[list[Segment]]) -> Packed:

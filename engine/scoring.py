@@ -25,7 +25,7 @@ Returned hidden states are ordered problem by problem, rollout by rollout, token
 from __future__ import annotations
 
 import contextlib
-import warnings
+import logging
 
 import torch
 
@@ -33,7 +33,11 @@ from atesd.engine.exposure import Example
 from atesd.engine.models import causal_lm, decoder
 from atesd.engine.packing import Packed, Segment, pack
 
-_flex_failed = False
+log = logging.getLogger("engine")
+# FlexAttention failures by (device type, grad enabled): why flex cannot run there (the dense mask runs instead,
+# logged once per key); the teacher's no-grad pass may keep flex where the student's backward cannot have it
+_flex_failures: dict[tuple[str, bool], str] = {}
+_attention_used: str | None = None
 
 
 def teacher_tree(ex: Example, cut: int, rollouts: list[list[int]], credit: bool = True) -> list[Segment]:
@@ -77,26 +81,46 @@ def attention_impl(model, name: str | None):
         lm.set_attn_implementation(old)
 
 
+def attention_used() -> str | None:
+    """The tree-mask attention the last :func:`hidden_states` call ran: 'flex', 'dense', or 'dense (flex failed:
+    <reason>)' when flex was asked for and could not run (None before the first call)."""
+    return _attention_used
+
+
 def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tensor:
-    """Final hidden states [N, H] of a packed sequence: Flex BlockMask ('flex') or dense additive mask."""
-    global _flex_failed
+    """Final hidden states [N, H] of a packed sequence: Flex BlockMask ('flex') or dense additive mask.
+
+    A flex failure (an unsupported build or device, e.g. no FlexAttention backward on CPU) is logged as a warning
+    on the ``engine`` logger (run.log in a run) with its reason, once per (device, grad mode); that call and the
+    later ones with the same key run the dense N x N mask, and :func:`attention_used` says so. Out of memory is
+    raised, not hidden behind the dense mask (which needs more)."""
+    global _attention_used
     param = next(model.parameters())
     ids, pos = packed.input_ids.to(param.device), packed.position_ids.to(param.device)
-    if attention == "flex" and not _flex_failed:
-        try:
-            with attention_impl(model, "flex_attention"):
-                mask = packed.block_mask(param.device)
-                return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[
-                    0
-                ][0]
-        except Exception as e:  # unsupported build or device: fall back to the dense mask, once and loudly
-            _flex_failed = True
-            warnings.warn(
-                f"FlexAttention tree mask failed ({type(e).__name__}: {e}); using the dense mask",
-                stacklevel=2,
-            )
+    path = "dense"
+    if attention == "flex":
+        key = (param.device.type, torch.is_grad_enabled())
+        if key not in _flex_failures:
+            try:
+                with attention_impl(model, "flex_attention"):
+                    mask = packed.block_mask(param.device)
+                    out = decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+                _attention_used = "flex"
+                return out[0][0]
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # unsupported build or device: the dense mask, loudly, and recorded
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                _flex_failures[key] = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+                log.warning(
+                    "scoring: FlexAttention tree mask failed on %s (%s) (%s); the dense N x N mask runs instead "
+                    "for this device and mode", key[0], "with grad" if key[1] else "no grad", _flex_failures[key]
+                )
+        path = f"dense (flex failed: {_flex_failures[key]})"
     mask = packed.dense_mask(param.dtype, param.device)
-    return decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0][0]
+    out = decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0][0]
+    _attention_used = path
+    return out
 
 
 def _gather(

@@ -20,7 +20,10 @@ fastest), so programs resident together read the same W tiles and only a few hs 
     backward (_bwd_kernel): recompute both logit tiles, dz = grad[n] (c gp - ps g[n]) / T, then loop over H
         in BLOCK_K chunks: grad_hs[rows] += dz @ W[tile] and, if needed, grad_w[tile] += dz^T @ hs[rows], by
         fp32 atomics (so the last bits vary from run to run); grad_b gets exact column sums of dz (atomics
-        too). dz is cast to the input dtype for the tensor-core dot, as in Cut Cross-Entropy.
+        too). dz is cast to the input dtype for the tensor-core dot, as in Cut Cross-Entropy. The atomics are
+        relaxed (sem="relaxed"): nothing reads the accumulators before the kernel ends, so no ordering is needed,
+        and the default acq_rel wraps every vector atomic in a GPU-wide fence and an L1 flush on sm_90 (MEMBAR.GPU,
+        CCTL.IVALL) where relaxed ones compile to plain REDG.
 
 Gradient filtering. A backward tile whose dz is negligible skips both H loops and their atomics. The test is
 an L1 budget, which bounds the error whatever the vocabulary size: per row, the skipped sum_v |c gp - ps g|
@@ -37,8 +40,10 @@ Knobs (environment, read at each call unless noted):
     ATESD_TRITON_TF32=1     let fp32 inputs use TF32 tensor cores (default IEEE fp32).
     ATESD_TRITON_CONFIG     "BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages": one config, no autotuning
                             (read at import).
-Autotuning keys on H, V, the divergence mode, shared head (and need_grad_w in the backward); the first call
-per key benchmarks every config. Under TRITON_INTERPRET=1 a single small config is used.
+Autotuning keys on H, V, the divergence mode, shared head, the dot precision (and need_grad_w in the backward);
+the first call per key benchmarks the configs of its precision: 8 forward and 3 backward ones on tensor cores
+(bf16/fp16, TF32), one for IEEE fp32 (register budget: comment at ``_TC_FWD``). Under TRITON_INTERPRET=1 a single
+small config is used.
 """
 
 from __future__ import annotations
@@ -60,39 +65,50 @@ _NUM_STATS = 9  # ms, ds, es, mt, dt, et, cross, idx_s, idx_t
 _DEFAULT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}
 
 
-def _configs() -> list[triton.Config]:
-    def cfg(bn, bv, bk, warps, stages):
-        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
-        return triton.Config(meta, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, bv: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
+
+# Register budget (sm_90, 255 per thread). Every kernel keeps fp32 [BLOCK_N, BLOCK_V] tiles live at once (zs, zt
+# and the running sums; the backward also l, gp, ps, dz), i.e. BLOCK_N * BLOCK_V / (32 * num_warps) values per
+# thread per tile. `ptxas -v` on Triton 3.6's sm_90a code (2026-12-04, no GPU run, see docs/triton.md):
+# - tensor cores (bf16/fp16, or fp32 as TF32): 32 values per thread per tile fit in every kernel; 64 spill in the
+#   backward (64x128 at 4 warps: 92-692 B per thread, 128x128 at 8 warps: 60-464 B, beta 0 and 0.5) and 64x256 at
+#   8 warps spills 96 B in the statistics pass. Those configs are dropped.
+# - IEEE fp32 (tl.dot on FMA units, operands in registers): every tensor-core config above spills, some by
+#   10-45 KB; 64x64x32 at 8 warps (16 values per thread) does not. fp32 runs that one config, untuned.
+_TC_FWD = [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3), (128, 64, 64, 8, 3),
+           (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]
+_TC_BWD = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 8, 3)]
+_IEEE = [(64, 64, 32, 8, 3)]
+
+
+def _configs(tc: list[tuple]) -> list[triton.Config]:
+    """The tensor-core configs ``tc`` plus the IEEE-fp32 one; :func:`_for_precision` keeps the right part."""
     pinned = os.environ.get("ATESD_TRITON_CONFIG")
     if pinned:
-        bn, bv, bk, warps, stages = (int(x) for x in pinned.split(","))
-        return [cfg(bn, bv, bk, warps, stages)]
+        return [_cfg(*(int(x) for x in pinned.split(",")))]
     if _INTERPRET:
-        return [cfg(32, 64, 32, 4, 1)]
-    # Two fp32 [BLOCK_N, BLOCK_V] accumulators live at once, so BLOCK_N * BLOCK_V stays <= 128 * 128 (16k).
-    return [
-        cfg(64, 64, 64, 4, 3),
-        cfg(64, 128, 64, 4, 3),
-        cfg(64, 128, 64, 8, 4),
-        cfg(64, 128, 128, 8, 3),
-        cfg(64, 256, 64, 8, 3),
-        cfg(128, 64, 64, 8, 3),
-        cfg(128, 128, 64, 8, 3),
-        cfg(128, 128, 64, 8, 4),
-        cfg(128, 128, 32, 8, 4),
-    ]
+        return [_cfg(32, 64, 32, 4, 1)]
+    return [_cfg(*c) for c in tc + _IEEE]
 
 
-_CONFIGS = _configs()
-# The backward also stages W / hs tiles for dz @ W and dz^T @ hs: drop the configs whose shared memory exceeds
-# H100's 227 KB (sm_90 ptxas: 240-290 KB for (BLOCK_N + BLOCK_V) * BLOCK_K * stages > 48k elements).
-_BWD_CONFIGS = [c for c in _CONFIGS
-                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"] * c.num_stages <= 49152]
-_BWD_CONFIGS = _BWD_CONFIGS or _CONFIGS
-_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
+def _is_ieee(config: triton.Config) -> bool:
+    k = config.kwargs
+    return (k["BLOCK_N"], k["BLOCK_V"], k["BLOCK_K"], config.num_warps, config.num_stages) in _IEEE
+
+
+def _for_precision(configs, named_args, **kwargs):
+    """Autotuner pruning: the IEEE-fp32 config when either side's dot is IEEE fp32, the tensor-core ones else."""
+    ieee = "ieee" in (kwargs.get("DOT_PREC"), kwargs.get("DOT_PREC_T"))
+    return [c for c in configs if _is_ieee(c) == ieee] or configs
+
+
+_CONFIGS = _configs(_TC_FWD)
+_BWD_CONFIGS = _configs(_TC_BWD)
+_PRUNE = {"early_config_prune": _for_precision}
+_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS + _BWD_CONFIGS)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS + _BWD_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,7 +207,8 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
 # kernels
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "CROSS", "SHARED_W"])
+@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "CROSS", "SHARED_W", "DOT_PREC", "DOT_PREC_T"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V, H, HT, n_splits, split_len,
                   inv_t,
@@ -257,7 +274,8 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, part_ptr, N, V,
     tl.store(base + 8 * stride, idx_t.to(tl.float32), mask=rmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W"])
+@triton.autotune(configs=_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W", "DOT_PREC", "DOT_PREC_T"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
                  N, V, H, HT, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
@@ -295,8 +313,8 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
     tl.store(base + 2 * stride, g, mask=rmask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W", "NEED_W"],
-                 reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W", "NEED_W", "DOT_PREC", "DOT_PREC_T"],
+                 reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr,
                 ghs_ptr, gw_ptr, gb_ptr, N, V, H, HT, n_splits, split_len, inv_t, clip, beta, log_beta,
@@ -331,7 +349,7 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
         dzu = tl.where(valid, gp - ps * gn[:, None], 0.0)
         dz = dzu * scale[:, None]
         if NEED_B:
-            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask)
+            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask, sem="relaxed")
         new_skipped = skipped + tl.sum(tl.abs(dzu), 1)
         # not (x <= budget): a NaN row is never filtered out (tl.max may drop NaN, so test before reducing)
         over = tl.max(tl.where(new_skipped <= budget, 0.0, 1.0), 0) > 0.0
@@ -346,13 +364,13 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
                 hmask = rmask[:, None] & kmask[None, :]
                 zero_hs = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
                 tl.atomic_add(ghs_ptr + row_off[:, None] + kk[None, :], _dot(dzc, w_tile, zero_hs, DOT_PREC),
-                              mask=hmask)
+                              mask=hmask, sem="relaxed")
                 if NEED_W:
                     zero_w = tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32)
                     h_tile = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=hmask, other=0.0)
                     tl.atomic_add(gw_ptr + col_off[:, None] + kk[None, :],
                                   _dot(tl.trans(dzc), h_tile, zero_w, DOT_PREC),
-                                  mask=cmask[:, None] & kmask[None, :])
+                                  mask=cmask[:, None] & kmask[None, :], sem="relaxed")
         skipped = tl.where(over, skipped, new_skipped)
 
 

@@ -1,13 +1,24 @@
 """Exactness of prefix sharing: hidden states from the packed tree equal those of running every path alone."""
 
+import logging
+
 import pytest
 import torch
 from engine_tiny import build_model
 
+from atesd.engine import scoring
 from atesd.engine.exposure import make_example as _make_example
 from atesd.engine.models import add_lora, decoder
-from atesd.engine.packing import Segment, pack
-from atesd.engine.scoring import paths, score_student, score_teacher, student_tree, teacher_tree
+from atesd.engine.packing import Packed, Segment, pack
+from atesd.engine.scoring import (
+    attention_used,
+    hidden_states,
+    paths,
+    score_student,
+    score_teacher,
+    student_tree,
+    teacher_tree,
+)
 from atesd.engine.task import PromptTemplates
 
 SOLUTIONS = ["1+2=3\n3*4=12\nSo \\boxed{12}", "5-1=4\nthen 4*4=16\nand 16+1=17\nSo \\boxed{17}"]
@@ -119,3 +130,69 @@ def test_paths_unshares_a_tree(tiny_tokenizer):
     assert leaves[0] == ex.teacher_prompt(2) + [9, 9] and leaves[1] == ex.teacher_prompt(2) + [8]
     assert leaves[2] == ex.teacher_prompt(2) + ex.teacher_reply_ids  # the credit branch
     assert len(paths(student_tree(ex, [[1], [2], [3]]))) == 3
+
+
+# ------------------------------------------------------------------------------------------- FlexAttention
+def test_flex_tree_mask_equals_dense_without_grad(tiny_tokenizer):
+    """The teacher pass with FlexAttention (the compiled block mask, HF's compiled flex_attention; forward only:
+    torch has no FlexAttention backward on CPU) gives the dense tree mask's hidden states. Cost: two compiles,
+    ~10-30 s on 2 cores with a cold inductor cache."""
+    model = _lora_model(len(tiny_tokenizer))
+    examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    trees = [teacher_tree(ex, k, r) for ex, k, r in zip(examples, [3, 7], _rollouts(3, seed=1))]
+    packed = pack(trees)
+    with torch.no_grad():
+        dense = hidden_states(model, packed, "dense")
+        assert attention_used() == "dense"
+        flex = hidden_states(model, packed, "flex")
+        assert attention_used() == "flex"
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_never_materialises_n_by_n():
+    """Packed.block_mask at N=8192 allocates nothing near an N x N mask (the profiler's largest CPU allocation;
+    eager create_block_mask's is 512 MiB there, an int64 N x N), and its block tables are the eager ones. The
+    compile (dynamic sizes, once per process, shared with the test above) is ~15-40 s on 2 cores."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.profiler import ProfilerActivity, profile
+
+    def packed(n_trees, prompt, branches):
+        return pack([[Segment(list(range(prompt)))] + [Segment(list(range(b)), 0) for b in branches]] * n_trees)
+
+    small = packed(3, 200, [90, 80, 70])
+    got = small.block_mask("cpu")  # compiles here unless an earlier test did
+    want = create_block_mask(lambda b, h, q, k: (k <= q) & small.ancestor[small.seg[q], small.seg[k]], None, None,
+                             small.numel, small.numel, device="cpu")
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.to_dense(), want.to_dense())
+    big = packed(4, 1024, [512, 256, 256])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        mask = big.block_mask("cpu")
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert big.numel == 8192 and mask.kv_num_blocks.shape[-1] == 8192 // 128
+    assert 0 < largest < 8192**2 / 64, f"largest allocation {largest} bytes"
+
+
+def test_flex_failure_is_logged_recorded_and_falls_back_to_dense(tiny_tokenizer, monkeypatch, caplog):
+    model = _lora_model(len(tiny_tokenizer))
+    examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    packed = pack([student_tree(ex, r) for ex, r in zip(examples, _rollouts(2, seed=4))])
+    monkeypatch.setattr(scoring, "_flex_failures", {})
+
+    def broken(self, device):
+        raise RuntimeError("flex kernels unavailable here")
+
+    monkeypatch.setattr(Packed, "block_mask", broken)
+    want = hidden_states(model, packed, "dense")
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        got = hidden_states(model, packed, "flex")
+    torch.testing.assert_close(got, want)
+    reason = "RuntimeError: flex kernels unavailable here"
+    assert attention_used() == f"dense (flex failed: {reason})"
+    assert reason in caplog.text and "dense N x N mask" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        hidden_states(model, packed, "flex")  # the same device and mode: not retried, still recorded
+    assert attention_used() == f"dense (flex failed: {reason})" and caplog.text == ""
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="engine"):
+        hidden_states(model, packed, "flex")  # another mode (no grad) tries flex on its own, and says so
+    assert reason in caplog.text and "no grad" in caplog.text

@@ -1,5 +1,7 @@
-"""The op's contract beyond the plain case, on every CPU backend: the tiled torch path, the native C++ kernel (when
-built) and the Triton kernels in the interpreter (TRITON_INTERPRET=1, set by the root conftest; small shapes).
+"""The op's contract beyond the plain case, on every backend: the tiled torch path, the native C++ kernel (when
+built) and the Triton kernels: compiled on a CUDA machine (the op's inputs are moved to the GPU for the two kernel
+calls and the results back, so the same CPU-side tests drive the compiled kernels), else in the interpreter
+(TRITON_INTERPRET=1, set by the root conftest; small shapes, a subset of the larger matrices).
 
 - non-finite inputs: NaN / inf in any input makes the counted row's loss and gradient NaN (never the clip value);
   a masked row is excluded exactly (0 loss, 0 gradient), whatever it holds;
@@ -21,15 +23,26 @@ from atesd import kernels
 from atesd.kernels import _ops, cpu_tiled
 from atesd.kernels.reference import linear_kl, pointwise_divergence
 
-_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+_CUDA = torch.cuda.is_available()
+_TRITON = _CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"] + (["native"] if kernels.native_cpu_available() else []) + (["triton"] if _TRITON else [])
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
 
 
 def _interpreter_subset(backend: str, keep: bool) -> None:
     """The Triton interpreter costs seconds per call: it runs a representative subset of the larger matrices."""
-    if backend == "triton" and not keep:
+    if backend == "triton" and not _CUDA and not keep:
         pytest.skip("Triton interpreter: a subset of this matrix runs (the compiled kernels run all on a GPU)")
+
+
+def _on_cuda(kernel_fn):
+    """A Triton entry point (triton_kl.forward / backward) that takes and returns CPU tensors and runs on the GPU."""
+
+    def run(*args):
+        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        return tuple(out.cpu() for out in kernel_fn(*moved))
+
+    return run
 
 
 @pytest.fixture(params=BACKENDS)
@@ -39,6 +52,11 @@ def backend(request, monkeypatch):
     name = request.param
     if name == "triton":
         pytest.importorskip("triton")
+        if _CUDA:  # the compiled kernels, on the GPU
+            from atesd.kernels import triton_kl
+
+            monkeypatch.setattr(triton_kl, "forward", _on_cuda(triton_kl.forward))
+            monkeypatch.setattr(triton_kl, "backward", _on_cuda(triton_kl.backward))
     monkeypatch.setattr(_ops, "backend_for", lambda device: name)
     if name == "native":
         old = torch.ops.atesd_native._set_tiles(5, 16)

@@ -1,7 +1,8 @@
 """Memory contract on CPU: the op never allocates an N x V tensor.
 
-Measured as the growth of the process's peak resident set (ru_maxrss) across one forward + backward, in a fresh
-subprocess so that nothing else of the test session pollutes the high-water mark. At N=4096, V=32768 a single fp32
+Measured as the growth of the process's own peak resident set (VmHWM, reset just before the call;
+``peak_memory.py``) across one forward + backward, in a fresh subprocess so that nothing else of the test session
+pollutes the high-water mark. At N=4096, V=32768 a single fp32
 N x V tensor is 512 MiB; the bound below is a quarter of that, while the op's own working set is O(N*H) plus
 fixed-size tiles. The subprocess runs one thread: on a loaded machine two OpenMP threads on two busy cores
 spin-wait on each other and make the tiled torch path take minutes instead of seconds.
@@ -9,15 +10,11 @@ spin-wait on each other and make the tiled torch path take minutes instead of se
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from peak_memory import run_probe
 
 SCRIPT = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from atesd import kernels
@@ -32,11 +29,11 @@ ht = torch.randn(N, H, generator=g)
 w = torch.randn(V, H, generator=g) / 8
 fn = kernels.reference.linear_kl if backend == "naive" else kernels.fused_linear_kl
 fn(hs[:8], ht[:8], w, clip=0.05).backward()  # warm-up: allocator pools, lazy imports
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak()
+before = rss_mib("VmHWM")
 loss = fn(hs, ht, w, temperature=1.1, clip=0.05)
 loss.backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_mib": (after - before) / 1024, "backend": kernels.backend_for("cpu")}))
+print(json.dumps({"extra_mib": rss_mib("VmHWM") - before, "backend": kernels.backend_for("cpu")}))
 """
 
 V = 32768
@@ -47,11 +44,7 @@ def _nxv_mib(n: int) -> float:
 
 
 def _peak_extra_mib(backend: str, n: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT, backend, str(n)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(SCRIPT, backend, str(n))
 
 
 @pytest.mark.parametrize("backend", ["default", "torch"])

@@ -9,7 +9,6 @@ one-line errors for duplicate and out-of-range ids; torch.compile and opcheck; m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -17,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from peak_memory import run_probe
 
 from atesd import kernels
 from atesd.kernels import _ops, cpu_tiled
@@ -438,20 +438,6 @@ import json, os, sys
 import torch
 
 
-def rss_mib(field):
-    # this process's own resident set (VmRSS) or peak (VmHWM), from /proc: ru_maxrss would start at the peak of
-    # the parent that spawned it (Linux carries it across exec), hiding any growth below that
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-def reset_peak():
-    try:  # "5": reset VmHWM to the current RSS (Linux >= 4.0), so transients before the baseline do not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 torch.set_num_threads(1)
 backend, n = sys.argv[1], int(sys.argv[2])
 if backend == "torch":
@@ -474,11 +460,7 @@ print(json.dumps({"extra_mib": rss_mib("VmHWM") - before, "backend": kernels.bac
 
 
 def _peak_extra_mib(backend: str, n: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _MEMORY, backend, str(n)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(_MEMORY, backend, str(n))  # rss_mib / reset_peak: tests/kernels/peak_memory.py
 
 
 def test_peak_memory_stays_far_below_one_n_by_v_tensor():

@@ -122,6 +122,23 @@ def budget_lr(total_steps: int | None, hold: int, decisions: int | None) -> floa
     return _LR0 * min(1.0, math.sqrt(decisions / n))
 
 
+def probe_stride(hold: int) -> int:
+    """signal='probe_nll': a probe NLL after every this many updates of a K-step window (and after its last)."""
+    return max(1, hold // 4)
+
+
+def wants_measurement(key: str, signal: str | None, pos: int, hold: int) -> bool:
+    """Whether a policy measuring ``signal`` on K = ``hold``-step windows needs ``key`` with the step at
+    position ``pos`` (0-based) of its window: ``probe_accuracy`` before the update of each window's first step,
+    ``probe_nll`` after the update of every ``probe_stride(K)``-th step and of the window's last one. One rule for
+    the adaptive controller and for a fixed exposure measuring what it would (``FixedExposure(signal=...)``)."""
+    if key == "probe_accuracy":
+        return signal == "accuracy" and pos == 0
+    if key == "probe_nll":
+        return signal == "probe_nll" and ((pos + 1) % probe_stride(hold) == 0 or pos + 1 == hold)
+    return False
+
+
 def resolve(preset: str | None = None, total_steps: int | None = None, **given: Any) -> dict[str, Any]:
     """Every setting of the adaptive controller as a concrete value: ``given`` (not None) wins, then the preset's
     value, then the budget rule for the preset's None entries. Unknown names raise ValueError."""

@@ -246,9 +246,10 @@ def test_build_non_strict_gives_each_policy_the_settings_it_takes():
     assert build("adaptive", strict=False, **settings).config["hold"] == 3
     assert build("adaptive-onestep", strict=False, **settings).L == 6
     assert build("random", strict=False, **settings).hold == 3
-    assert build("full", strict=False, **settings).alpha == 1.0
+    full = build("full", strict=False, **settings)  # what a fixed run measures for the reward audit: K and signal
+    assert full.alpha == 1.0 and full.hold == 3 and full.config["signal"] == DEFAULTS["signal"]
     with pytest.raises(TypeError):
-        build("full", hold=3)  # strict (the default): a setting the policy does not take is an error
+        build("full", lookahead=6)  # strict (the default): a setting the policy does not take is an error
 
 
 @pytest.mark.parametrize("spec", ["adaptive", "adaptive-onestep", "random"])

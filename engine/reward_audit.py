@@ -91,11 +91,15 @@ def replay_progress(cfg: dict, rows: list[dict], signal: str, probe_every: int |
     return [h["progress"] for h in sorted(policy.history, key=lambda h: h["t0"])]
 
 
-def decision_signals(run_dir: str, probe_every: int | None = None) -> dict[str, list[float] | None]:
+def decision_signals(run_dir: str, probe_every: int | None = None,
+                     settings: dict | None = None) -> dict[str, list[float] | None]:
     """Per decision (t0 = 0, K, 2K, ...) of the run in ``run_dir``: P(d) under each signal (:func:`replay_progress`;
     None: not measured) and ``heldout``, the held-out accuracy after step t0 + K minus after step t0 (step 0: the
-    base model) when the run evaluated at both ends of the decision's K steps (else [])."""
+    base model) when the run evaluated at both ends of the decision's K steps (else []). ``settings``: controller
+    settings to score with instead of the run's (e.g. ``{"estimator": "delta"}``; the audit asks "what would a
+    controller configured so have seen", which a fixed run answers for any setting that does not move alpha)."""
     cfg, rows = _read_run(run_dir)
+    cfg = {**cfg, **{f"controller_{k}": v for k, v in (settings or {}).items()}}
     out: dict[str, list[float] | None] = {s: replay_progress(cfg, rows, s, probe_every) for s in SIGNALS}
     K = int(resolve(cfg.get("controller_preset"), cfg.get("steps"), decisions=cfg.get("controller_decisions"),
                     hold=cfg.get("controller_hold"))["hold"])
@@ -144,16 +148,17 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None]) -> dict:
+def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None],
+              settings: dict | None = None) -> dict:
     """Across alphas, for each signal of :data:`KEYS`: its mean per alpha (over the runs that measured it), the
     Spearman rho of those means against the mean final ``gains``, and the separation: (mean at the alpha with the
     highest gain - mean at the one with the lowest) / the per-decision standard deviation within an alpha (pooled
-    over alphas and seeds); ``runs``: how many runs measured it."""
+    over alphas and seeds); ``runs``: how many runs measured it. ``settings``: as for :func:`decision_signals`."""
     out: dict = {"best_alpha": None, "worst_alpha": None}
     known = {a: g for a, g in gains.items() if g is not None}
     if len(known) >= 2:
         out["best_alpha"], out["worst_alpha"] = max(known, key=known.get), min(known, key=known.get)
-    signals = {a: [decision_signals(d) for d in dirs] for a, dirs in per_alpha.items()}
+    signals = {a: [decision_signals(d, settings=settings) for d in dirs] for a, dirs in per_alpha.items()}
     for key in KEYS:
         per = {a: [x for s in runs if s[key] for x in s[key]] for a, runs in signals.items()}
         per = {a: v for a, v in per.items() if v}
@@ -169,3 +174,43 @@ def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None
             res["separation"] = (means[b] - means[w]) / sd
         out[key] = res
     return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m engine.reward_audit SWEEP_DIR [--set estimator=delta ...]``: the audit of a finished sweep's
+    fixed-alpha runs (its results.json), scored with the runs' own controller settings or the ones given."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.reward_audit", description=main.__doc__)
+    p.add_argument("sweep_dir", help="an engine.sweep output directory with fixed-alpha runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a controller setting to score with (e.g. estimator=delta, hold=8); repeatable")
+    args = p.parse_args(argv)
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in SETTINGS or not value:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY among {', '.join(SETTINGS)}")
+        settings[key] = yaml.safe_load(value)
+    with open(os.path.join(args.sweep_dir, "results.json")) as fh:
+        rows = json.load(fh)["fixed_exposure"]
+    from atesd.engine.sweep import run_name  # (engine.sweep imports this module)
+
+    dirs = {r["alpha"]: [os.path.join(args.sweep_dir, run_name(r["exposure"], s)) for s in r["seeds"]] for r in rows}
+    al = alignment(dirs, {r["alpha"]: r["gain"] for r in rows}, settings)
+    print(f"{args.sweep_dir}, settings {settings or 'of the runs'}: best alpha {al['best_alpha']}, worst "
+          f"{al['worst_alpha']}\n\n| signal | " + " | ".join(f"P at alpha {a:g}" for a in sorted(dirs))
+          + " | rho with gain | separation | decisions | runs |\n|---|" + "---|" * (len(dirs) + 4))
+    for key in KEYS:
+        r = al[key]
+        if not r["decisions"]:
+            continue
+        means = " | ".join(f"{r['mean'][a]:+.4f}" if a in r["mean"] else "-" for a in sorted(dirs))
+        rho = "-" if r["rho"] is None else f"{r['rho']:+.2f}"
+        sep = "-" if r["separation"] is None else f"{r['separation']:+.2f}"
+        print(f"| {key} | {means} | {rho} | {sep} | {r['decisions']} | {r['runs']} |")
+    return al
+
+
+if __name__ == "__main__":
+    main()

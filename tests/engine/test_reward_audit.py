@@ -8,7 +8,15 @@ import pytest
 import yaml
 
 from atesd.controller import BetaExposureController, FixedExposure
-from atesd.engine.reward_audit import KEYS, alignment, decision_signals, replay_progress, run_signals, spearman
+from atesd.engine.reward_audit import (
+    KEYS,
+    alignment,
+    decision_signals,
+    main,
+    replay_progress,
+    run_signals,
+    spearman,
+)
 
 ENGINE_PROBE_EVERY = 5  # engine.config's --probe-every default: what an adaptive run gets unless told otherwise
 
@@ -164,3 +172,19 @@ def test_alignment_per_signal_ranks_and_separation(tmp_path):
     assert abs(al["loss"]["separation"]) < 0.2  # alpha-independent loss progress: nothing to tell the alphas apart
     assert al["accuracy"]["decisions"] == 6 * 11  # the last decision has one measurement: dropped, as live
     assert al["heldout"]["decisions"] == 0 and al["heldout"]["rho"] is None
+
+
+def test_cli_audits_a_sweep_with_its_own_or_given_settings(tmp_path, capsys):
+    gains, rate = {0.0: -0.1, 0.5: 0.3}, {0.0: 0.0, 0.5: 0.02}
+    for a in gains:
+        fixed_run(tmp_path / f"fixed_{a:g}-seed0", 40, alpha=a, rate=rate[a])
+    rows = [{"alpha": a, "exposure": f"fixed:{a:g}", "seeds": [0], "gain": g} for a, g in gains.items()]
+    (tmp_path / "results.json").write_text(json.dumps({"fixed_exposure": rows}))
+    own = main([str(tmp_path)])
+    assert "| accuracy | " in capsys.readouterr().out and own["accuracy"]["decisions"] == 2 * 9
+    delta = main([str(tmp_path), "--set", "estimator=delta", "--set", "hold=8"])
+    assert delta["loss"]["decisions"] == 2 * 5 and delta["loss"]["mean"] != own["loss"]["mean"]
+    want = live_progress("accuracy", 40, {"estimator": "delta", "hold": 8}, rate=0.02)
+    assert delta["accuracy"]["mean"][0.5] == pytest.approx(sum(want) / len(want))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main([str(tmp_path), "--set", "bogus=1"])

@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The learning-progress signal of the default preset: one constant, chosen on the lab's val split (issue 26, part 4).
-DEFAULT_SIGNAL = "loss"
+# The learning-progress signal of the default preset: one constant, chosen on the lab's val split by the reward audit
+# (issue 26, part 4; docs/controller.md): the probe accuracy ranks the alphas like the gain (rho +1.00, 0.58 sd), the
+# KD loss does not (-0.80), nor the probe NLL (+0.30).
+DEFAULT_SIGNAL = "accuracy"
 SIGNALS = ("loss", "accuracy", "probe_nll")
 ESTIMATORS = ("slope", "delta")  # how P is estimated from the signal's points over the lookahead
 BASELINES = ("running", "batch")  # advantage: running mean/sd of earlier decisions, or normalised in the batch

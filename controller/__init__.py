@@ -19,7 +19,8 @@ def build(spec: str, seed: int = 0, strict: bool = True, **kwargs: Any) -> Expos
     build('adaptive', hold=8, lookahead=24); build('random', hold=8)). A setting given as None takes the preset's
     value, sized from `total_steps` (controller.presets). With strict=False, settings the chosen policy does not
     take are dropped (the engine passes every controller setting and total_steps whatever the spec: `hold`,
-    `preset`, `total_steps` reach RandomExposure, nothing reaches FixedExposure). Schedules read training
+    `preset`, `total_steps` reach RandomExposure; those and `signal` reach FixedExposure, which measures a signal
+    named explicitly where the adaptive controller would, for the reward audit). Schedules read training
     progress from observe(), so they need no total_steps."""
     s = spec.strip().lower()
     parts = s.split(":")

@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from atesd.controller.presets import SIGNALS, resolve, wants_measurement
+
 REQUIRED_KEYS = ("loss", "mismatch", "confidence", "progress")
 OPTIONAL_KEYS = ("credit", "probe_nll", "probe_accuracy")
 
@@ -83,21 +85,41 @@ class ExposurePolicy:
 
 
 class FixedExposure(ExposurePolicy):
-    """Always the same alpha; FixedExposure(1.0) is OPSD's full-reference teacher."""
+    """Always the same alpha; FixedExposure(1.0) is OPSD's full-reference teacher.
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    Given a ``signal`` explicitly ('accuracy' or 'probe_nll'), it also asks (:meth:`wants`) for that measurement
+    where an adaptive controller with the same signal, ``preset``, ``total_steps``, ``decisions`` and ``hold``
+    would (``presets.wants_measurement``), and never acts on it: its run can then be scored afterwards as that
+    controller would score its decisions (``engine.reward_audit``). Measuring does not change training."""
+
+    def __init__(self, alpha: float = 1.0, signal: str | None = None, hold: int | None = None,
+                 total_steps: int | None = None, preset: str | None = None, decisions: int | None = None) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if signal is not None and signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(map(repr, SIGNALS))}, got {signal!r}")
         self.alpha = float(alpha)
+        self.hold = int(resolve(preset, total_steps, decisions=decisions, hold=hold)["hold"])
+        if self.hold < 1:
+            raise ValueError(f"hold must be >= 1, got {self.hold}")
+        self.config = {"signal": signal, "hold": self.hold}  # the engine builds the accuracy probe for 'accuracy'
+        self._steps = 0  # steps observed: the next step's place in its K-step window is _steps % K
 
     def exposure(self) -> float:
         return self.alpha
 
+    def wants(self, key: str) -> bool:
+        return wants_measurement(key, self.config["signal"], self._steps % self.hold, self.hold)
+
+    def observe(self, stats: Mapping[str, float]) -> None:
+        self._steps += 1
+
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}
+        return {"alpha": self.alpha, "steps": self._steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.alpha = float(state["alpha"])
+        self._steps = int(state.get("steps", 0))  # states written before measuring: nothing to align
 
     def metrics(self) -> dict[str, float]:
         return {"alpha": self.alpha}

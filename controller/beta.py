@@ -63,7 +63,9 @@ from atesd.controller.presets import (
     SETTINGS,
     SIGNALS,
     UPDATES,
+    probe_stride,
     resolve,
+    wants_measurement,
 )
 from atesd.controller.reward import (
     RunningStats,
@@ -284,20 +286,17 @@ class BetaExposureController(ExposurePolicy):
 
     def probe_stride(self) -> int:
         """signal='probe_nll': a probe NLL after every this many updates of a window (and after its last)."""
-        return max(1, self.K // 4)
+        return probe_stride(self.K)
 
     def wants(self, key: str) -> bool:
         """probe_accuracy: at the start of each decision's first step (measured before its update);
         probe_nll: with the step about to run, measured after its update, every `probe_stride()` steps of a window
-        and after its last step (the state the next decision starts from)."""
+        and after its last step (the state the next decision starts from). `presets.wants_measurement`."""
         pos = 0 if self._cur is None else self._in_window  # the next observed step's place in its window
-        signal = self.config["signal"]
-        if key == "probe_accuracy":
-            return signal == "accuracy" and pos == 0
-        if key == "probe_nll" and signal == "probe_nll":
-            self._asked_probe = (pos + 1) % self.probe_stride() == 0 or pos + 1 == self.K
-            return self._asked_probe
-        return False
+        wanted = wants_measurement(key, self.config["signal"], pos, self.K)
+        if key == "probe_nll" and self.config["signal"] == "probe_nll":
+            self._asked_probe = wanted
+        return wanted
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def observe(self, stats: Mapping[str, float]) -> None:

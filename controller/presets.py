@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The learning-progress signal of the default preset: one constant, chosen on the lab's val split (issue 26, part 4).
-DEFAULT_SIGNAL = "loss"
+# The learning-progress signal of the default preset: one constant, chosen on the lab's val split by the reward audit
+# (issue 26, part 4; docs/controller.md): the probe accuracy ranks the alphas like the gain (rho +1.00, 0.58 sd), the
+# KD loss does not (-0.80), nor the probe NLL (+0.30).
+DEFAULT_SIGNAL = "accuracy"
 SIGNALS = ("loss", "accuracy", "probe_nll")
 ESTIMATORS = ("slope", "delta")  # how P is estimated from the signal's points over the lookahead
 BASELINES = ("running", "batch")  # advantage: running mean/sd of earlier decisions, or normalised in the batch
@@ -120,6 +122,23 @@ def budget_lr(total_steps: int | None, hold: int, decisions: int | None) -> floa
         return _LR0
     n = total_steps / hold
     return _LR0 * min(1.0, math.sqrt(decisions / n))
+
+
+def probe_stride(hold: int) -> int:
+    """signal='probe_nll': a probe NLL after every this many updates of a K-step window (and after its last)."""
+    return max(1, hold // 4)
+
+
+def wants_measurement(key: str, signal: str | None, pos: int, hold: int) -> bool:
+    """Whether a policy measuring ``signal`` on K = ``hold``-step windows needs ``key`` with the step at
+    position ``pos`` (0-based) of its window: ``probe_accuracy`` before the update of each window's first step,
+    ``probe_nll`` after the update of every ``probe_stride(K)``-th step and of the window's last one. One rule for
+    the adaptive controller and for a fixed exposure measuring what it would (``FixedExposure(signal=...)``)."""
+    if key == "probe_accuracy":
+        return signal == "accuracy" and pos == 0
+    if key == "probe_nll":
+        return signal == "probe_nll" and ((pos + 1) % probe_stride(hold) == 0 or pos + 1 == hold)
+    return False
 
 
 def resolve(preset: str | None = None, total_steps: int | None = None, **given: Any) -> dict[str, Any]:

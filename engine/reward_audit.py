@@ -1,81 +1,126 @@
 """Does the controller's reward see what helps? Per-decision signals of finished fixed-exposure runs.
 
 ATESD can only learn an exposure if its reward ranks exposures the way the held-out accuracy does. A run at a
-fixed alpha is scored here exactly as the adaptive controller would score it: decisions start every K steps
-(``controller_hold``), and each gets the learning progress P(d) of the loss over its lookahead
-(``controller_lookahead``, ``controller_gamma``, ``controller_estimator``: ``controller.reward.loss_slope_progress``
-or the paper's ``learning_progress``; losses across a decision boundary never compared, the loss EMA at the
-decision as its scale), all read from the run's own ``config.yaml`` (unset settings resolved as the controller
-resolves them, from the preset and ``steps``) and ``metrics.jsonl``. When
-the run also evaluated every K steps (``--eval-every K``), each decision gets the change of held-out accuracy
-over its K steps too: a signal that measures the target itself, for comparison.
+fixed alpha is scored here under each learning-progress signal the controller offers (``controller.SIGNALS``:
+``loss``, ``accuracy``, ``probe_nll``) exactly as the adaptive controller would score its decisions: the run's
+logged steps (``metrics.jsonl``, skipped steps left out as the controller never sees them) are replayed through a
+``BetaExposureController`` built from the run's own ``config.yaml`` as the engine builds it (``--steps`` as the
+budget, every ``controller_*`` setting given, the rest the preset's, sized from the budget), with only the signal
+changed, and each decision's progress P(d) is read from its history. The alpha it would have drawn is never used:
+P depends on the logged stream and the K-step schedule only.
 
-Across alphas (``engine.sweep``'s fixed-exposure part) the two questions are then: does mean P rank the alphas
-like the final accuracy gain (Spearman rho), and is the difference between the best and the worst alpha large
-against the per-decision spread (``separation``, in per-decision standard deviations)? A reward whose separation
-is ~0.1 cannot teach a policy anything in the ~15-25 decisions of a short run.
+A replay passes a measurement where the engine would have passed one to that controller: the probe accuracy
+where it asks (each decision's first step), the probe NLL where it asks or every ``probe_every`` steps (the
+engine's ``--probe-every``; default: the engine's default, what an adaptive run gets unless told otherwise).
+If the run lacks one of those measurements the signal is reported as not measured (None) for that run, never
+scored on fewer points. A fixed run measures them when given the signal explicitly and ``--probe-every 1``
+(``FixedExposure(signal=...)``; ``engine.sweep --audit`` adds ``--controller-signal accuracy --probe-every 1`` to
+its fixed-alpha runs). When the run also evaluated every K steps (``--eval-every K``), each decision also gets the
+change of held-out accuracy over its K steps (``heldout``): the target itself, for comparison.
+
+Across alphas (``engine.sweep``'s fixed-exposure part) the two questions are then, per signal: does its mean P
+rank the alphas like the final accuracy gain (Spearman rho), and is the difference between the best and the
+worst alpha large against the per-decision spread (``separation``, in per-decision standard deviations)? A
+signal whose separation is ~0.1 cannot teach a policy anything in the ~15-60 decisions of a run.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
 import os
 import statistics
+import warnings
 
 import yaml
 
-from atesd.controller.presets import resolve
-from atesd.controller.reward import learning_progress, loss_slope_progress
+from atesd.controller import SIGNALS, BetaExposureController
+from atesd.controller.presets import SETTINGS, resolve
+
+KEYS = (*SIGNALS, "heldout")  # what decision_signals returns: one list (or None) per signal, and held-out accuracy
+_STATS = ("loss", "mismatch", "confidence", "progress")
 
 
-def _read_config(run_dir: str) -> dict:
+def _engine_probe_every() -> int:
+    from atesd.engine.config import Config
+
+    return next(f.default for f in dataclasses.fields(Config) if f.name == "probe_every")
+
+
+def _read_run(run_dir: str) -> tuple[dict, list[dict]]:
     with open(os.path.join(run_dir, "config.yaml")) as fh:
-        return yaml.safe_load(fh)
-
-
-def decision_signals(run_dir: str) -> dict[str, list[float]]:
-    """Per decision (t0 = 0, K, 2K, ...): ``progress`` P(d) as the controller computes it and, when the run
-    evaluated at both ends of the decision's K steps, ``accuracy_progress`` (held-out accuracy after step
-    t0 + K minus after step t0; step 0 is the base model)."""
-    cfg = _read_config(run_dir)
-    keys = ("preset", "decisions", "hold", "lookahead", "gamma", "ema", "estimator")  # unset: the preset's, sized
-    c = resolve(total_steps=cfg.get("steps"), **{k: cfg.get(f"controller_{k}") for k in keys})  # from --steps
-    K, L, gamma, ema = c["hold"], c["lookahead"], c["gamma"], c["ema"]
-    progress_of = loss_slope_progress if c["estimator"] == "slope" else learning_progress
+        cfg = yaml.safe_load(fh) or {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
-    # the controller never observes a skipped step (non-finite loss or gradient): neither does this
-    losses = [float(r["loss"]) for r in sorted(rows, key=lambda r: r["step"]) if not r.get("skipped_step")]
-    progress: list[float] = []
-    level = None  # the controller's loss EMA: its scale for the decision sampled next
-    for t0 in range(0, len(losses), K):
-        window = losses[t0 : t0 + L + 1]
-        if len(window) >= 2 and all(math.isfinite(x) for x in window):
-            scale = abs(window[0]) if level is None else level
-            starts = [(t0 + i) % K == 0 for i in range(len(window))]
-            progress.append(progress_of(window, starts, gamma=gamma, scale=max(scale, 1e-12)))
-        for x in losses[t0 : t0 + K]:
-            if math.isfinite(x):
-                level = x if level is None else ema * level + (1 - ema) * x
-    accuracy: list[float] = []
+    return cfg, sorted(rows, key=lambda r: r["step"])
+
+
+def replay_progress(cfg: dict, rows: list[dict], signal: str, probe_every: int | None = None) -> list[float] | None:
+    """P(d) of every decision, in order of its first step, as a ``signal`` controller configured like the run
+    ``cfg`` (a run's config.yaml as a dict) would compute it from the logged ``rows``; None when the rows lack a
+    measurement that controller would have been given."""
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+    every = _engine_probe_every() if probe_every is None else int(probe_every)
+    given = {k: cfg.get(f"controller_{k}") for k in SETTINGS}
+    given.update(signal=signal, lambda_gt=0.0)  # P does not depend on the credit, which a fixed run never logs
+    policy = BetaExposureController(total_steps=cfg.get("steps"), preset=cfg.get("controller_preset"),
+                                    seed=int(cfg.get("seed") or 0), **{k: v for k, v in given.items() if v is not None})
+    policy.history = collections.deque(maxlen=len(rows) + 1)  # every decision, however many
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite stats: dropped as in the run, no need to shout
+        for r in rows:
+            if r.get("skipped_step"):  # the engine never shows a skipped step to the controller
+                continue
+            stats = {k: r[k] for k in _STATS}
+            if policy.wants("probe_accuracy"):
+                if "probe_accuracy" not in r:
+                    return None
+                stats["probe_accuracy"] = r["probe_accuracy"]
+            wanted = policy.wants("probe_nll")
+            if wanted or (every and r["step"] % every == 0):
+                if "probe_nll" not in r:
+                    if wanted or signal == "probe_nll":
+                        return None
+                else:
+                    stats["probe_nll"] = r["probe_nll"]
+            policy.observe(stats)
+    policy.finish()
+    return [h["progress"] for h in sorted(policy.history, key=lambda h: h["t0"])]
+
+
+def decision_signals(run_dir: str, probe_every: int | None = None,
+                     settings: dict | None = None) -> dict[str, list[float] | None]:
+    """Per decision (t0 = 0, K, 2K, ...) of the run in ``run_dir``: P(d) under each signal (:func:`replay_progress`;
+    None: not measured) and ``heldout``, the held-out accuracy after step t0 + K minus after step t0 (step 0: the
+    base model) when the run evaluated at both ends of the decision's K steps (else []). ``settings``: controller
+    settings to score with instead of the run's (e.g. ``{"estimator": "delta"}``; the audit asks "what would a
+    controller configured so have seen", which a fixed run answers for any setting that does not move alpha)."""
+    cfg, rows = _read_run(run_dir)
+    cfg = {**cfg, **{f"controller_{k}": v for k, v in (settings or {}).items()}}
+    out: dict[str, list[float] | None] = {s: replay_progress(cfg, rows, s, probe_every) for s in SIGNALS}
+    K = int(resolve(cfg.get("controller_preset"), cfg.get("steps"), decisions=cfg.get("controller_decisions"),
+                    hold=cfg.get("controller_hold"))["hold"])
+    n_steps = sum(1 for r in rows if not r.get("skipped_step"))
+    heldout: list[float] = []
     path = os.path.join(run_dir, "eval_summary.json")
     if os.path.exists(path):
         with open(path) as fh:
             benches = json.load(fh)["benchmarks"]
         if benches:
             hist = {e["step"]: e["accuracy"] for e in next(iter(benches.values()))["history"]}
-            accuracy = [hist[t + K] - hist[t] for t in range(0, len(losses), K) if t in hist and t + K in hist]
-    return {"progress": progress, "accuracy_progress": accuracy}
+            heldout = [hist[t + K] - hist[t] for t in range(0, n_steps, K) if t in hist and t + K in hist]
+    out["heldout"] = heldout
+    return out
 
 
 def run_signals(run_dir: str) -> dict[str, float | None]:
-    """A run's mean per-decision ``reward_progress`` and ``accuracy_progress`` (None when absent)."""
+    """A run's mean per-decision P under each signal (``progress_<signal>``) and held-out accuracy change
+    (``progress_heldout``); None when not measured."""
     sig = decision_signals(run_dir)
-    return {
-        "reward_progress": statistics.fmean(sig["progress"]) if sig["progress"] else None,
-        "accuracy_progress": statistics.fmean(sig["accuracy_progress"]) if sig["accuracy_progress"] else None,
-    }
+    return {f"progress_{k}": statistics.fmean(v) if v else None for k, v in sig.items()}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -103,19 +148,23 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None]) -> dict:
-    """Across alphas: for each signal, its mean per alpha, the Spearman rho of those means against the mean
-    final ``gains``, and the separation: (mean at the alpha with the highest gain - mean at the one with the
-    lowest) / the per-decision standard deviation within an alpha (pooled over alphas and seeds)."""
+def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None],
+              settings: dict | None = None) -> dict:
+    """Across alphas, for each signal of :data:`KEYS`: its mean per alpha (over the runs that measured it), the
+    Spearman rho of those means against the mean final ``gains``, and the separation: (mean at the alpha with the
+    highest gain - mean at the one with the lowest) / the per-decision standard deviation within an alpha (pooled
+    over alphas and seeds); ``runs``: how many runs measured it. ``settings``: as for :func:`decision_signals`."""
     out: dict = {"best_alpha": None, "worst_alpha": None}
     known = {a: g for a, g in gains.items() if g is not None}
     if len(known) >= 2:
         out["best_alpha"], out["worst_alpha"] = max(known, key=known.get), min(known, key=known.get)
-    for key in ("progress", "accuracy_progress"):
-        per = {a: [x for d in dirs for x in decision_signals(d)[key]] for a, dirs in per_alpha.items()}
+    signals = {a: [decision_signals(d, settings=settings) for d in dirs] for a, dirs in per_alpha.items()}
+    for key in KEYS:
+        per = {a: [x for s in runs if s[key] for x in s[key]] for a, runs in signals.items()}
         per = {a: v for a, v in per.items() if v}
         means = {a: statistics.fmean(v) for a, v in per.items()}
-        res: dict = {"mean": means, "rho": None, "separation": None, "decisions": sum(map(len, per.values()))}
+        res: dict = {"mean": means, "rho": None, "separation": None, "decisions": sum(map(len, per.values())),
+                     "runs": sum(1 for runs in signals.values() for s in runs if s[key])}
         common = [a for a in means if a in known]
         res["rho"] = spearman([means[a] for a in common], [known[a] for a in common])
         dev = [x - means[a] for a, v in per.items() for x in v]
@@ -125,3 +174,43 @@ def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None
             res["separation"] = (means[b] - means[w]) / sd
         out[key] = res
     return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m engine.reward_audit SWEEP_DIR [--set estimator=delta ...]``: the audit of a finished sweep's
+    fixed-alpha runs (its results.json), scored with the runs' own controller settings or the ones given."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.reward_audit", description=main.__doc__)
+    p.add_argument("sweep_dir", help="an engine.sweep output directory with fixed-alpha runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a controller setting to score with (e.g. estimator=delta, hold=8); repeatable")
+    args = p.parse_args(argv)
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in SETTINGS or not value:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY among {', '.join(SETTINGS)}")
+        settings[key] = yaml.safe_load(value)
+    with open(os.path.join(args.sweep_dir, "results.json")) as fh:
+        rows = json.load(fh)["fixed_exposure"]
+    from atesd.engine.sweep import run_name  # (engine.sweep imports this module)
+
+    dirs = {r["alpha"]: [os.path.join(args.sweep_dir, run_name(r["exposure"], s)) for s in r["seeds"]] for r in rows}
+    al = alignment(dirs, {r["alpha"]: r["gain"] for r in rows}, settings)
+    print(f"{args.sweep_dir}, settings {settings or 'of the runs'}: best alpha {al['best_alpha']}, worst "
+          f"{al['worst_alpha']}\n\n| signal | " + " | ".join(f"P at alpha {a:g}" for a in sorted(dirs))
+          + " | rho with gain | separation | decisions | runs |\n|---|" + "---|" * (len(dirs) + 4))
+    for key in KEYS:
+        r = al[key]
+        if not r["decisions"]:
+            continue
+        means = " | ".join(f"{r['mean'][a]:+.4f}" if a in r["mean"] else "-" for a in sorted(dirs))
+        rho = "-" if r["rho"] is None else f"{r['rho']:+.2f}"
+        sep = "-" if r["separation"] is None else f"{r['separation']:+.2f}"
+        print(f"| {key} | {means} | {rho} | {sep} | {r['decisions']} | {r['runs']} |")
+    return al
+
+
+if __name__ == "__main__":
+    main()

@@ -10,8 +10,8 @@
    accuracy and gain (after - before) vs alpha; paired over seeds, the change of KL and disagreement between
    consecutive alphas (the paper's monotone mismatch growth) and each interior alpha's accuracy minus that of
    alpha = 1 (suboptimality of full exposure); and whether ATESD's reward would rank the alphas like the gain
-   (``engine.reward_audit``: its per-decision learning progress and, with ``-- --eval-every K``, the accuracy
-   change per decision).
+   (``engine.reward_audit``: its per-decision learning progress under each signal the runs measured, with
+   ``--audit`` all three, and, with ``-- --eval-every K``, the held-out accuracy change per decision).
 2. methods: every ``--methods`` exposure spec (``controller.build``; ``full`` is OPSD, alpha=1) x ``--seeds``:
    final accuracy and gain, and ATESD (``adaptive``, else the first method) minus each other one and minus the
    best fixed alpha, paired over seeds.
@@ -44,6 +44,9 @@ DEFAULT_METHODS = "adaptive,full,random,adaptive-onestep"
 DEFAULT_SEEDS = "0,1,2,3,4"
 RESERVED = ("--exposure", "--seed", "--output-dir", "--resume", "--stop-after", "--config")
 CONFIG_FILE = "sweep_config.json"
+# --audit: what the fixed-alpha runs add so that every signal can be scored (FixedExposure measures the probe accuracy
+# where an accuracy controller would, the probe NLL every step); measuring never changes training
+AUDIT_FLAGS = ["--controller-signal", "accuracy", "--probe-every", "1"]
 
 
 def canonical(spec: str) -> str:
@@ -89,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="problems per step (default: the recipe's)")
     p.add_argument(
         "--eval-problems", type=int, default=None, help="held-out lab problems (default: the recipe's)"
+    )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="fixed-alpha runs also measure every controller signal (" + " ".join(AUDIT_FLAGS) + " on those runs "
+        "only), so the reward audit scores loss, accuracy and probe NLL; the methods keep the plain flags",
     )
     p.add_argument(
         "--jobs",
@@ -171,7 +180,7 @@ def paired(a: dict[str, float | None], b: dict[str, float | None]) -> dict:
 
 STAT_KEYS = (
     "kl_start", "top1_disagree_start", "kl_mean", "top1_disagree_mean", "accuracy_before", "accuracy_after", "gain",
-    "alpha_mean", "reward_progress", "accuracy_progress",
+    "alpha_mean", *(f"progress_{k}" for k in reward_audit.KEYS),
 )  # fmt: skip
 START_STEPS = 5
 
@@ -342,35 +351,39 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
     return "\n".join(md)
 
 
+_SIGNAL_NAMES = {"loss": "P, loss", "accuracy": "P, probe accuracy", "probe_nll": "P, probe NLL",
+                 "heldout": "held-out accuracy change"}
+
+
 def _alignment_table(fixed_rows: list[dict], al: dict) -> list[str]:
-    """Markdown of ``reward_audit.alignment``: does the controller's reward rank the alphas like the gain?"""
+    """Markdown of ``reward_audit.alignment``: does each signal's reward rank the alphas like the gain?"""
+    keys = [k for k in reward_audit.KEYS if (al.get(k) or {}).get("decisions")]
     md = [
         "\n### Does the controller's reward see what helps? (per decision of K held steps)\n",
-        "Each fixed-alpha run scored as ATESD would score it (`engine/reward_audit.py`): the learning progress P "
-        "of every K-step decision, and, when the runs evaluated every K steps, the held-out accuracy change over "
-        "the decision.\n",
-        "| alpha | gain | controller reward P per decision | accuracy change per decision |",
-        "|---:|---|---|---|",
+        "Each fixed-alpha run scored under each signal as ATESD would score it (`engine/reward_audit.py`): the "
+        "learning progress P of every K-step decision (a signal the runs did not measure where the controller "
+        "would is left out; `engine.sweep --audit` measures them all), and, when the runs evaluated every K steps, "
+        "the held-out accuracy change over the decision. Mean per decision over the runs.\n",
+        "| alpha | gain | " + " | ".join(_SIGNAL_NAMES[k] for k in keys) + " |",
+        "|---:|---|" + "---|" * len(keys),
     ]
     for r in fixed_rows:
-        md.append(
-            f"| {r['alpha']:g} | {_fmt(r['gain'], r['gain_ci'], sign=True)} "
-            f"| {_fmt(r['reward_progress'], r['reward_progress_ci'], 4, sign=True)} "
-            f"| {_fmt(r['accuracy_progress'], r['accuracy_progress_ci'], 4, sign=True)} |"
-        )
-    if al.get("best_alpha") is None:
+        cells = " | ".join(_fmt(r[f"progress_{k}"], r[f"progress_{k}_ci"], 4, sign=True) for k in keys)
+        md.append(f"| {r['alpha']:g} | {_fmt(r['gain'], r['gain_ci'], sign=True)} | {cells} |")
+    if al.get("best_alpha") is None or not keys:
         return md
-    for key, name in (("progress", "controller reward P"), ("accuracy_progress", "accuracy change")):
-        s = al.get(key) or {}
-        if not s.get("decisions"):
-            continue
+    md += [
+        f"\nAcross alphas: rank correlation of each signal's mean with the gain (rho), and the best (alpha="
+        f"{al['best_alpha']:g}) minus the worst (alpha={al['worst_alpha']:g}) alpha in per-decision standard "
+        "deviations (separation).\n",
+        "| signal | rho with gain | separation | decisions | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for k in keys:
+        s = al[k]
         rho = "-" if s["rho"] is None else f"{s['rho']:+.2f}"
         sep = "-" if s["separation"] is None else f"{s['separation']:+.2f}"
-        md.append(
-            f"\n{name}: rank correlation with the gain across alphas {rho}; best (alpha={al['best_alpha']:g}) minus "
-            f"worst (alpha={al['worst_alpha']:g}) alpha {sep} per-decision standard deviations "
-            f"({s['decisions']} decisions)."
-        )
+        md.append(f"| {_SIGNAL_NAMES[k]} | {rho} | {sep} | {s['decisions']} | {s['runs']} |")
     return md
 
 
@@ -463,9 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
             controller.build(m)
         except ValueError as e:
             raise SystemExit(f"error: --methods: {e}") from None
-    bad = [f for f in extra if f.split("=", 1)[0] in RESERVED]
+    bad = [f for f in extra if f.split("=", 1)[0] in RESERVED + (tuple(AUDIT_FLAGS[::2]) if args.audit else ())]
     if bad:
-        raise SystemExit(f"error: the sweep sets {', '.join(RESERVED)} itself; drop {' '.join(bad)}")
+        reserved = RESERVED + (tuple(AUDIT_FLAGS[::2]) if args.audit else ())
+        raise SystemExit(f"error: the sweep sets {', '.join(reserved)} itself; drop {' '.join(bad)}")
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
@@ -486,15 +500,18 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     cfg_path = os.path.join(out, CONFIG_FILE)
+    fixed_args = common + (AUDIT_FLAGS if args.audit else [])  # the fixed-alpha runs' flags
     if os.path.exists(cfg_path):
         with open(cfg_path) as fh:
-            before = json.load(fh)["train_args"]
-        if before != common:
+            saved = json.load(fh)
+        before = (saved["train_args"], saved.get("fixed_args", saved["train_args"]))
+        if before != (common, fixed_args):
             raise SystemExit(
-                f"error: {out} holds runs made with train flags {before}, not {common}; use another --out"
+                f"error: {out} holds runs made with train flags {before[0]} (fixed alphas: {before[1]}), not "
+                f"{common} (fixed alphas: {fixed_args}); use another --out"
             )
     with open(cfg_path, "w") as fh:
-        json.dump({"train_args": common}, fh, indent=1)
+        json.dump({"train_args": common, "fixed_args": fixed_args}, fh, indent=1)
 
     # the plan: one run per (canonical spec, seed), shared by both parts
     keys = [canonical(f"fixed:{a}") for a in alphas] + [canonical(m) for m in methods]
@@ -511,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
         resume = os.path.isdir(os.path.join(run_dir, "checkpoints")) and any(
             d.startswith("step-") for d in os.listdir(os.path.join(run_dir, "checkpoints"))
         )
-        argv_run = ["--exposure", key, "--seed", str(seed), "--output-dir", run_dir, *common]
+        flags = fixed_args if key.startswith("fixed:") else common  # full == fixed:1 is measured too
+        argv_run = ["--exposure", key, "--seed", str(seed), "--output-dir", run_dir, *flags]
         argv_run += ["--resume"] if resume else []
         todo.append((f"{key}/seed{seed}", argv_run, os.path.join(run_dir, "train.log")))
     print(
@@ -570,9 +588,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     fixed_rows = [{"alpha": a, "exposure": (k := canonical(f"fixed:{a}")), **_aggregate(ok(k))} for a in alphas]
     method_rows = [{"method": m, "exposure": canonical(m), **_aggregate(ok(canonical(m)))} for m in methods]
+    audit_note = f" (fixed alphas: + `{' '.join(AUDIT_FLAGS)}`)" if args.audit else ""
     header = (
         f"`python -m engine.sweep {' '.join(argv)}{' -- ' + ' '.join(extra) if extra else ''}`: seeds "
-        f"{','.join(map(str, seeds))}; train flags `{' '.join(common)}`; {len(todo)} runs trained in "
+        f"{','.join(map(str, seeds))}; train flags `{' '.join(common)}`"
+        f"{audit_note}; {len(todo)} runs trained in "
         f"{wall / 60:.1f} min ({args.jobs} job(s) x {threads} thread(s), {os.cpu_count()} CPU cores)"
         f"{f', {len(plan) - len(todo)} reused from an earlier invocation' if len(plan) > len(todo) else ''}; "
         f"{time.strftime('%Y-%m-%d')}."
@@ -591,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "out": out,
         "train_args": common,
+        "fixed_args": fixed_args,
         "seeds": seeds,
         "alphas": alphas,
         "methods": methods,

@@ -130,7 +130,7 @@ PAPER_EVAL = EvalProtocol(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=3
 MATH = Task(name="math", templates=OPSD_TEMPLATES, eval=PAPER_EVAL)
 
 # Plug-ins shipped in this repository, imported by string on first use (the core never imports them).
-PLUGINS: dict[str, str] = {"lab": "atesd.engine.lab.recipe:TASK"}
+PLUGINS: dict[str, str] = {"lab": "atesd.engine.lab.recipe:TASK", "lab-val": "atesd.engine.lab.recipe:VAL_TASK"}
 
 _TASKS: dict[str, Task] = {"math": MATH}
 

@@ -6,6 +6,7 @@ reaches a user's ``--task package.module:TASK``; nothing in the engine's core im
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from atesd.engine.lab import TINY_MODEL_DIR
@@ -24,3 +25,12 @@ def dataset(split: str, size: int, seed: int = 0, levels: Sequence[int] | None =
 
 TASK = Task(name="lab", templates=TEMPLATES, eval=GREEDY, verify=verify, dataset=dataset,
             models={"tiny": TINY_MODEL_DIR})
+
+
+def val_dataset(split: str, size: int, seed: int = 0, levels: Sequence[int] | None = None) -> list[dict]:
+    """As :func:`dataset`, with the held-out split the engine evaluates on (``test``) served from ``val``."""
+    return dataset("val" if split == "test" else split, size, seed, levels)
+
+
+# ``--eval-benchmarks lab-val``: the lab evaluated on its val split, where settings are chosen (never on test).
+VAL_TASK = dataclasses.replace(TASK, name="lab-val", dataset=val_dataset)

@@ -34,6 +34,48 @@ def test_build_fixed(spec, cls, alpha):
     assert p.exposure() == alpha and p.metrics() == {"alpha": alpha}
 
 
+def _asks(policy, steps: int, key: str) -> list[int]:
+    """Steps (0-based) at which ``policy`` asks for ``key``, driven the engine's way."""
+    asked = []
+    for t in range(steps):
+        if policy.wants(key):
+            asked.append(t)
+        policy.exposure()
+        policy.observe(stats(t / steps))
+    return asked
+
+
+@pytest.mark.filterwarnings("ignore:BetaExposureController:RuntimeWarning")  # asked, not supplied: only the asks count
+@pytest.mark.parametrize("signal,key", [("accuracy", "probe_accuracy"), ("probe_nll", "probe_nll")])
+@pytest.mark.parametrize("steps,settings", [(60, {}), (1200, {}), (90, {"hold": 8}), (40, {"preset": "paper"}),
+                                            (2000, {"decisions": 24})])
+def test_fixed_measures_a_named_signal_where_the_controller_would(signal, key, steps, settings):
+    # for the reward audit: a fixed run measures what an adaptive run with that signal and budget would be given
+    fixed = build("fixed:0.3", strict=False, signal=signal, total_steps=steps, lr=None, **settings)
+    adaptive = BetaExposureController(signal=signal, total_steps=steps, lambda_gt=0.0, **settings)
+    asked = _asks(fixed, steps, key)
+    assert asked == _asks(adaptive, steps, key) and len(asked) >= steps // fixed.hold
+    assert fixed.exposure() == 0.3 and fixed.config == {"signal": signal, "hold": adaptive.K}
+    other = "probe_nll" if key == "probe_accuracy" else "probe_accuracy"
+    assert _asks(build("fixed:0.3", strict=False, signal=signal, total_steps=steps), steps, other) == []
+
+
+def test_fixed_measures_nothing_unless_a_signal_is_named_and_resumes_in_place():
+    for p in (build("full"), build("full", strict=False, signal=None, total_steps=100), FixedExposure(0.5, "loss")):
+        assert _asks(p, 12, "probe_accuracy") == _asks(p, 12, "probe_nll") == []
+        assert p.config["signal"] in (None, "loss")
+    a = FixedExposure(0.5, signal="accuracy", hold=4)
+    _asks(a, 6, "probe_accuracy")
+    b = FixedExposure(0.5, signal="accuracy", hold=4)
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    assert _asks(b, 6, "probe_accuracy") == [2]  # steps 6..11: the window starting at step 8
+    old = FixedExposure(0.7)
+    old.load_state_dict({"alpha": 0.7})  # a state written before fixed runs could measure
+    assert old.exposure() == 0.7
+    with pytest.raises(ValueError, match="signal"):
+        FixedExposure(0.5, signal="reward")
+
+
 @pytest.mark.parametrize("spec,kind,start,end", [("linear:1.0:0.3", "linear", 1.0, 0.3),
                                                   ("schedule:cosine:0.2:0.8", "cosine", 0.2, 0.8)])
 def test_build_schedules(spec, kind, start, end):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from atesd.controller import DEFAULTS, BetaExposureController, OneStepBetaController, build
 
 # the reward bookkeeping of the paper's REINFORCE path (and of the controller before budget sizing)
-REINFORCE = dict(update="reinforce", snr_gate=False, estimator="delta", optimizer="sgd", lr=0.3)
+REINFORCE = dict(update="reinforce", snr_gate=False, estimator="delta", optimizer="sgd", lr=0.3, signal="loss")
+LOSS = dict(signal="loss")  # what these streams of losses exercise (the default signal is the probe accuracy)
 
 
 def stats(t: int, loss: float, credit: float = -1.0, **over) -> dict[str, float]:
@@ -95,7 +96,7 @@ def test_hold_windows_and_which_steps_credit_which_decision():
 @pytest.mark.parametrize("steps", [20, 21, 22])
 def test_finish_scores_every_pending_decision(steps):
     K, L = 3, 7
-    p = BetaExposureController(hold=K, lookahead=L, update_batch=4, seed=0)
+    p = BetaExposureController(hold=K, lookahead=L, update_batch=4, seed=0, **LOSS)
     drive(p, steps)
     before = p.metrics()
     p.finish()
@@ -143,7 +144,7 @@ def test_closed_loop_learns_direction(prefers_high):
         state["loss"] -= 0.004 * (a if prefers_high else 1 - a) + noise
         return out
 
-    p = BetaExposureController(seed=0, lambda_gt=0.0)
+    p = BetaExposureController(seed=0, lambda_gt=0.0, **LOSS)
     alphas = drive(p, 1200, env=env)
     late = sum(alphas[-300:]) / 300
     assert (late > 0.65) if prefers_high else (late < 0.35)
@@ -159,7 +160,7 @@ def _roundtrip(sd):
 
 @pytest.mark.parametrize("cls", [BetaExposureController, OneStepBetaController])
 def test_state_dict_mid_window_continues_bit_identically(cls):
-    kw = dict(hold=4, lookahead=10, update_batch=3)
+    kw = dict(hold=4, lookahead=10, update_batch=3, **LOSS)
     a = cls(seed=3, **kw)
     drive(a, 37)  # mid-window (37 % 4 == 1), decisions pending, scored ones waiting for an update
     assert a._in_window == 1 and a._pending and a._ready
@@ -203,7 +204,7 @@ BAD_VALUES = [("loss", math.nan), ("loss", math.inf), ("credit", -math.inf), ("m
 @pytest.mark.parametrize("key,val", BAD_VALUES)
 def test_non_finite_stats_are_skipped_and_never_poison(key, val):
     K, L = 4, 10
-    p = BetaExposureController(hold=K, lookahead=L, update_batch=2, seed=0)
+    p = BetaExposureController(hold=K, lookahead=L, update_batch=2, seed=0, **LOSS)
     drive(p, 21)
     with pytest.warns(RuntimeWarning, match=key):
         p.observe({**stats(21, loss_at(21), credit=-21.0), key: val})
@@ -246,9 +247,10 @@ def test_build_non_strict_gives_each_policy_the_settings_it_takes():
     assert build("adaptive", strict=False, **settings).config["hold"] == 3
     assert build("adaptive-onestep", strict=False, **settings).L == 6
     assert build("random", strict=False, **settings).hold == 3
-    assert build("full", strict=False, **settings).alpha == 1.0
+    full = build("full", strict=False, **settings)  # what a fixed run measures for the reward audit: K and signal
+    assert full.alpha == 1.0 and full.hold == 3 and full.config["signal"] == DEFAULTS["signal"]
     with pytest.raises(TypeError):
-        build("full", hold=3)  # strict (the default): a setting the policy does not take is an error
+        build("full", lookahead=6)  # strict (the default): a setting the policy does not take is an error
 
 
 @pytest.mark.parametrize("spec", ["adaptive", "adaptive-onestep", "random"])
@@ -261,7 +263,7 @@ def test_seed_decides_the_decisions(spec):
 
 
 def test_without_credit_weight_credit_is_optional():
-    p = BetaExposureController(lambda_gt=0.0, seed=0)
+    p = BetaExposureController(lambda_gt=0.0, seed=0, **LOSS)
     assert not p.uses_credit and BetaExposureController().uses_credit
     for t in range(30):
         p.exposure()
@@ -271,17 +273,24 @@ def test_without_credit_weight_credit_is_optional():
 
 @pytest.mark.parametrize("prefers_high", [True, False])
 @pytest.mark.parametrize("steps", [100, 1000])
-def test_defaults_learn_a_clean_signal_at_any_budget(prefers_high, steps):
+@pytest.mark.parametrize("signal", [None, "loss"])
+def test_defaults_learn_a_clean_signal_at_any_budget(prefers_high, steps, signal):
     """A clean "more (or less) exposure helps" signal moves the policy far from its prior (mean 0.5) with the
-    defaults told the budget, in a 100-step run as in a 1000-step one."""
-    state = {"loss": 3.0}
+    defaults told the budget, in a 100-step run as in a 1000-step one: the default signal (the probe accuracy,
+    measured where the policy asks, before the step) and the loss."""
+    state = {"loss": 3.0, "skill": 0.2}
 
     def env(a, t):
         out = stats(t, state["loss"], credit=-1.0, progress=t / steps)
-        state["loss"] -= 0.004 * (a if prefers_high else 1 - a)
+        if p.wants("probe_accuracy"):
+            out["probe_accuracy"] = state["skill"]
+        gain = 0.004 * (a if prefers_high else 1 - a)
+        state["loss"] -= gain
+        state["skill"] += gain / 4
         return out
 
-    p = BetaExposureController(seed=0, lambda_gt=0.0, total_steps=steps)
+    p = BetaExposureController(seed=0, lambda_gt=0.0, total_steps=steps, signal=signal)
+    assert p.config["signal"] == (signal or DEFAULTS["signal"])
     drive(p, steps, env=env)
     assert p.metrics()["updates"] >= 20
     a, b = p.current_beta()

@@ -16,14 +16,22 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def drive(p, steps, loss_at, start=0, total=None):
-    """Run ``steps`` steps with loss_at(t, alpha, rng) as the KD loss; returns the alphas."""
+    """Run ``steps`` steps with loss_at(t, alpha, rng) as the KD loss, the engine's way: where the policy asks, the
+    probe accuracy before the step and the probe NLL after it, both without the loss's mechanical alpha term (3 -
+    and 1 x the loss at alpha 0: the same trend, fresh noise); returns the alphas."""
     rng = random.Random(99)
     out = []
     for t in range(start, start + steps):
+        measure = p.wants("probe_accuracy")
         a = p.exposure()
         out.append(a)
-        p.observe({"loss": loss_at(t, a, rng), "mismatch": 0.1 + 0.3 * a, "confidence": 0.5,
-                   "credit": -1.0 + rng.gauss(0, 0.05), "progress": min(1.0, (t + 1) / (total or steps))})
+        s = {"loss": loss_at(t, a, rng), "mismatch": 0.1 + 0.3 * a, "confidence": 0.5,
+             "credit": -1.0 + rng.gauss(0, 0.05), "progress": min(1.0, (t + 1) / (total or steps))}
+        if measure:
+            s["probe_accuracy"] = 3.0 - loss_at(t, 0.0, rng)
+        if p.wants("probe_nll"):
+            s["probe_nll"] = loss_at(t, 0.0, rng)
+        p.observe(s)
     return out
 
 
@@ -110,17 +118,20 @@ def _final(p):
     return a / (a + b), math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
 
 
+@pytest.mark.parametrize("signal", [None, "loss"])
 @pytest.mark.parametrize("steps,sd", [(100, 0.002), (2000, 0.0005), (2000, 0.02)])
-def test_pure_noise_rewards_leave_the_policy_broad(steps, sd):
-    """Progress that does not depend on alpha (the same decline, noise 1x to 40x the per-step progress): the
-    final policy's mean stays within 0.15 of 0.5 and its sd above 0.15, seed after seed."""
+def test_pure_noise_rewards_leave_the_policy_broad(steps, sd, signal):
+    """Progress that does not depend on alpha (the same decline, noise 1x to 40x the per-step progress), in the
+    default signal (the probe accuracy) and the loss: the final policy's mean stays within 0.15 of 0.5 and its sd
+    above 0.15, seed after seed."""
     def noise(t, a, rng):
         return 2.0 - 0.0005 * t + 0.3 * a + rng.gauss(0, sd)
 
     for seed in range(6):
-        p = BetaExposureController(total_steps=steps, seed=seed)
+        p = BetaExposureController(total_steps=steps, seed=seed, signal=signal)
         drive(p, steps, noise)
         p.finish()
+        assert p.metrics()["scored"] >= 0.9 * p.metrics()["decisions"]  # the rewards were there, and noise
         mean, spread = _final(p)
         assert abs(mean - 0.5) <= 0.15 and spread > 0.15, (seed, mean, spread)
 
@@ -134,7 +145,7 @@ def test_without_the_gate_the_same_noise_walks_the_policy_away():
     finals = []
     for seed in range(3):
         p = BetaExposureController(seed=seed, hold=4, lookahead=8, gamma=0.9, update="reinforce", snr_gate=False,
-                                   optimizer="sgd", lr=0.3, estimator="delta")
+                                   optimizer="sgd", lr=0.3, estimator="delta", signal="loss")
         drive(p, 1000, noise)
         finals.append(_final(p))
     assert any(abs(m - 0.5) > 0.15 or s <= 0.15 for m, s in finals)

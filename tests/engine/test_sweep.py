@@ -73,8 +73,8 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     assert "### Mismatch grows with alpha" in md
     # the controller's reward of every fixed run (engine.reward_audit), one decision per 2-step run
     assert "### Does the controller's reward see what helps?" in md
-    assert rows[0.0]["reward_progress"] == res["runs"]["fixed:0/seed0"]["reward_progress"] is not None
-    assert comp["reward_alignment"]["progress"]["decisions"] == 2
+    assert rows[0.0]["progress_loss"] == res["runs"]["fixed:0/seed0"]["progress_loss"] is not None
+    assert comp["reward_alignment"]["loss"]["decisions"] == 2 and rows[0.0]["progress_accuracy"] is None
     assert "| full | 1 |" in md and "| adaptive | 1 |" in md and "\n| 0 | 1 |" in md and "\n| 1 | 1 |" in md
 
     # second invocation with one alpha more: only fixed:0.5 trains; finished runs are reused untouched
@@ -105,6 +105,37 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     # other train flags in the same out dir would mix settings: refused
     with pytest.raises(SystemExit, match="use another --out"):
         sweep.main(_argv(out, tiny_model_dir) + ["--lr", "1e-2"])
+
+
+def test_audit_measures_every_signal_in_the_fixed_runs_only(tiny_model_dir, tmp_path):
+    out = tmp_path / "audit"
+    argv = ["--out", str(out), "--alphas", "0.5,1", "--seeds", "0", "--methods", "full,random", "--steps", "6",
+            "--batch-size", "2", "--eval-problems", "4", "--threads", "1", "--jobs", "1", "--audit", "--",
+            "--model", tiny_model_dir, "--data", "lab", "--lab-size", "40", "--max-new-tokens", "8",
+            "--eval-max-new-tokens", "8", "--probe-accuracy-size", "4", "--eval-benchmarks", "lab-val"]  # fmt: skip
+    res = sweep.main(argv)
+    assert sorted(d for d in os.listdir(out) if "-seed" in d) == ["fixed_0.5-seed0", "fixed_1-seed0", "random-seed0"]
+
+    def logged(run):
+        with open(out / run / "metrics.jsonl") as fh:
+            return [json.loads(ln) for ln in fh]
+
+    for run in ("fixed_0.5-seed0", "fixed_1-seed0"):  # full == fixed:1 is measured too (measuring changes nothing)
+        m = logged(run)
+        assert [r["step"] for r in m if "probe_accuracy" in r] == [1, 5] and all("probe_nll" in r for r in m)
+    assert not any("probe_accuracy" in r for r in logged("random-seed0"))  # the methods keep the plain flags
+    assert [r["step"] for r in logged("random-seed0") if "probe_nll" in r] == [5]
+    rows = {r["alpha"]: r for r in res["fixed_exposure"]}
+    assert all(rows[a][f"progress_{k}"] is not None for a in rows for k in ("loss", "accuracy", "probe_nll"))
+    assert res["fixed_args"] == res["train_args"] + sweep.AUDIT_FLAGS
+    md = (out / "sweep.md").read_text()
+    assert "| P, loss | P, probe accuracy | P, probe NLL |" in md and "| signal | rho with gain |" in md
+    with open(out / "fixed_1-seed0" / "eval_summary.json") as fh:  # held out on the val split
+        assert list(json.load(fh)["benchmarks"]) == ["lab-val"]
+    with pytest.raises(SystemExit, match="use another --out"):  # the same runs without the audit: refused
+        sweep.main([a for a in argv if a != "--audit"])
+    with pytest.raises(SystemExit, match="sets .*--probe-every"):
+        sweep.main(["--out", str(tmp_path / "b"), "--audit", "--", "--probe-every", "0"])
 
 
 def test_intervals_and_paired_tests():
@@ -157,5 +188,5 @@ def test_help_documents_flags():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     for flag in ("--out", "--parts", "--alphas", "--seeds", "--methods", "--steps", "--batch-size",
-                 "--eval-problems", "--jobs", "--threads", "-- train flags"):  # fmt: skip
+                 "--eval-problems", "--jobs", "--threads", "--audit", "-- train flags"):  # fmt: skip
         assert flag in out.stdout, flag

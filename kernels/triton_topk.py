@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from atesd.kernels import triton_kl
-from atesd.kernels.triton_kl import _BWD_CONFIGS, _CONFIGS, _GROUP_N, _NEG, _dot, _tile_ids
+from atesd.kernels.triton_kl import _BWD_CONFIGS, _CONFIGS, _GROUP_N, _NEG, _PRUNE, _dot, _tile_ids
 
 _NUM_STATS = 4  # m, s, e, argmax
 _GATHER_N = 16  # rows per program of the gather / sparse kernels
@@ -83,7 +83,7 @@ def _outside_ids(ids_ptr, rows, cols, N, V, K, BLOCK_N: tl.constexpr, BLOCK_V: t
 # kernels
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "V"])
+@triton.autotune(configs=_CONFIGS, key=["H", "V", "DOT_PREC"], prune_configs_by=_PRUNE)
 @triton.jit
 def _tail_stats_kernel(hs_ptr, w_ptr, bs_ptr, ids_ptr, part_ptr, N, V, H, K, n_splits, split_len, inv_t,
                        HAS_BS: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_N: tl.constexpr,
@@ -148,7 +148,8 @@ def _gather_kernel(hs_ptr, w_ptr, bs_ptr, ids_ptr, z_ptr, N, V, H, K, inv_t, HAS
     tl.store(z_ptr + rows.to(tl.int64) * K + j, tl.where(valid, acc * inv_t, float("nan")), mask=rmask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "NEED_W"], reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "NEED_W", "DOT_PREC"],
+                 reset_to_zero=["ghs_ptr", "gw_ptr", "gb_ptr"], prune_configs_by=_PRUNE)
 @triton.jit
 def _tail_bwd_kernel(coef_ptr, hs_ptr, w_ptr, bs_ptr, ids_ptr, lse_ptr, ghs_ptr, gw_ptr, gb_ptr, N, V, H, K,
                      n_splits, split_len, inv_t, budget,
@@ -174,7 +175,7 @@ def _tail_bwd_kernel(coef_ptr, hs_ptr, w_ptr, bs_ptr, ids_ptr, lse_ptr, ghs_ptr,
         q = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)  # the tail distribution: sums to 1 per row
         dz = q * coef[:, None]
         if NEED_B:
-            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask)
+            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask, sem="relaxed")
         new_skipped = skipped + tl.sum(q, 1)
         # not (x <= budget): a NaN row is never filtered out (tl.max may drop NaN, so test before reducing)
         over = tl.max(tl.where(new_skipped <= budget, 0.0, 1.0), 0) > 0.0
@@ -189,12 +190,13 @@ def _tail_bwd_kernel(coef_ptr, hs_ptr, w_ptr, bs_ptr, ids_ptr, lse_ptr, ghs_ptr,
                 hmask = rmask[:, None] & kmask[None, :]
                 zero_hs = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
                 tl.atomic_add(ghs_ptr + row_off[:, None] + kk[None, :], _dot(dzc, w_tile, zero_hs, DOT_PREC),
-                              mask=hmask)
+                              mask=hmask, sem="relaxed")
                 if NEED_W:
                     zero_w = tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32)
                     h_tile = tl.load(hs_ptr + row_off[:, None] + kk[None, :], mask=hmask, other=0.0)
                     tl.atomic_add(gw_ptr + col_off[:, None] + kk[None, :],
-                                  _dot(tl.trans(dzc), h_tile, zero_w, DOT_PREC), mask=cmask[:, None] & kmask[None, :])
+                                  _dot(tl.trans(dzc), h_tile, zero_w, DOT_PREC), mask=cmask[:, None] & kmask[None, :],
+                                  sem="relaxed")
         skipped = tl.where(over, skipped, new_skipped)
 
 
@@ -219,10 +221,11 @@ def _sparse_bwd_kernel(gz_ptr, hs_ptr, w_ptr, ids_ptr, ghs_ptr, gw_ptr, gb_ptr, 
         wrow = tl.load(w_ptr + id_off[:, None] + hh[None, :], mask=live[:, None] & hm[None, :], other=0.0)
         acc += tl.where(live[:, None], g[:, None] * wrow.to(tl.float32), 0.0)
         if NEED_W:
-            tl.atomic_add(gw_ptr + id_off[:, None] + hh[None, :], g[:, None] * h_tile, mask=live[:, None] & hm[None, :])
+            tl.atomic_add(gw_ptr + id_off[:, None] + hh[None, :], g[:, None] * h_tile, mask=live[:, None] & hm[None, :],
+                          sem="relaxed")
         if NEED_B:
             if pid_h == 0:
-                tl.atomic_add(gb_ptr + ids, g, mask=live)
+                tl.atomic_add(gb_ptr + ids, g, mask=live, sem="relaxed")
     tl.store(ghs_ptr + row_off[:, None] + hh[None, :], acc, mask=tile_mask)
 
 

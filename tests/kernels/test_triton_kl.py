@@ -249,13 +249,16 @@ def test_backward_atomics_are_relaxed():
     import ast
     import inspect
 
-    calls = [node for node in ast.walk(ast.parse(inspect.getsource(triton_kl)))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-             and node.func.attr.startswith("atomic_")]
-    assert len(calls) == 3  # grad_b, grad_hs, grad_w
-    for call in calls:
-        sem = {k.arg: k.value for k in call.keywords}.get("sem")
-        assert isinstance(sem, ast.Constant) and sem.value == "relaxed", ast.unparse(call)
+    from atesd.kernels import triton_topk
+
+    for module, count in ((triton_kl, 3), (triton_topk, 5)):  # grad_b, grad_hs, grad_w (+ the top-k's sparse pair)
+        calls = [node for node in ast.walk(ast.parse(inspect.getsource(module)))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr.startswith("atomic_")]
+        assert len(calls) == count, module.__name__
+        for call in calls:
+            sem = {k.arg: k.value for k in call.keywords}.get("sem")
+            assert isinstance(sem, ast.Constant) and sem.value == "relaxed", ast.unparse(call)
 
 
 _AOT = r"""

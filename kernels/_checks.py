@@ -79,6 +79,10 @@ def _row_weights(mask, labels, ignore_index: int, lead: torch.Size) -> torch.Ten
             if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError("an integer mask must hold only 0 and 1; for token labels with -100 at the "
                                  "positions that do not count, pass labels= (and ignore_index=) instead")
+        if mask.is_floating_point() and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool((mask < 0).any()):  # no host sync on CPU; elsewhere reduce_loss makes such a row NaN
+                raise ValueError("mask weights must be >= 0 (a negative weight would reverse that token's "
+                                 "gradient)")
         weights = mask.reshape(-1).to(torch.float32)
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
@@ -191,11 +195,15 @@ def prepare(
 def reduce_loss(token_loss: torch.Tensor, weights: torch.Tensor | None, reduction: str, num_items_in_batch,
                 lead: torch.Size) -> torch.Tensor:
     """The documented reduction of per-row losses [N] fp32: rows of weight 0 are excluded (exactly 0, even when
-    their loss is NaN), 'mean' divides by sum(weights) (or num_items_in_batch) and is 0 when that is 0."""
+    their loss is NaN), a negative weight makes its row NaN (bad input, never a reversed gradient), 'mean' divides
+    by sum(weights) (or num_items_in_batch): 0 / 0 is 0 (nothing counted), a nonzero sum over a zero denominator
+    is NaN (a denominator that counts nothing while tokens count)."""
     if weights is None:
         weighted = token_loss
     else:
-        weighted = torch.where(weights != 0, token_loss * weights, torch.zeros((), device=token_loss.device))
+        zero = torch.zeros((), device=token_loss.device)
+        weighted = torch.where(weights != 0, token_loss * weights, zero)
+        weighted = torch.where(weights < 0, torch.full((), float("nan"), device=token_loss.device), weighted)
     if reduction == "none":
         return weighted.reshape(lead)
     total = weighted.sum()
@@ -207,6 +215,8 @@ def reduce_loss(token_loss: torch.Tensor, weights: torch.Tensor | None, reductio
         denominator = torch.tensor(float(token_loss.numel()), device=total.device)
     else:
         denominator = weights.sum()
-    # 0 / 0 is 0 (nothing counted); a NaN weight makes the denominator NaN and the loss NaN
+    # 0 / 0 is 0 (nothing counted), x / 0 is NaN; a NaN weight makes the denominator NaN and the loss NaN
     safe = torch.where(denominator == 0, torch.ones((), device=total.device), denominator)
-    return torch.where(denominator == 0, torch.zeros((), device=total.device), total / safe)
+    at_zero = torch.where(total == 0, torch.zeros((), device=total.device),
+                          torch.full((), float("nan"), device=total.device))
+    return torch.where(denominator == 0, at_zero, total / safe)

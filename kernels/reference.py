@@ -12,9 +12,11 @@ It materialises the [N, V] logits, so use it only on small shapes. Every fused b
 
 Row weights w[n] = mask[n] * [labels[n] != ignore_index] (each factor 1 where not given). Rows with w[n] = 0 are
 excluded: they contribute exactly 0 to the loss and receive exactly 0 gradient, whatever their hidden states hold
-(NaN included: padding may hold garbage). A 'mean' over no counted row (all masked, or N = 0) is 0;
-``num_items_in_batch`` replaces its denominator sum_n w[n] (HF's convention for gradient accumulation: the count
-of counted tokens over all the micro-batches of one optimizer step).
+(NaN included: padding may hold garbage). Weights must be >= 0: a negative float mask weight is refused with a
+ValueError on CPU and makes its row NaN elsewhere (checking it would cost a host sync). A 'mean' over no counted row
+(all masked, or N = 0) is 0; ``num_items_in_batch`` replaces its denominator sum_n w[n] (HF's convention for
+gradient accumulation: the count of counted tokens over all the micro-batches of one optimizer step). A zero
+denominator under a nonzero sum (num_items_in_batch=0 while tokens count) is NaN, never a silent 0.
 
 Labels are not shifted: pass hidden states and labels already aligned (the hidden state that predicts token t+1
 next to label t+1: ``hidden[..., :-1, :]`` with ``labels[..., 1:]``, as Liger's ``shift_labels``).

@@ -269,8 +269,20 @@ def test_num_items_in_batch_is_the_mean_denominator(backend):
     for num in (40, torch.tensor(40), 40.0):
         loss, _ = _compare(hs, ht, w, labels=labels, num_items_in_batch=num, clip=0.05)
         torch.testing.assert_close(loss, total / 40)
-    zero, _ = _compare(hs, ht, w, labels=labels, num_items_in_batch=0, clip=0.05)
-    assert float(zero) == 0.0
+    # a zero denominator: 0 when nothing counts (HF passes 0 for a batch without labels), NaN when tokens count
+    # (a wrong denominator must not silently zero the gradient)
+    wrong, _ = _compare(hs, ht, w, labels=labels, num_items_in_batch=0, clip=0.05)
+    assert torch.isnan(wrong)
+    nothing, _ = _compare(hs, ht, w, labels=torch.full((13,), -100), num_items_in_batch=0, clip=0.05)
+    assert float(nothing) == 0.0
+
+
+def test_negative_mask_weights_are_refused(backend):
+    hs, ht, w, _ = _make()
+    mask = torch.ones(13)
+    mask[3] = -1.0
+    with pytest.raises(ValueError, match="mask weights must be >= 0"):
+        _compare(hs, ht, w, mask=mask, clip=0.05)
 
 
 def test_gradient_accumulation_with_num_items_equals_one_big_batch(backend):

@@ -4,26 +4,26 @@
 
 Forward KL at temperature 1.1, clip 0.05, fp32, frozen head (the LoRA case: gradient w.r.t. the student hidden
 states only). Each (shape, implementation) runs in a fresh subprocess: one warm-up call on 8 tokens, then one timed
-forward + backward; peak extra memory is the growth of the subprocess's peak resident set (ru_maxrss) over that
-call, which sees every allocation (torch's CPU allocator included, which tracemalloc does not), and inputs are
-allocated before the baseline is read. The table is printed at the end and written to $ATESD_BENCH_OUT when set.
+forward + backward; peak extra memory is the growth of the subprocess's own peak resident set (VmHWM, reset before
+the call: ``benchmarks/peak_memory.py``; ru_maxrss would start at the parent's peak) over that call, which sees
+every allocation (torch's CPU allocator included, which tracemalloc does not), and inputs are allocated before the
+baseline is read. The table is printed at the end and written to $ATESD_BENCH_OUT when set.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from benchmarks.peak_memory import run_probe
 
 SHAPES = [(n, h, v) for n in (512, 2048) for h in (256, 1024) for v in (32768, 151936)]
 IMPLS = ("native", "torch-tiled", "naive")
 RESULTS: dict[tuple, dict] = {}
 
 SCRIPT = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 impl, n, h, v = sys.argv[1], *map(int, sys.argv[2:5])
 if impl == "torch-tiled":
     os.environ["ATESD_DISABLE_NATIVE"] = "1"
@@ -37,22 +37,17 @@ ht = torch.randn(n, h, generator=g).mul_(0.5).add_(hs.detach())
 w = torch.randn(v, h, generator=g).div_(h**0.5)  # in place: a transient copy of w would raise the baseline peak
 fn(hs[:8], ht[:8], w, temperature=1.1, clip=0.05).backward()
 hs.grad = None
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak()
+before = rss_mib("VmHWM")
 t0 = time.perf_counter()
 fn(hs, ht, w, temperature=1.1, clip=0.05).backward()
 seconds = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "extra_mib": (after - before) / 1024}))
+print(json.dumps({"seconds": seconds, "extra_mib": rss_mib("VmHWM") - before}))
 """
 
 
 def _run(impl: str, n: int, h: int, v: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT, impl, str(n), str(h), str(v)], capture_output=True,
-                         text=True, env=env, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{impl} {n}x{h}x{v} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(SCRIPT, impl, str(n), str(h), str(v))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

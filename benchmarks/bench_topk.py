@@ -20,12 +20,11 @@ written to $ATESD_BENCH_OUT when set.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from benchmarks.peak_memory import run_probe
 
 V, K = 151936, 64
 SHAPES = [(512, 256), (512, 1024), (2048, 256)]  # (N, H)
@@ -46,19 +45,6 @@ mode, n, h, v, k, rounds = sys.argv[1], *map(int, sys.argv[2:7])
 impls = sys.argv[7:]
 assert kernels.backend_for("cpu") == "native"
 native_backend_for = _ops.backend_for
-
-
-def rss_mib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def reset_peak():
-    try:  # "5": reset VmHWM to the current RSS (Linux >= 4.0), so transients before the baseline do not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def materialised(hs, w, ids, t, temperature, clip):
@@ -108,12 +94,7 @@ else:
 
 
 def _run(mode: str, n: int, h: int, impls: tuple[str, ...]) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    args = [mode, str(n), str(h), str(V), str(K), str(ROUNDS), *impls]
-    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} {impls} N={n} H={h} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(SCRIPT, mode, str(n), str(h), str(V), str(K), str(ROUNDS), *impls, timeout=1800)
 
 
 def _need_native() -> None:

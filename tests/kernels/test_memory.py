@@ -1,17 +1,18 @@
 """Memory contract on CPU: the op never allocates an N x V tensor.
 
 Measured as the growth of the process's own peak resident set (VmHWM, reset just before the call;
-``peak_memory.py``) across one forward + backward, in a fresh subprocess so that nothing else of the test session
-pollutes the high-water mark. At N=4096, V=32768 a single fp32
-N x V tensor is 512 MiB; the bound below is a quarter of that, while the op's own working set is O(N*H) plus
-fixed-size tiles. The subprocess runs one thread: on a loaded machine two OpenMP threads on two busy cores
-spin-wait on each other and make the tiled torch path take minutes instead of seconds.
+``benchmarks/peak_memory.py``) across one forward + backward, in a fresh subprocess so that nothing else of the test
+session pollutes the high-water mark. At N=4096, V=32768 a single fp32 N x V tensor is 512 MiB; the bound below is a
+quarter of that, while the op's own working set is O(N*H) plus fixed-size tiles. The subprocess runs one thread: on
+a loaded machine two OpenMP threads on two busy cores spin-wait on each other and make the tiled torch path take
+minutes instead of seconds.
 """
 
 from __future__ import annotations
 
 import pytest
-from peak_memory import run_probe
+
+from benchmarks.peak_memory import run_probe
 
 SCRIPT = r"""
 import json, os, sys

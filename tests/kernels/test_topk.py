@@ -16,11 +16,11 @@ import sys
 
 import pytest
 import torch
-from peak_memory import run_probe
 
 from atesd import kernels
 from atesd.kernels import _ops, cpu_tiled
 from atesd.kernels.reference import TOPK_STAT_NAMES, linear_kl, linear_kl_topk, pointwise_divergence
+from benchmarks.peak_memory import run_probe
 
 _CUDA = torch.cuda.is_available()
 _TRITON = os.environ.get("TRITON_INTERPRET") == "1" and not _CUDA
@@ -460,7 +460,7 @@ print(json.dumps({"extra_mib": rss_mib("VmHWM") - before, "backend": kernels.bac
 
 
 def _peak_extra_mib(backend: str, n: int) -> dict:
-    return run_probe(_MEMORY, backend, str(n))  # rss_mib / reset_peak: tests/kernels/peak_memory.py
+    return run_probe(_MEMORY, backend, str(n))  # rss_mib / reset_peak: benchmarks/peak_memory.py
 
 
 def test_peak_memory_stays_far_below_one_n_by_v_tensor():

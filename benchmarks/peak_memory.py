@@ -1,4 +1,4 @@
-"""Peak extra memory of one call, measured in a fresh subprocess (shared by the memory tests of both ops).
+"""Peak extra memory of one call, measured in a fresh subprocess (the memory tests and CPU benchmarks of both ops).
 
 The subprocess reads its own peak resident set (VmHWM in /proc/self/status), reset to the current RSS just before
 the call (``clear_refs`` 5, Linux >= 4.0). ``ru_maxrss`` would not do: Linux carries it across exec from the parent,
@@ -30,10 +30,11 @@ def reset_peak():
 '''
 
 
-def run_probe(script: str, *args: str) -> dict:
-    """Run ``PROBE + script`` with ``args``; the script prints one JSON object last."""
+def run_probe(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run ``PROBE + script`` with ``args`` in a fresh interpreter; returns the JSON object it prints last."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", PROBE + script, *args], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -69,8 +69,9 @@ class Config:
     )
     data: str | None = option(
         None,
-        "a task that generates its problems (by name; see Tasks below), hub dataset id or local "
-        ".json/.jsonl/.parquet (default: the model recipe's; siyanzhao/Openthoughts_math_30k_opsd but for tiny)",
+        "a task that generates its problems (by name; the tasks are listed at the end of --help), hub dataset id "
+        "or local .json/.jsonl/.parquet (default: the model recipe's; siyanzhao/Openthoughts_math_30k_opsd but for "
+        "tiny)",
         path=True,
     )
     split: str = option("train", "dataset split")
@@ -90,7 +91,7 @@ class Config:
     task: str | None = option(
         None,
         "task supplying prompt templates, verifier and evaluation protocol: a registered name (math, built in: "
-        "OPSD's prompts, the paper's evaluation; the others: see Tasks below) or package.module:ATTRIBUTE "
+        "OPSD's prompts, the paper's evaluation; the others: listed at the end of --help) or package.module:ATTRIBUTE "
         "(default: the --data task if it names one, else math)",
     )
     prompts: str | None = option(
@@ -102,8 +103,9 @@ class Config:
     )
     task_options: dict | None = option(
         None,
-        "options the run's tasks declare (see Tasks below): --task-option KEY=VALUE, repeatable, or a task_options "
-        "mapping in the YAML file; each applies to every task of the run that declares it (default: the tasks')",
+        "options the run's tasks declare (listed at the end of --help): --task-option KEY=VALUE, repeatable, or a "
+        "task_options mapping in the YAML file; each applies to every task of the run that declares it (default: "
+        "the tasks')",
     )
     instruction: str | None = option(
         None, "transition instruction after the exposed reference (default: the task template's)"

@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.atesd-setup.stamp
 
-.PHONY: setup run test bench lint clean-venv
+.PHONY: setup editor run test bench lint clean-venv
 $(PY):
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv $(VENV)' failed; on Debian/Ubuntu \
 	install the venv module first: sudo apt install python3-venv" >&2; exit 1; }
@@ -20,7 +20,15 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*) | $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) editor
+
+# Editors and type checkers read files, not import hooks: they cannot follow atesd/__init__.py's __path__ (the checkout's
+# kernels/, engine/, controller/ as atesd.*) nor the editable install's redirect. build/editor/atesd is the same
+# package as links they can read (pyproject.toml's [tool.pyright] extraPaths; docs/engine.md, "The house").
+editor:
+	@mkdir -p build/editor/atesd
+	@ln -sfn ../../../atesd/__init__.py build/editor/atesd/__init__.py
+	@for p in kernels engine controller; do ln -sfn ../../../$$p build/editor/atesd/$$p; done
 
 run: setup
 	$(PY) -m engine.train

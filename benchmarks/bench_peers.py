@@ -9,7 +9,7 @@ genuine tokenizer: ``tests/qwen3_real.py``), the same math rows, the same batch 
 tokens), LoRA (r 16, alpha 32, dropout 0, the seven projections), sampling (T 1.1, top-p 0.95, top-k 20), AdamW
 (lr 1e-4 constant, no decay, grad-norm clip 0.1) and loss (forward KL(teacher || student) at T 1.1, no clip):
 
-- ``engine``: ``engine.train.Trainer(engine.config.parse([...]), run_dir).step()``, OPSD exposure (``--exposure
+- ``engine``: ``engine.train.Trainer(engine.invocation.parse([...]), run_dir).step()``, OPSD exposure (``--exposure
   full``: the whole reference), teacher = the base (adapter off), phases timed by ``bench_train_step.phase_clock``.
 - ``trl-sdft``: TRL's ``experimental.sdft.SDFTTrainer`` (on-policy self-distillation; ``teacher_model_kind="base"``
   = the adapter off; the reference as its ``privileged_context``; ``distillation_mode="full_logits"``,
@@ -208,7 +208,7 @@ def _step_record(total: float, generation: float, forward_loss: float, optimizer
 
 def engine_side(shape: str, model_dir: str, rows: str, workdir: str) -> dict:
     import atesd.engine.train as train_mod
-    from atesd.engine.config import parse
+    from atesd.engine.invocation import parse
     from benchmarks.bench_train_step import phase_clock
 
     s, run = STEP_SHAPES[shape], os.path.join(workdir, "engine-run")

@@ -5,7 +5,7 @@
 
 Implementations (``--rollout`` names where they are one):
 
-    hf               engine.rollout.sample: one eager HF forward per token over a DynamicCache (the old loop)
+    hf               engine.hf_rollout.sample: one eager HF forward per token over a DynamicCache (the old loop)
     hf-static        the HF model over transformers' StaticCache, eager: the alternative to our own decoder
     static           engine.decode.StaticRollout, eager, LoRA merged into fused copies (the CPU default)
     static-unmerged  the same with LoRA applied on the fly (no weight copies)
@@ -29,9 +29,9 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from atesd.engine.decode import StaticRollout
+from atesd.engine.hf_rollout import HFRollout
 from atesd.engine.models import add_lora
-from atesd.engine.rollout import HFRollout, filter_logits, rollout_seeds
-from atesd.engine.sampling import inverse_cdf, problem_seeds, row_uniforms
+from atesd.engine.sampling import filter_logits, inverse_cdf, problem_seeds, rollout_seeds, row_uniforms
 from benchmarks.shapes import QWEN3_1P7B
 
 SHAPES = {
@@ -91,7 +91,7 @@ def build(shape: str, device: str, dtype: torch.dtype):
             from atesd.engine.exposure import make_example
             from atesd.engine.task import get_task
 
-            rows = load_rows("lab", split="train", lab_size=4 * B, lab_levels=(1, 2), seed=0)
+            rows = load_rows("lab", split="train", size=4 * B, task_options={"levels": "1,2"}, seed=0)
             lab = get_task("lab").templates  # the lab task's prompts, as `python -m engine.train` builds them
             prompts = [
                 make_example(tok, x["problem"], x["solution"], x["answer"], templates=lab).student_prompt
@@ -116,7 +116,7 @@ def build(shape: str, device: str, dtype: torch.dtype):
 
 
 def _until_eos(seq: list[int], eos_ids) -> list[int]:
-    """A row up to and including its first EOS (what engine.rollout.sample returns; the padding is not counted)."""
+    """A row up to and including its first EOS (what engine.hf_rollout.sample returns; the padding is not counted)."""
     return seq[: next((i + 1 for i, x in enumerate(seq) if x in eos_ids), len(seq))]
 
 
@@ -390,7 +390,7 @@ def main_job_steps(steps: int | None = None, seed: int = 0, kinds=("hf", "static
     The held-out evaluations are skipped (``test_lab_evaluation_decoders`` times them)."""
     import tempfile
 
-    from atesd.engine.config import parse
+    from atesd.engine.invocation import parse
     from atesd.engine.train import Trainer
 
     root = out_dir or tempfile.mkdtemp(prefix="bench-main-job-")
@@ -441,7 +441,8 @@ def evaluation_decoders(problems: int = 200, rounds: int = 3) -> dict:
     """The main job's held-out evaluation (the lab's greedy protocol, the shipped tiny model, ``problems`` test
     problems) through HF ``generate`` and through the static-cache decoder, rounds interleaved in one process:
     median seconds per implementation and whether their completions are identical."""
-    from atesd.engine.evaluate import evaluate_task, load_model
+    from atesd.engine.evaluate import load_model
+    from atesd.engine.evaluation import evaluate_task
     from atesd.engine.lab import lab_dataset
 
     model, tok = load_model("tiny")

@@ -74,7 +74,7 @@ def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[
     The step's remainder (backward through the student, bookkeeping) is its total minus their sum. ``graphs``, when
     given, counts the graphs torch.compile builds in each phase. Everything
     wrapped is restored on exit."""
-    import atesd.engine.train as train_mod
+    import atesd.engine.trainer as trainer_mod
 
     clock: dict[str, float] = defaultdict(float)
 
@@ -93,10 +93,10 @@ def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[
 
     functions = {"teacher": "score_teacher", "student": "score_student", "loss": "distillation_loss"}
     methods = {"rollout": (trainer.rollout, "sample"), "optimizer": (trainer.optimizer, "step")}
-    saved = {attr: getattr(train_mod, attr) for attr in functions.values()}
+    saved = {attr: getattr(trainer_mod, attr) for attr in functions.values()}
     own = {name: vars(obj).get(attr) for name, (obj, attr) in methods.items()}  # instance attributes, if any
     for name, attr in functions.items():
-        setattr(train_mod, attr, timed(name, saved[attr]))
+        setattr(trainer_mod, attr, timed(name, saved[attr]))
     for name, (obj, attr) in methods.items():
         setattr(obj, attr, timed(name, getattr(obj, attr)))
     try:
@@ -105,7 +105,7 @@ def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[
             yield clock
     finally:
         for attr, fn in saved.items():
-            setattr(train_mod, attr, fn)
+            setattr(trainer_mod, attr, fn)
         for name, (obj, attr) in methods.items():
             if own[name] is None:
                 delattr(obj, attr)
@@ -118,7 +118,7 @@ def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> d
     tokens/s, peak memory, the rollout engine and the attention that ran. ``on_step(partial_result)`` is called
     after each step (step 1's result has no phase split)."""
     import atesd.engine.train as train_mod
-    from atesd.engine.config import parse
+    from atesd.engine.invocation import parse
 
     s = SHAPES[shape]
     root = workdir or tempfile.mkdtemp(prefix="bench-train-step-")

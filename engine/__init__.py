@@ -1,6 +1,7 @@
 """Training engine for on-policy self-distillation with adaptive teacher exposure: ``python -m engine.train``.
 
-Modules: ``exposure`` (reference truncation, prompts), ``data`` (rows, skipping), ``rollout`` (KV-shared
-sampling), ``packing`` / ``scoring`` (prefix-sharing trees), ``loss`` (the fused KL op), ``models`` (presets,
-LoRA, teacher views), ``config`` / ``train`` (CLI, loop, checkpoints).
+The step is ``trainer`` (``Trainer.step``: rollout, exposure, teacher and student scoring, loss, update, controller),
+its run ``run`` (run directory, metrics, evaluations, checkpoints, signals), its command line ``train``; the
+options are ``config`` (read by ``invocation``, declared as ``options`` says). docs/engine.md ("The house") draws
+every module, the layers their imports follow, and who calls whom during one step.
 """

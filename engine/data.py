@@ -1,4 +1,4 @@
-"""Training rows (problem, solution, optional answer) from a task that generates its problems (the lab), a
+"""Training rows (problem, solution, optional answer) from a task that generates its problems, a
 local json/jsonl/parquet file or a hub dataset.
 
 Bad rows (missing fields, no boxed answer, over-long) are skipped and counted, never fatal. Local JSON / JSON
@@ -13,23 +13,24 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from atesd.engine.errors import DataError
 from atesd.engine.exposure import last_boxed
 from atesd.engine.task import get_task, is_task
+from atesd.engine.task import task_options as task_options_of
 
 log = logging.getLogger("engine.data")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
-
 
 def source_problem(source: str | None) -> str | None:
     """Why ``source`` cannot be a data source (checked before anything loads), or None: a local file must exist
-    and be .json/.jsonl/.parquet; a task's name ('lab') and hub ids (``name`` or ``org/name``) pass (they fail
+    and be .json/.jsonl/.parquet; a task's name and hub ids (``name`` or ``org/name``) pass (they fail
     when loaded)."""
     from atesd.engine.models import looks_like_path
 
@@ -38,7 +39,7 @@ def source_problem(source: str | None) -> str | None:
     path = os.path.expanduser(source)
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
-        return "is a directory; give a .json, .jsonl or .parquet file, 'lab' or a hub dataset id"
+        return "is a directory; give a .json, .jsonl or .parquet file, a task's name or a hub dataset id"
     if os.path.isfile(path):
         return None if ext in LOCAL_FORMATS else "expected a .json, .jsonl or .parquet file"
     if ext in LOCAL_FORMATS or looks_like_path(source):
@@ -140,15 +141,18 @@ def load_rows(
     problem_column: str = "problem",
     solution_column: str = "solution",
     answer_column: str = "answer",
-    lab_size: int = 2000,
-    lab_levels: tuple[int, ...] = (1, 2, 3, 4),
     seed: int = 0,
+    size: int | None = None,
+    task_options: Mapping[str, Any] | None = None,
 ) -> list[dict]:
     """Raw rows as dicts with keys problem / solution / answer (answer may be None). A ``source`` naming a
-    task that generates its problems (``engine.task``; e.g. ``lab``) draws ``lab_size`` rows of its split."""
+    task that generates its problems (``engine.task``) draws ``size`` rows of its split (None: the task's own
+    training amount), with the options it declares taken from ``task_options`` (a run's: the rest at their
+    declared defaults; None: none passed, the task's dataset decides)."""
     task = get_task(source) if is_task(source) else None
     if task is not None and task.dataset is not None:
-        raw = task.dataset(split, lab_size, seed, levels=lab_levels)
+        options = {} if task_options is None else task_options_of(task, task_options)
+        raw = task.dataset(split, size, seed, **options)
     elif os.path.isfile(os.path.expanduser(source)) or source_problem(source):
         problem = source_problem(source)
         if problem:

@@ -1,7 +1,7 @@
 """Static-cache Qwen3 decoding: the fast rollout path (DESIGN 4.2b), in the spirit of gpt-fast.
 
 The prompt batch is prefilled once by the Hugging Face model (adapter on, exactly as the reference loop in
-``engine/rollout.py``), its KV is copied G times into a preallocated cache, and every further token is one call of
+``engine/hf_rollout.py``), its KV is copied G times into a preallocated cache, and every further token is one call of
 :func:`decode_one`: a minimal Qwen3 forward over the HF weights plus on-device sampling. ``torch.compile`` turns
 that call into one graph (CUDA graphs on GPU, ``mode="reduce-overhead"``); the plain eager function is the
 fallback, chosen by a flag or, logged, when compiling fails. The host looks at the ``done`` flags only every
@@ -20,8 +20,8 @@ model's parameters are never written, so nothing has to be restored after a roll
 
 Sampling is the reference loop's own draw (``engine/sampling.py``), moved inside the step: each original row
 (prompt b, sample g) owns a stream of float64 uniforms ``u[t]`` drawn up front from the prompt's seed, and token t
-is the inverse CDF of the row's filtered distribution (``engine.rollout.filter_logits``: temperature, top-k, top-p)
-at ``u[t]``. The step gets ``u[original row, t]`` for its live rows (an on-device gather: compaction keeps every
+is the inverse CDF of the row's filtered distribution (``sampling.next_token``: temperature, top-k, top-p) at
+``u[t]``. The step gets ``u[original row, t]`` for its live rows (an on-device gather: compaction keeps every
 row on its own stream), so there is no host sync, and the same seeds give the reference loop's rollouts token for
 token wherever both compute the same logits (fp32: equal to ~1e-5, so only a ``u`` within that of a CDF step can
 flip a draw).
@@ -32,61 +32,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atesd.engine.models import causal_lm
-from atesd.engine.rollout import filter_logits, rollout_seeds
-from atesd.engine.sampling import inverse_cdf, row_uniforms
+from atesd.engine.sampling import RolloutLoop, cut_at_eos, left_pad, next_token, row_uniforms
 
 log = logging.getLogger("engine")
 
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # position tables that do not depend on the length seen
-
-
-# ------------------------------------------------------------------------------------------------------ sampling
-TIE_MARGIN = 64  # top-k candidates taken beyond k, so tokens tied with the k-th logit are kept as filter_logits does
-
-
-def next_token(
-    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int, top_p: float
-) -> torch.Tensor:
-    """One token per row from fp32 logits [n, V] -> [n] int64, without a host sync.
-
-    ``u is None`` or ``temperature <= 0``: greedy argmax. Otherwise the reference loop's draw: the reference filter
-    (divide by the temperature, keep the top-k, then the smallest prefix whose mass reaches top-p), softmax, and
-    the inverse CDF at the rows' uniforms ``u`` [n] float64 in [0, 1) (``sampling.inverse_cdf``): token i is drawn
-    with its filtered probability. With a top-k, only the k (+ ties) candidates are sorted and summed
-    (:func:`top_k_draw`); without one, the whole vocabulary goes through ``filter_logits``.
-    """
-    if u is None or temperature <= 0:
-        return logits.argmax(-1)
-    if 0 < top_k < logits.shape[-1]:
-        return top_k_draw(logits / temperature, u, top_k, top_p)
-    return inverse_cdf(filter_logits(logits / temperature, top_k, top_p).softmax(-1), u)
-
-
-def top_k_draw(scores: torch.Tensor, u: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """``inverse_cdf(filter_logits(scores, top_k, top_p).softmax(-1), u)`` over the top-k candidates only.
-
-    The same tokens: filter_logits keeps the tokens >= the k-th score (ties included: ``TIE_MARGIN`` more
-    candidates are taken), then drops those whose preceding mass in descending order reaches top_p; the
-    filtered softmax is zero elsewhere, so its CDF in vocabulary order only steps at the kept candidates, which
-    are put in vocabulary order here. Sums over K values instead of V can round differently in the last bit, so
-    a draw can differ only where ``u`` falls within float rounding of a CDF step. Cost: a top-(k+margin)
-    selection instead of a sort of the vocabulary (which is what makes sampling a third of a step at V=32k).
-    """
-    vals, ids = torch.topk(scores, min(top_k + TIE_MARGIN, scores.shape[-1]), dim=-1)  # descending
-    vals = vals.masked_fill(vals < vals[:, top_k - 1 : top_k], float("-inf"))
-    if top_p < 1.0:
-        probs = vals.softmax(-1)
-        vals = vals.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
-    order = ids.argsort(-1)  # candidates in vocabulary order: the reference CDF's order
-    probs = vals.gather(-1, order).softmax(-1)
-    return ids.gather(-1, order).gather(-1, inverse_cdf(probs, u)[:, None]).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -461,7 +417,7 @@ class CompileFailed(RuntimeError):
     """The compiled step failed; the rollout is redone eagerly with the same seeds."""
 
 
-class StaticRollout:
+class StaticRollout(RolloutLoop):
     """Rollouts over :class:`Qwen3Decoder`, built once per run (``engine/rollout.py: build_rollout``).
 
     ``compile``: :func:`decode_one` through ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on
@@ -567,75 +523,28 @@ class StaticRollout:
         return nxt.clone(), done.clone()  # CUDA-graph outputs are overwritten by the next replay
 
     # ---------------------------------------------------------------------------------------------------
-    def sample(
-        self,
-        prompts: list[list[int]],
-        *,
-        num_samples: int,
-        max_new_tokens: int,
-        eos_ids: set[int],
-        pad_id: int,
-        temperature: float = 1.1,
-        top_p: float = 0.95,
-        top_k: int = 20,
-        generator: torch.Generator | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[list[list[int]]]:
-        """Rollouts [B][G] as token lists, each non-empty, ending at (and including) the first EOS drawn
-        (``engine.rollout.sample``'s contract, the same tokens for the same ``seeds``; without them, one seed per
-        prompt is drawn from ``generator`` as there)."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if not prompts or num_samples < 1 or any(len(p) == 0 for p in prompts):
-            raise ValueError("rollouts need at least one prompt, none of them empty, and num_samples >= 1")
-        if temperature > 0:
-            seeds = rollout_seeds(len(prompts), seeds, generator)
-        args = (prompts, num_samples, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, seeds)
+    def _sample(self, *args) -> list[list[list[int]]]:
+        """The rollouts of ``RolloutLoop.sample`` (the same tokens as the reference loop for the same seeds); a
+        compile failure mid-rollout redoes it eagerly."""
         try:
-            return self._sample(*args)
+            return self._decode(*args)
         except CompileFailed:
-            return self._sample(*args)
+            return self._decode(*args)
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        eos_ids: set[int],
-        pad_id: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        generator: torch.Generator | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[list[int]]:
-        """One completion per prompt (what evaluation asks ``model.generate`` for): [B] token lists, EOS kept."""
-        groups = self.sample(
-            prompts,
-            num_samples=1,
-            max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids,
-            pad_id=pad_id,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            generator=generator,
-            seeds=seeds,
-        )
-        return [g[0] for g in groups]
+    def generate(self, prompts: list[list[int]], **kw) -> list[list[int]]:
+        """One completion per prompt (what evaluation asks ``model.generate`` for): [B] token lists, EOS kept. The
+        keywords of ``RolloutLoop.sample`` but ``num_samples``; greedy unless given a ``temperature``."""
+        kw = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, **kw}
+        return [g[0] for g in self.sample(prompts, num_samples=1, **kw)]
 
     @torch.inference_mode()
-    def _sample(self, prompts, G, max_new, eos_ids, pad_id, temperature, top_p, top_k, seeds):
+    def _decode(self, prompts, G, max_new, eos_ids, pad_id, temperature, top_p, top_k, seeds):
         self._sync_weights()
         model, dec = self.model, self.decoder
         device = dec.device
-        B, R = len(prompts), len(prompts) * G
-        width = max(map(len, prompts))
-        ids = torch.full((B, width), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
+        R = len(prompts) * G
+        ids, attn = left_pad(prompts, pad_id)
+        width = ids.shape[1]
         start = (width - attn.sum(-1)).repeat_interleave(G).to(device)  # each row's first real column
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
@@ -684,13 +593,4 @@ class StaticRollout:
                 tokens[:, t] = tok
             else:
                 tokens[rows, t] = tok
-        seqs = tokens.cpu().tolist()
-        result: list[list[list[int]]] = []
-        for b in range(B):
-            group = []
-            for g in range(G):
-                seq = seqs[b * G + g]
-                cut = next((i + 1 for i, x in enumerate(seq) if x in eos_ids), len(seq))
-                group.append(seq[:cut])
-            result.append(group)
-        return result
+        return cut_at_eos(tokens.cpu().tolist(), G, eos_ids)

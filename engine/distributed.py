@@ -2,6 +2,7 @@
 
     process_group(device_type, timeout_s)   joins the group torchrun / accelerate launch describe in the environment
     rank(), world_size(), is_main()         where this process stands (0, 1, True without a group)
+    device_of(spec)                         the device this process trains on (--device; each rank its own GPU)
     broadcast(x), all_gather(x), all_reduce_sum(values), barrier()   collectives on Python values
     check_same_config(cfg)                  every rank runs the same resolved configuration, or all stop
     DataParallel(model, mode, device)       the one model over the ranks: FSDP2 ``fully_shard`` (mode 'lora': the
@@ -95,6 +96,17 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def device_of(spec: str) -> torch.device:
+    """The device of ``--device spec`` (auto: CUDA when available, else the CPU) for this process: under torchrun
+    each rank trains on ``cuda:LOCAL_RANK``, so a CUDA spec names no index there."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else torch.device(spec)
+    if world_size() > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {spec}: under torchrun pass --device cuda (rank r uses cuda:LOCAL_RANK)")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _comm_device() -> torch.device:

@@ -8,10 +8,10 @@ import os
 import sys
 import time
 
-from atesd.engine import distributed
+from atesd.engine import benchmarks, distributed, evaluation
 from atesd.engine.checkpoint import checkpoint_name
 from atesd.engine.config import Config
-from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates
+from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates, task_options
 
 log = logging.getLogger("engine")
 
@@ -35,8 +35,6 @@ class Evaluator:
             raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
         if not names:
             return
-        from atesd.engine import evaluate
-
         run_task = get_task(cfg.task)
         self.templates = resolve_templates(run_task, cfg.prompts)
         for name in names:
@@ -46,23 +44,24 @@ class Evaluator:
                     raise ValueError(f"--eval-benchmarks: task {name!r} has no problems of its own")
                 if not cfg.eval_problems:
                     raise ValueError(f"--eval-benchmarks {name} needs --eval-problems > 0")
-                self.sets[name] = task.dataset("test", cfg.eval_problems, cfg.seed, levels=cfg.lab_level_tuple())
+                self.sets[name] = task.dataset("test", cfg.eval_problems, cfg.seed,
+                                               **task_options(task, cfg.task_options))
                 self.tasks[name] = task
             elif name.endswith(".jsonl"):
                 key = os.path.splitext(os.path.basename(name))[0]
-                self.sets[key] = evaluate.load_jsonl(name)[: cfg.eval_limit]
+                self.sets[key] = benchmarks.load_jsonl(name)[: cfg.eval_limit]
                 self.tasks[key] = run_task
-            elif name in evaluate.BENCHMARKS:
-                self.sets[name] = evaluate.load_benchmark(name)[: cfg.eval_limit]
+            elif name in benchmarks.BENCHMARKS:
+                self.sets[name] = benchmarks.load_benchmark(name)[: cfg.eval_limit]
                 self.tasks[name] = run_task
             else:
                 raise ValueError(
-                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from a task with its own problems "
-                    f"(lab), {', '.join(sorted(evaluate.BENCHMARKS))} or a local .jsonl"
+                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from a task with its own problems, "
+                    f"{', '.join(sorted(benchmarks.BENCHMARKS))} or a local .jsonl"
                 )
 
     def protocol(self, name: str) -> EvalProtocol:
-        """The set's task protocol with the run's --eval-* overrides (math: the paper's; lab: greedy)."""
+        """The set's task protocol with the run's --eval-* overrides (math: the paper's)."""
         cfg = self.cfg
         return self.tasks[name].eval.replace(
             temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
@@ -79,11 +78,9 @@ class Evaluator:
         return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
 
     def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
-        from atesd.engine import evaluate
-
         task = self.tasks[name]
         templates = self.templates if task.name == self.cfg.task else task.templates
-        res = evaluate.evaluate_task(model, tokenizer, problems, task, templates=templates, seed=self.cfg.seed,
+        res = evaluation.evaluate_task(model, tokenizer, problems, task, templates=templates, seed=self.cfg.seed,
                                      decoder=self.decoder, **vars(self.protocol(name)))
         res.pop("results", None)
         return res
@@ -92,7 +89,7 @@ class Evaluator:
         """Evaluate every benchmark at ``step``; returns ``{"eval/<name>/accuracy": ..}`` for the logs.
 
         Under torchrun every rank calls it: the problems are sharded over the ranks and the results gathered
-        (``evaluate.evaluate_problems``), so every rank holds the same history; rank 0 reports and writes."""
+        (``evaluation.evaluate_problems``), so every rank holds the same history; rank 0 reports and writes."""
         from tqdm import tqdm
 
         label = {0: "before training", self.cfg.steps: "after training"}.get(step, f"at step {step}")

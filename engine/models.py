@@ -15,6 +15,7 @@ import torch
 
 from atesd.engine.errors import UsageError
 
+DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"  # OPSD's training set (problem, solution)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -23,6 +24,7 @@ class Recipe:
     """Per-model defaults; any of them can be overridden by a flag or the YAML config."""
 
     model_id: str
+    data: str = DEFAULT_DATASET  # a task that generates its problems, a hub dataset id or a local file
     clip: float | None = 0.05  # None: no clipping
     lr: float = 5e-6
     lora_r: int = 64
@@ -38,7 +40,7 @@ class Recipe:
     # the paper's checkpoint rule: save and evaluate every 25 steps (25/50/75/100), report the best checkpoint
     save_every: int = 25
     eval_every: int = 25
-    eval_benchmarks: str | None = None  # None: the engine's rule (lab when --data lab, else none)
+    eval_benchmarks: str | None = None  # None: the engine's rule (the --data task's held-out split, else none)
 
 
 PAPER_BENCHMARKS = "aime24,aime25,hmmt25"  # the paper's Table 1, with the paper's protocol (the math task's)
@@ -57,6 +59,7 @@ RECIPES: dict[str, Recipe] = {
     "qwen3-8b": Recipe("Qwen/Qwen3-8B", clip=0.06, eval_benchmarks=PAPER_BENCHMARKS),
     "tiny": Recipe(
         "tiny",
+        data="lab",  # the embedded default: the tiny model on the lab task it ships with
         clip=None,
         lr=1e-3,
         lora_r=16,

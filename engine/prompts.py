@@ -18,11 +18,11 @@ import json
 import sys
 from collections.abc import Iterator
 
-from atesd.engine.config import OneLineParser
-from atesd.engine.data import DEFAULT_DATASET, clean_rows, load_rows, source_problem
+from atesd.engine.data import clean_rows, load_rows, source_problem
 from atesd.engine.errors import UsageError
 from atesd.engine.exposure import make_example
-from atesd.engine.models import load_tokenizer, model_problem
+from atesd.engine.models import DEFAULT_DATASET, load_tokenizer, model_problem, recipe_for
+from atesd.engine.options import OneLineParser, fail
 from atesd.engine.task import get_task, is_task, resolve_templates
 
 KEYS = ("student_text", "teacher_text", "student_ids", "teacher_ids")
@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="python -m engine.prompts", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="preset, hub id or local directory whose tokenizer and chat "
-                    "template are used (default: tiny, the lab's)")
-    ap.add_argument("--data", default=None, help="'lab', a local .json/.jsonl/.parquet or a hub dataset id "
-                    f"(default: lab for tiny, else {DEFAULT_DATASET})")
-    ap.add_argument("--task", default=None, help="task whose templates are used: math (OPSD's), lab or "
-                    "module:ATTRIBUTE (default: the --data task if it names one, else math)")
+                    "template are used (default: tiny, the embedded default)")
+    ap.add_argument("--data", default=None, help="a task that generates its problems, a local "
+                    f".json/.jsonl/.parquet or a hub dataset id (default: the model recipe's; {DEFAULT_DATASET} "
+                    "but for tiny)")
+    ap.add_argument("--task", default=None, help="task whose templates are used: a registered name (math: "
+                    "OPSD's) or module:ATTRIBUTE (default: the --data task if it names one, else math)")
     ap.add_argument("--alpha", type=float, default=1.0, help="teacher exposure in [0, 1] (default 1: OPSD's)")
     ap.add_argument("--exposure-mode", default="tokens", choices=("tokens", "lines"))
     ap.add_argument("--limit", type=int, default=5, help="rows to print (default 5)")
@@ -72,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(f"error: {e}", 2)
 
 
 def _main(args) -> int:
@@ -81,7 +81,7 @@ def _main(args) -> int:
         raise UsageError(f"--alpha: must be in [0, 1], got {args.alpha!r}")
     if args.limit < 1:
         raise UsageError(f"--limit: must be >= 1, got {args.limit!r}")
-    data = args.data or ("lab" if args.model == "tiny" else DEFAULT_DATASET)
+    data = args.data or recipe_for(args.model).data
     for flag, problem in (("--model", model_problem(args.model)), ("--data", source_problem(data))):
         if problem:
             raise UsageError(f"{flag}: {problem}")
@@ -92,8 +92,7 @@ def _main(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     raw = load_rows(data, split=args.split, problem_column=args.problem_column,
-                    solution_column=args.solution_column, answer_column=args.answer_column,
-                    lab_size=args.limit)
+                    solution_column=args.solution_column, answer_column=args.answer_column, size=args.limit)
     rows, skipped = clean_rows(raw)
     tokenizer = load_tokenizer(args.model)
     n = 0

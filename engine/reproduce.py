@@ -25,8 +25,9 @@ import os
 import sys
 
 from atesd.engine import checkpoint, distributed
-from atesd.engine.config import OneLineParser, parse
 from atesd.engine.errors import UsageError
+from atesd.engine.invocation import parse
+from atesd.engine.options import OneLineParser
 
 METHODS = {"opsd": ("full", "OPSD (full exposure)"), "atesd": ("adaptive", "ATESD (adaptive exposure)")}
 OWNED = ("--exposure", "--output-dir", "--output_dir", "--resume")
@@ -38,7 +39,7 @@ def _flags(rest: list[str]) -> set[str]:
 
 def run_method(method: str, out: str, rest: list[str]) -> str:
     """Train (or resume, or keep) ``out/<method>``; returns its run directory."""
-    from atesd.engine.train import train
+    from atesd.engine.run import train
 
     run_dir = os.path.join(out, method)
     argv = [*rest, "--exposure", METHODS[method][0], "--output-dir", run_dir]
@@ -141,10 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise UsageError(f"{owned[0]}: engine.reproduce sets it for each run (use --output-dir for the pair)")
         out = args.output_dir or os.path.join("runs", f"reproduce-{os.path.basename(args.model.rstrip('/'))}")
         rest = ["--model", args.model, *rest]
-        from atesd.engine.train import _device
-
         cfg, _ = parse(rest)  # every flag checked before anything trains
-        with distributed.process_group(_device(cfg).type, cfg.dist_timeout):
+        with distributed.process_group(distributed.device_of(cfg.device).type, cfg.dist_timeout):
             runs = {m: run_method(m, out, rest) for m in methods}
             table = collect(runs)
             if distributed.is_main():

@@ -193,10 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY among {', '.join(SETTINGS)}")
         settings[key] = yaml.safe_load(value)
     with open(os.path.join(args.sweep_dir, "results.json")) as fh:
-        rows = json.load(fh)["fixed_exposure"]
-    from atesd.engine.sweep import run_name  # (engine.sweep imports this module)
+        results = json.load(fh)
+    rows, runs = results["fixed_exposure"], results["runs"]
 
-    dirs = {r["alpha"]: [os.path.join(args.sweep_dir, run_name(r["exposure"], s)) for s in r["seeds"]] for r in rows}
+    def run_dir(exposure: str, seed: int) -> str:  # as the sweep named it, inside this sweep directory
+        return os.path.join(args.sweep_dir, os.path.basename(runs[f"{exposure}/seed{seed}"]["run_dir"]))
+
+    dirs = {r["alpha"]: [run_dir(r["exposure"], s) for s in r["seeds"]] for r in rows}
     al = alignment(dirs, {r["alpha"]: r["gain"] for r in rows}, settings)
     print(f"{args.sweep_dir}, settings {settings or 'of the runs'}: best alpha {al['best_alpha']}, worst "
           f"{al['worst_alpha']}\n\n| signal | " + " | ".join(f"P at alpha {a:g}" for a in sorted(dirs))

@@ -8,7 +8,12 @@ A :class:`Task` bundles everything task-specific the engine needs:
   math-verify in worker processes);
 - ``eval``: the evaluation protocol (:class:`EvalProtocol`) used unless a flag overrides it;
 - ``dataset(split, size, seed, **options) -> rows`` when the task generates its own problems (rows with
-  ``problem``, ``solution``, ``answer`` and optionally ``level``); None for tasks trained on a dataset;
+  ``problem``, ``solution``, ``answer`` and optionally ``level``; ``size`` None: the task's own training amount);
+  None for tasks trained on a dataset;
+- ``options``: a dataclass declaring the task's own options, each in one line as the engine's options are
+  (``engine/options.py``: ``size: int = option(2000, "training problems", check=at_least(1))``). A run sets them
+  with ``--task-option size=500`` (or a ``task_options:`` mapping in its YAML file), typed and checked by these
+  declarations, and the engine passes them to ``dataset`` as keywords (:func:`task_options`);
 - ``models``: model presets the task ships (name -> local directory).
 
 The engine's core never imports a task's module: ``get_task`` resolves a registered name, a name listed in
@@ -104,6 +109,16 @@ class Task:
     verify: Callable[[str, str], bool] | None = None
     dataset: Callable[..., list[dict]] | None = None
     models: Mapping[str, str] = field(default_factory=dict)
+    options: type | None = None  # a dataclass of the task's own options (engine/options.py), None: none
+
+
+def task_options(task: Task, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options ``task`` declares, each as ``given`` has it, else at its declared default (what the engine
+    passes to ``task.dataset`` as keywords; an option the task does not declare is left out)."""
+    if task.options is None:
+        return {}
+    given = given or {}
+    return {f.name: given.get(f.name, f.default) for f in dataclasses.fields(task.options)}
 
 
 # OPSD's released prompts (data_collator.py of the OPSD repository, as preserved in public forks; see

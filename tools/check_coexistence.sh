@@ -68,7 +68,7 @@ EOF
     [[ -z "$3" ]] && return 0
     local run="$WORK/run-$RANDOM"
     (cd "$2" && "$1/bin/python" -m "$3" --steps 1 --batch-size 2 --num-samples 2 --max-new-tokens 16 \
-        --eval-problems 4 --lab-size 20 --no-progress --output-dir "$run" > "$run.out" 2>&1) \
+        --eval-problems 4 --task-option size=20 --no-progress --output-dir "$run" > "$run.out" 2>&1) \
         || { tail -30 "$run.out"; return 1; }
     say "engine ok: python -m $3 --steps 1 -> $(grep -o 'loss backend: [a-z]*' "$run/run.log")"
 }

@@ -137,7 +137,7 @@ def save(model, tok, out: Path, info: dict) -> None:
 
 def level_report(model, tok, split: str, n_per_level: int) -> dict:
     """Greedy student accuracy per level on ``n_per_level`` problems of each level of ``split`` (seed 0)."""
-    from atesd.engine.evaluate import evaluate_lab
+    from atesd.engine.lab.report import evaluate_lab
 
     problems = lab_dataset(split, 4 * n_per_level, seed=0)
     res = evaluate_lab(model, tok, problems, temperature=0.0)

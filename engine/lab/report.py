@@ -14,15 +14,42 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from atesd.engine.evaluate import evaluate_lab
+from atesd.engine.evaluation import evaluate_task
 from atesd.engine.lab import TINY_MODEL_DIR, lab_dataset
 from atesd.engine.lab.prompts import expose_reference, teacher_messages
+from atesd.engine.lab.recipe import TASK
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def evaluate_lab(
+    model,
+    tokenizer,
+    problems: Sequence[dict],
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 32,
+    seed: int = 0,
+    keep_results: bool = False,
+    messages_fn: Callable[[dict], list[dict]] | None = None,
+) -> dict:
+    """Lab-task accuracy (:func:`evaluate_task` with the ``lab`` task): ``{"accuracy", "per_level", "n",
+    "n_samples", "pass@k"}``. ``temperature=0`` is greedy; accuracy is Average@n over ``n_samples`` samples
+    otherwise. ``messages_fn`` as in :func:`evaluate_problems` (default: the lab's student prompt)."""
+    return evaluate_task(
+        model, tokenizer, problems, TASK, n_samples=n_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+        keep_results=keep_results, messages_fn=messages_fn,
+    )
 
 
 def breakdown(problems: list[dict], result: dict) -> dict[str, float]:

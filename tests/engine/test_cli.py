@@ -10,8 +10,9 @@ import pytest
 import yaml
 from engine_tiny import write_dataset
 
-from atesd.engine.config import Config, parse
+from atesd.engine.config import Config
 from atesd.engine.errors import UsageError
+from atesd.engine.invocation import parse
 from atesd.engine.models import ModelLoadError, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,7 +121,7 @@ TRAIN_IN_PROCESS = [
     (["--lr", "nan"], "--lr: expected a number, got 'nan'"),
     (["--learning_rate", "-1"], "--learning_rate: must be > 0"),
     (["--seed", "-1"], "--seed: must be >= 0"),
-    (["--lab-levels", "1,9"], "--lab-levels: must name levels among 1,2,3,4"),
+    (["--task-option", "levels=1,9"], "--task-option levels: must name levels among 1,2,3,4"),
     (["--model", "{T}/a-file"], "is a file"),
     (["--device", "tpu"], "--device 'tpu': not a device"),
     (["--data", "{T}/missing.jsonl"], "--data '{T}/missing.jsonl': no such file"),
@@ -270,12 +271,12 @@ def test_yaml_is_read_by_field_type(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "lr: 1e-3\nclip: .inf\nsteps: 1e2\nbatch_size: 4.0\nteacher_thinking: yes\nprogress: off\n"
-        "eval_benchmarks: [lab]\nlab_levels: [1, 3]\nexposure-mode: lines\nlearning_rate: 2e-3\n"
+        "eval_benchmarks: [lab]\ntask_options: {levels: [1, 3]}\nexposure-mode: lines\nlearning_rate: 2e-3\n"
     )
     cfg, _ = parse(["--config", str(path)])
     assert cfg.lr == 2e-3 and isinstance(cfg.lr, float) and cfg.clip == float("inf") and cfg.steps == 100
     assert cfg.batch_size == 4 and isinstance(cfg.batch_size, int) and cfg.teacher_thinking and not cfg.progress
-    assert cfg.eval_benchmarks == "lab" and cfg.lab_levels == "1,3" and cfg.exposure_mode == "lines"
+    assert cfg.eval_benchmarks == "lab" and cfg.task_options["levels"] == "1,3" and cfg.exposure_mode == "lines"
     assert parse(["--config", str(path), "--lr", "5e-4"])[0].lr == 5e-4  # flags override the file
 
 

@@ -19,7 +19,7 @@ from engine_tiny import write_dataset
 from safetensors.torch import load_file
 
 from atesd.engine import checkpoint
-from atesd.engine.config import parse
+from atesd.engine.invocation import parse
 from atesd.engine.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))

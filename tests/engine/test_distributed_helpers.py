@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from engine_tiny import build_model, build_tokenizer
 
 from atesd.engine import distributed
-from atesd.engine.evaluate import evaluate_problems
+from atesd.engine.evaluation import evaluate_problems
 
 PROBLEMS = [{"problem": f"({a}+{a + 1})*2?", "answer": str(4 * a + 2), "level": 1 + a % 2} for a in range(7)]
 

@@ -5,7 +5,8 @@ import inspect
 import json
 
 import atesd.engine.evaluate as evaluate_mod
-from atesd.engine.config import parse
+import atesd.engine.evaluation as evaluation_mod
+from atesd.engine.invocation import parse
 from atesd.engine.task import PAPER_EVAL, get_task
 
 PAPER = dict(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38912, n_samples=12, thinking=True)
@@ -13,7 +14,7 @@ PAPER = dict(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38912, n_sampl
 
 def test_paper_protocol_constants_and_api_defaults():
     assert vars(PAPER_EVAL) == PAPER and get_task("math").eval == PAPER_EVAL
-    defaults = {k: p.default for k, p in inspect.signature(evaluate_mod.evaluate_problems).parameters.items()}
+    defaults = {k: p.default for k, p in inspect.signature(evaluation_mod.evaluate_problems).parameters.items()}
     assert {k: defaults[k] for k in PAPER} == PAPER
     lab = get_task("lab").eval
     assert (lab.temperature, lab.n_samples, lab.max_new_tokens) == (0.0, 1, 128)  # greedy for the lab
@@ -31,7 +32,7 @@ def test_cli_defaults_are_the_papers_and_greedy_is_a_flag(tiny_model_dir, tmp_pa
         return {"accuracy": 0.5, "pass@k": {1: 0.5}, "per_level": {}, "n": len(problems),
                 "n_samples": kw["n_samples"], "results": []}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_problems", fake)
+    monkeypatch.setattr(evaluation_mod, "evaluate_problems", fake)
     base = ["--model", tiny_model_dir, "--data", str(data), "--workers", "1", "--out", str(tmp_path / "o")]
     summary = evaluate_mod.main(base)
     assert {k: seen[0][k] for k in PAPER} == PAPER

@@ -10,7 +10,7 @@ import sys
 from engine_tiny import write_dataset
 from test_distributed import REPO, WORKER, _args, _state, assert_same_run
 
-from atesd.engine.config import parse
+from atesd.engine.invocation import parse
 from atesd.engine.train import train
 
 STEPS = ("--steps", "2")  # a checkpoint (step 2), evaluations before and after, the controller's pending decision

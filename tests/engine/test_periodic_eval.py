@@ -6,8 +6,8 @@ import os
 import pytest
 from engine_tiny import write_dataset
 
-import atesd.engine.evaluate as evaluate_mod
-from atesd.engine.config import parse
+import atesd.engine.evaluation as evaluation_mod
+from atesd.engine.invocation import parse
 from atesd.engine.train import train
 
 TIMING = ("tokens_per_s", "step_time_s")
@@ -16,7 +16,7 @@ SCRIPT = [0.25, 0.5, 0.75, 0.75]  # steps 0, 2, 4, 6: best is step 4 (tied with 
 
 def _args(model_dir, out, *extra):
     return [
-        "--model", model_dir, "--data", "lab", "--lab-size", "40", "--output-dir", str(out),
+        "--model", model_dir, "--data", "lab", "--task-option", "size=40", "--output-dir", str(out),
         "--exposure", "fixed:0.5", "--steps", "6", "--batch-size", "2", "--max-new-tokens", "8",
         "--eval-problems", "4", "--eval-every", "2", "--save-every", "3", "--probe-every", "0",
         "--no-progress", *extra,
@@ -32,7 +32,7 @@ def _scripted(monkeypatch, values):
         acc = next(it)
         return {"accuracy": acc, "per_level": {1: acc}, "n": len(problems), "n_samples": 1, "pass@k": {1: acc}}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_task", fake)
+    monkeypatch.setattr(evaluation_mod, "evaluate_task", fake)
     return calls
 
 
@@ -89,7 +89,7 @@ def test_math_benchmark_dispatch(tiny_model_dir, tmp_path, monkeypatch):
         seen.append((len(problems), kw))
         return {"accuracy": 0.2 * len(seen), "per_level": {}, "n": len(problems), "n_samples": 1, "results": []}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_problems", fake)
+    monkeypatch.setattr(evaluation_mod, "evaluate_problems", fake)
     args = [
         "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "run"), "--steps", "2",
         "--batch-size", "2", "--max-new-tokens", "8", "--probe-every", "0", "--no-progress",

@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from atesd.engine.config import parse
 from atesd.engine.exposure import make_example
+from atesd.engine.invocation import parse
 from atesd.engine.task import (
     MATH,
     OPSD_INSTRUCTION,

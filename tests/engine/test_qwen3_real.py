@@ -121,7 +121,8 @@ def test_prompts_tool_prints_what_the_engine_feeds(qwen3_model_dir, tmp_path, ca
 def test_train_math_and_evaluate_end_to_end(qwen3_model_dir, tmp_path, monkeypatch):
     """engine.train --task math and engine.evaluate on the real vocabulary (151936) and tokenizer."""
     from atesd.engine import evaluate as evaluate_mod
-    from atesd.engine.config import parse
+    from atesd.engine import evaluation as evaluation_mod
+    from atesd.engine.invocation import parse
     from atesd.engine.train import train
 
     data, bench = tmp_path / "train.jsonl", tmp_path / "bench.jsonl"
@@ -130,13 +131,13 @@ def test_train_math_and_evaluate_end_to_end(qwen3_model_dir, tmp_path, monkeypat
     bench.write_text("".join(json.dumps({"problem": f"What is {a} * 3?", "answer": str(3 * a)}) + "\n"
                              for a in range(3)))
     seen = []
-    real = evaluate_mod.generate_completions
+    real = evaluation_mod.generate_completions
 
     def spy(model, tokenizer, prompts, **kw):
         seen.extend(prompts)
         return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(evaluate_mod, "generate_completions", spy)
+    monkeypatch.setattr(evaluation_mod, "generate_completions", spy)
     run = tmp_path / "run"
     cfg, resume = parse([
         "--model", qwen3_model_dir, "--data", str(data), "--task", "math", "--steps", "2", "--batch-size", "2",

@@ -16,11 +16,13 @@ import pytest
 from engine_tiny import write_dataset
 
 import atesd.engine.evaluate as evaluate_mod
+import atesd.engine.evaluation as evaluation_mod
 import atesd.engine.train as train_mod
+import atesd.engine.trainer as trainer_mod
 from atesd.engine import checkpoint
-from atesd.engine.config import parse, parse_invocation
 from atesd.engine.data import read_records
 from atesd.engine.errors import DataError, UsageError
+from atesd.engine.invocation import parse, parse_invocation
 from atesd.engine.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,9 +108,9 @@ def test_resume_never_compares_two_evaluation_sets(tiny_model_dir, tmp_path, mon
     def fake_eval(model, tokenizer, problems, task, **kw):
         return {"accuracy": 0.5, "per_level": {}, "n": len(problems), "n_samples": 1, "pass@k": {1: 0.5}}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_task", fake_eval)
+    monkeypatch.setattr(evaluation_mod, "evaluate_task", fake_eval)
     args = [
-        "--model", tiny_model_dir, "--data", "lab", "--lab-size", "20", "--eval-problems", "4", "--steps", "3",
+        "--model", tiny_model_dir, "--data", "lab", "--task-option", "size=20", "--eval-problems", "4", "--steps", "3",
         "--batch-size", "2", "--max-new-tokens", "8", "--save-every", "1", "--probe-every", "0", "--no-progress",
         "--output-dir", str(tmp_path / "run"), "--stop-after", "1",
     ]  # fmt: skip
@@ -151,6 +153,7 @@ def test_nothing_written_outside_the_run_directory(tiny_model_dir, data, tmp_pat
 # ---------------------------------------------------------------------------------------------- item 3
 KILL_DURING_WRITE = """
 import builtins, os, signal, sys
+import atesd.engine.run as r
 import atesd.engine.train as t
 
 class KillMidWrite:
@@ -173,7 +176,7 @@ def patched_open(path, mode="r", *a, **kw):
     fh = builtins.open(path, mode, *a, **kw)
     return KillMidWrite(fh) if str(path).endswith("metrics.jsonl") and "a" in mode else fh
 
-t.open = patched_open
+r.open = patched_open
 t.main(sys.argv[1:])
 """
 
@@ -254,7 +257,7 @@ def test_file_without_a_usable_row_fails_before_the_model_loads(tiny_model_dir, 
     def no_model(*a, **kw):
         raise AssertionError("the model loaded before the data was checked")
 
-    monkeypatch.setattr(train_mod, "load_model", no_model)
+    monkeypatch.setattr(trainer_mod, "load_model", no_model)
     for path, match in ((junk, "no usable row"), (write_dataset(tmp_path / "nobox.jsonl", n=0), "no usable training")):
         run = tmp_path / f"run-{os.path.basename(str(path))}"
         with pytest.raises(DataError, match=match):
@@ -310,7 +313,7 @@ def test_ctrl_c_checkpoints_and_says_where(tiny_model_dir, data, tmp_path):
 
 # --------------------------------------------------------------------------------- issue 17: checkpoints
 def test_checkpoint_is_portable_and_evaluates_elsewhere(tmp_path, monkeypatch):
-    run = train(*parse(["--model", "tiny", "--data", "lab", "--lab-size", "16", "--steps", "1", "--batch-size",
+    run = train(*parse(["--model", "tiny", "--data", "lab", "--task-option", "size=16", "--steps", "1", "--batch-size",
                         "2", "--eval-problems", "0", "--max-new-tokens", "8", "--probe-every", "0",
                         "--no-progress", "--output-dir", str(tmp_path / "run")]))  # fmt: skip
     ckpt = os.path.join(run, "checkpoints", "step-000001")

@@ -179,7 +179,8 @@ def test_cli_audits_a_sweep_with_its_own_or_given_settings(tmp_path, capsys):
     for a in gains:
         fixed_run(tmp_path / f"fixed_{a:g}-seed0", 40, alpha=a, rate=rate[a])
     rows = [{"alpha": a, "exposure": f"fixed:{a:g}", "seeds": [0], "gain": g} for a, g in gains.items()]
-    (tmp_path / "results.json").write_text(json.dumps({"fixed_exposure": rows}))
+    runs = {f"fixed:{a:g}/seed0": {"run_dir": f"elsewhere/fixed_{a:g}-seed0"} for a in gains}  # as engine.sweep writes
+    (tmp_path / "results.json").write_text(json.dumps({"fixed_exposure": rows, "runs": runs}))
     own = main([str(tmp_path)])
     assert "| accuracy | " in capsys.readouterr().out and own["accuracy"]["decisions"] == 2 * 9
     delta = main([str(tmp_path), "--set", "estimator=delta", "--set", "hold=8"])

@@ -3,7 +3,8 @@
 import torch
 from engine_tiny import build_model
 
-from atesd.engine.rollout import filter_logits, sample
+from atesd.engine.hf_rollout import sample
+from atesd.engine.sampling import filter_logits
 
 
 def test_shared_prefill_matches_separate(tiny_tokenizer):

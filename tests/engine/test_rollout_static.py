@@ -1,4 +1,4 @@
-"""The static-cache rollout loop (engine/decode.py) against the reference HF loop (engine/rollout.py: sample).
+"""The static-cache rollout loop (engine/decode.py) against the reference HF loop (engine/hf_rollout.py: sample).
 
 Greedy: token-identical on random Qwen3s (GQA, MQA, attention bias) and the shipped tiny model, with LoRA merged
 or not, rows finishing early (compaction) and any host-check cadence. Sampling: the same seeds give the same
@@ -20,11 +20,12 @@ import torch
 from engine_tiny import build_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from atesd.engine import decode
-from atesd.engine.decode import StaticRollout, next_token
+from atesd.engine import decode, sampling
+from atesd.engine.decode import StaticRollout
+from atesd.engine.hf_rollout import HFRollout, sample
 from atesd.engine.models import add_lora
-from atesd.engine.rollout import HFRollout, build_rollout, filter_logits, sample
-from atesd.engine.sampling import inverse_cdf, problem_seeds
+from atesd.engine.rollout import build_rollout
+from atesd.engine.sampling import filter_logits, inverse_cdf, next_token, problem_seeds
 
 
 def lora_model(base, r: int = 8, seed: int = 0, scale: float = 0.3):
@@ -381,15 +382,15 @@ def test_top_k_draw_is_the_reference_filter(vocab, scale):
         logits = torch.randn(1024, vocab, generator=g) * scale
         u = torch.rand(1024, generator=g, dtype=torch.float64)
         want = inverse_cdf(filter_logits(logits / 1.1, k, top_p).softmax(-1), u)
-        assert torch.equal(decode.top_k_draw(logits / 1.1, u, k, top_p), want), (k, top_p)
+        assert torch.equal(sampling.top_k_draw(logits / 1.1, u, k, top_p), want), (k, top_p)
     tied = torch.full((512, vocab), -5.0)
     tied[:, [7, 3, 30, 11, 2]] = torch.tensor([4.0, 2.0, 2.0, 2.0, 1.0])  # k=2: tokens 3, 30, 11 tie for second
     u = torch.linspace(0, 1, 513, dtype=torch.float64)[:-1]
     for k, top_p in ((2, 1.0), (2, 0.95), (4, 0.5), (3, 0.9)):
         want = inverse_cdf(filter_logits(tied, k, top_p).softmax(-1), u)
-        got = decode.top_k_draw(tied, u, k, top_p)
+        got = sampling.top_k_draw(tied, u, k, top_p)
         assert torch.equal(got, want), (k, top_p)
-    assert set(decode.top_k_draw(tied, u, 2, 1.0).tolist()) == {7, 3, 30, 11}
+    assert set(sampling.top_k_draw(tied, u, 2, 1.0).tolist()) == {7, 3, 30, 11}
 
 
 def test_sampler_is_the_reference_loops_draw():
@@ -494,8 +495,8 @@ def test_rollout_flag_validated_recorded_and_changeable_on_resume(tiny_model_dir
     import yaml
     from engine_tiny import write_dataset
 
-    from atesd.engine.config import parse, parse_invocation
     from atesd.engine.errors import UsageError
+    from atesd.engine.invocation import parse, parse_invocation
     from atesd.engine.train import train
 
     with pytest.raises(UsageError, match=r"^--rollout: 'vllm' is not one of auto, hf, static, compiled$"):

@@ -4,8 +4,8 @@ and a row's draws do not depend on the other rows of its batch."""
 import torch
 from engine_tiny import build_model
 
-from atesd.engine.rollout import filter_logits, sample
-from atesd.engine.sampling import inverse_cdf, problem_seeds, row_uniforms
+from atesd.engine.hf_rollout import sample
+from atesd.engine.sampling import filter_logits, inverse_cdf, problem_seeds, row_uniforms
 
 LOGITS = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.0, -0.2, -1.0, -3.0, 0.9, 1.1, -0.5, 0.1])
 

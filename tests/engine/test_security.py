@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 import atesd.engine.evaluate as evaluate_mod
 import atesd.engine.train as train_mod
 from atesd.engine import checkpoint
-from atesd.engine.config import parse
 from atesd.engine.errors import UsageError
+from atesd.engine.invocation import parse
 from atesd.engine.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import atesd.engine.sweep as sweep
+import atesd.engine.sweep_report as report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -17,7 +18,7 @@ def _argv(out, model_dir, *extra, alphas="0,1"):
     return [
         "--out", str(out), "--alphas", alphas, "--seeds", "0", "--methods", "full,adaptive", "--steps", "2",
         "--batch-size", "2", "--eval-problems", "4", "--threads", "1", "--jobs", "1", *extra,
-        "--", "--model", model_dir, "--data", "lab", "--lab-size", "40", "--max-new-tokens", "8",
+        "--", "--model", model_dir, "--data", "lab", "--task-option", "size=40", "--max-new-tokens", "8",
         "--eval-max-new-tokens", "8", "--probe-every", "0",
     ]  # fmt: skip
 
@@ -111,7 +112,7 @@ def test_audit_measures_every_signal_in_the_fixed_runs_only(tiny_model_dir, tmp_
     out = tmp_path / "audit"
     argv = ["--out", str(out), "--alphas", "0.5,1", "--seeds", "0", "--methods", "full,random", "--steps", "6",
             "--batch-size", "2", "--eval-problems", "4", "--threads", "1", "--jobs", "1", "--audit", "--",
-            "--model", tiny_model_dir, "--data", "lab", "--lab-size", "40", "--max-new-tokens", "8",
+            "--model", tiny_model_dir, "--data", "lab", "--task-option", "size=40", "--max-new-tokens", "8",
             "--eval-max-new-tokens", "8", "--probe-accuracy-size", "4", "--eval-benchmarks", "lab-val"]  # fmt: skip
     res = sweep.main(argv)
     assert sorted(d for d in os.listdir(out) if "-seed" in d) == ["fixed_0.5-seed0", "fixed_1-seed0", "random-seed0"]
@@ -139,40 +140,40 @@ def test_audit_measures_every_signal_in_the_fixed_runs_only(tiny_model_dir, tmp_
 
 
 def test_intervals_and_paired_tests():
-    assert sweep.t975(1) == 12.706 and sweep.t975(4) == 2.776 and sweep.t975(100) == 1.96
-    m, ci = sweep.mean_ci([1.0, 2.0, 3.0, None])
+    assert report.t975(1) == 12.706 and report.t975(4) == 2.776 and report.t975(100) == 1.96
+    m, ci = report.mean_ci([1.0, 2.0, 3.0, None])
     assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / 3**0.5)
-    assert sweep.mean_ci([0.5]) == (0.5, None) and sweep.mean_ci([None]) == (None, None)
-    p = sweep.paired({"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.9}, {"0": 0.4, "1": 0.4, "2": 0.6})  # "3": unpaired
+    assert report.mean_ci([0.5]) == (0.5, None) and report.mean_ci([None]) == (None, None)
+    p = report.paired({"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.9}, {"0": 0.4, "1": 0.4, "2": 0.6})  # "3": unpaired
     assert p["n"] == 3 and p["seeds"] == ["0", "1", "2"] and p["diffs"] == pytest.approx([0.1, 0.2, 0.1])
     d = [0.1, 0.2, 0.1]
     sd = (sum((x - sum(d) / 3) ** 2 for x in d) / 2) ** 0.5
     assert p["mean"] == pytest.approx(sum(d) / 3) and p["t"] == pytest.approx((sum(d) / 3) / (sd / 3**0.5))
-    assert sweep.paired({"0": 1.0, "1": 2.0}, {"0": 0.0, "1": 1.0})["t"] == float("inf")
-    assert sweep.paired({"0": 1.0, "1": 2.0}, {"0": 1.0, "1": 2.0})["t"] == 0.0
+    assert report.paired({"0": 1.0, "1": 2.0}, {"0": 0.0, "1": 1.0})["t"] == float("inf")
+    assert report.paired({"0": 1.0, "1": 2.0}, {"0": 1.0, "1": 2.0})["t"] == 0.0
 
     fixed = []
     for a, kl, acc in ((0.0, [0.1, 0.1, 0.2], [0.5, 0.5, 0.6]), (0.5, [0.2, 0.3, 0.3], [0.7, 0.8, 0.7]),
                        (1.0, [0.4, 0.5, 0.4], [0.4, 0.5, 0.5])):  # fmt: skip
-        r = {"alpha": a, **sweep._aggregate([
+        r = {"alpha": a, **report.aggregate([
             {"seed": s, "kl_mean": k, "top1_disagree_mean": k / 2, "accuracy_after": x}
             for s, (k, x) in enumerate(zip(kl, acc))])}  # fmt: skip
         fixed.append(r)
-    methods = [{"method": m, **sweep._aggregate([{"seed": s, "accuracy_after": x} for s, x in enumerate(acc)])}
+    methods = [{"method": m, **report.aggregate([{"seed": s, "accuracy_after": x} for s, x in enumerate(acc)])}
                for m, acc in (("adaptive", [0.8, 0.8, 0.7]), ("full", [0.4, 0.5, 0.5]))]  # fmt: skip
-    comp = sweep.comparisons(fixed, methods)
+    comp = report.comparisons(fixed, methods)
     assert [round(r["kl_mean"]["mean"], 6) for r in comp["monotone"]] == [0.133333, 0.166667]
     assert [r["alpha"] for r in comp["interior_vs_full"]] == [0.5]
     assert comp["interior_vs_full"][0]["mean"] == pytest.approx(0.8 / 3)
     assert [r["b"] for r in comp["methods"]] == ["full", "best fixed (alpha=0.5)"]
     assert comp["methods"][1]["diffs"] == pytest.approx([0.1, 0.0, 0.0])
-    md = sweep.tables(fixed, methods, "header", comp)
+    md = report.tables(fixed, methods, "header", comp)
     assert "| 0.5 | +0.267 ± " in md and "| adaptive - full | +0.300 ± " in md
 
 
 def test_canonical_and_cli_errors(tmp_path):
-    assert sweep.canonical("full") == sweep.canonical("fixed:1.0") == "fixed:1"
-    assert sweep.canonical("Fixed:0.50") == "fixed:0.5" and sweep.canonical("adaptive") == "adaptive"
+    assert report.canonical("full") == report.canonical("fixed:1.0") == "fixed:1"
+    assert report.canonical("Fixed:0.50") == "fixed:0.5" and report.canonical("adaptive") == "adaptive"
     with pytest.raises(SystemExit, match="--methods"):
         sweep.main(["--out", str(tmp_path / "a"), "--methods", "bogus"])
     with pytest.raises(SystemExit, match="sets --exposure"):

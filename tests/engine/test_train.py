@@ -9,8 +9,9 @@ import yaml
 from engine_tiny import write_dataset
 
 import atesd.engine.train as train_mod
+import atesd.engine.trainer as trainer_mod
 from atesd.engine import checkpoint
-from atesd.engine.config import parse
+from atesd.engine.invocation import parse
 from atesd.engine.train import train
 
 TIMING = ("tokens_per_s", "step_time_s")
@@ -87,7 +88,7 @@ def test_train_checkpoint_and_exact_resume(tiny_model_dir, data, tmp_path):
 
 
 def test_nonfinite_loss_skips_step(tiny_model_dir, data, tmp_path, monkeypatch):
-    real = train_mod.distillation_loss
+    real = trainer_mod.distillation_loss
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -97,7 +98,7 @@ def test_nonfinite_loss_skips_step(tiny_model_dir, data, tmp_path, monkeypatch):
             (loss * float("nan"), stats) if calls["n"] in (3, 4) else (loss, stats)
         )  # both micro-batches of step 2
 
-    monkeypatch.setattr(train_mod, "distillation_loss", flaky)
+    monkeypatch.setattr(trainer_mod, "distillation_loss", flaky)
     cfg, _ = parse(_args(tiny_model_dir, data, tmp_path / "nan", "--steps", "3", "--probe-every", "0"))
     trainer = train_mod.Trainer(cfg, str(tmp_path / "nan"))
     trainer.step()
@@ -147,7 +148,7 @@ def test_controller_wiring(tiny_model_dir, data, tmp_path, monkeypatch):
     policy = Recorder()
     policy.uses_credit = True  # the engine computes the teacher-grounded credit only for a policy using it
     built = {}
-    monkeypatch.setattr(train_mod.controller, "build", lambda spec, **kw: built.update(kw) or policy)
+    monkeypatch.setattr(trainer_mod.controller, "build", lambda spec, **kw: built.update(kw) or policy)
     train(*parse(_args(tiny_model_dir, data, tmp_path / "ctl", "--steps", "4", "--probe-every", "2")))
     assert policy.calls[::2] == ["exposure"] * 4 and policy.finished
     observed = policy.calls[1::2]

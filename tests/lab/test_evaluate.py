@@ -4,9 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from atesd.engine.evaluate import evaluate_lab, evaluate_problems, load_jsonl, main
+from atesd.engine.benchmarks import load_jsonl
+from atesd.engine.evaluate import main
+from atesd.engine.evaluation import evaluate_problems
 from atesd.engine.lab import TINY_MODEL_DIR, lab_dataset
 from atesd.engine.lab.prompts import student_messages, teacher_messages
+from atesd.engine.lab.report import evaluate_lab
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_sampling_is_seeded_and_keeps_global_rng(tiny):
 
 def test_static_decoder_gives_the_same_greedy_completions(tiny, caplog):
     from atesd.engine.decode import StaticRollout
-    from atesd.engine.evaluate import evaluate_task
+    from atesd.engine.evaluation import evaluate_task
 
     model, tok = tiny
     probs = lab_dataset("test", 24, levels=(1, 2))

@@ -2,9 +2,9 @@
 
 from transformers import AutoTokenizer
 
-from atesd.engine.config import parse
 from atesd.engine.data import load_rows
 from atesd.engine.exposure import make_example
+from atesd.engine.invocation import parse
 from atesd.engine.lab import TINY_MODEL_DIR, lab_dataset
 from atesd.engine.lab.prompts import DEFAULT_INSTRUCTION, expose_reference, student_messages, teacher_messages
 from atesd.engine.models import resolve_model_path
@@ -16,7 +16,7 @@ def test_lab_task_is_reached_by_name_only():
     assert task.name == "lab" and task.verify("so \\boxed{7}", "7") and not task.verify("\\boxed{8}", "7")
     assert task.models == {"tiny": TINY_MODEL_DIR} and resolve_model_path("tiny") == TINY_MODEL_DIR
     assert task.dataset("test", 6, 0, levels=(1, 2)) == lab_dataset("test", 6, 0, levels=(1, 2))
-    rows = load_rows("lab", lab_size=5, lab_levels=(2,), seed=3)
+    rows = load_rows("lab", task_options={"size": 5, "levels": "2"}, seed=3)
     assert [r["problem"] for r in rows] == [r["problem"] for r in lab_dataset("train", 5, 3, levels=(2,))]
 
 

@@ -194,7 +194,11 @@ def read_yaml(path: str, legacy: bool = False) -> dict[str, tuple[Any, str]]:
     ``legacy``: the keys of :data:`LEGACY_TASK_OPTIONS` are read into ``task_options`` (a run's old config.yaml)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # safe: SafeLoader's constructors only
+            loader = _UniqueKeyLoader(fh)  # yaml.safe_load, refusing duplicate keys
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise UsageError(f"config file {path!r} does not exist") from None
     except IsADirectoryError:

@@ -26,8 +26,6 @@ import sys
 import tempfile
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "default (torch's threads, spinning waits)": ({"OMP_WAIT_POLICY": ""}, ["--threads", str(os.cpu_count() or 2)]),

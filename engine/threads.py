@@ -17,8 +17,10 @@ command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 
 def passive_wait() -> None:
@@ -67,6 +69,21 @@ def configure(requested: int | None = None, processes: int = 1) -> int:
         n, _reason = max(1, n // processes), f"{_reason}, shared by {processes} processes"
     torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def configured(requested: int | None = None, processes: int = 1) -> Iterator[int]:
+    """:func:`configure` for the length of one command; the caller's thread count comes back after, so a command
+    run in-process (a test, a sweep job) leaves the process's numerics as it found them."""
+    import torch
+
+    global _reason
+    saved, saved_reason = torch.get_num_threads(), _reason
+    try:
+        yield configure(requested, processes)
+    finally:
+        torch.set_num_threads(saved)
+        _reason = saved_reason
 
 
 def describe() -> str:

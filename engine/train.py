@@ -6,6 +6,7 @@ trainer's steps (``engine/trainer.py: Trainer``), every error one line with its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, handlers=[terminal])  # (a no-op when logging is set up already)
     try:
         inv = parse_invocation(argv)
-        if distributed.device_of(inv.config.device).type == "cpu":
-            threads.configure(inv.config.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        run_dir = train(inv.config, inv.resume)
+        on_cpu = distributed.device_of(inv.config.device).type == "cpu"
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        with threads.configured(inv.config.threads, local_ranks) if on_cpu else contextlib.nullcontext():
+            run_dir = train(inv.config, inv.resume)
     except UsageError as e:
         if debug:
             raise

@@ -2,13 +2,24 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny tensors: intra-op threads only add hand-offs (and thrash on a loaded 2-core box). Restored after."""
+    """Tiny tensors: intra-op threads only add hand-offs (and thrash on a loaded 2-core box). Module-wide, so a
+    module's own fixtures (a reference run compared bit for bit with each test's) run on it too; restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """Every test leaves torch's thread count as it found it: the exact-resume tests compare runs bit for bit, and
+    a reduction split over another thread count rounds differently."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 _CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", ".benchmarks", ".venv", "build")

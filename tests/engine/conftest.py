@@ -5,7 +5,7 @@ from engine_tiny import build_model, build_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread):
     """Tiny matrices: every engine test runs on one torch thread (tests/conftest.py)."""
 

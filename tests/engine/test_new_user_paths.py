@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from engine_tiny import write_dataset
 
 from atesd.engine import checkpoint, threads
@@ -114,7 +115,9 @@ def test_small_mistakes_are_one_line(tiny_model_dir, tmp_path, capsys):
 def test_stop_after_says_how_to_continue(tiny_model_dir, tmp_path, capsys):
     data = write_dataset(tmp_path / "d.jsonl", n=4)
     run = tmp_path / "run"
-    train_main(_args(tiny_model_dir, data, run, "--steps", "3", "--stop-after", "1"))
+    torch.set_num_threads(1)
+    train_main(_args(tiny_model_dir, data, run, "--steps", "3", "--stop-after", "1", "--threads", "2"))
+    assert torch.get_num_threads() == 1  # the command's choice ends with it: in-process callers keep theirs
     out = capsys.readouterr().out
     assert "stopped before the last step" in out and f"--resume {run}" in out
-    assert "CPU threads:" in (run / "run.log").read_text()  # the choice and its reason
+    assert "CPU threads: 2 (--threads)" in (run / "run.log").read_text()  # the choice and its reason

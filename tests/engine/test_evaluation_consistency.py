@@ -287,3 +287,13 @@ def test_every_evaluate_flag_has_help(capsys):
                  "--chat-template", "--task-option", "--lab-n"):
         assert flag in text
     assert "completions generated together" in text and "seed of a task's held-out problems and of sampling" in text
+
+
+def test_engine_prompts_shows_the_chosen_chat_template(bare_model_dir, files, capsys):
+    from atesd.engine import prompts
+
+    assert prompts.main(["--model", bare_model_dir, "--data", files["train"], "--limit", "1", "--chat-template",
+                         files["template"]]) == 1
+    assert json.loads(capsys.readouterr().out)["student_text"].startswith("<<user>>Problem: ")
+    prompts.main(["--model", bare_model_dir, "--data", files["train"], "--limit", "1"])  # the plain template
+    assert json.loads(capsys.readouterr().out)["student_text"].startswith("user: Problem: ")

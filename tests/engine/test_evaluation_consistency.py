@@ -297,3 +297,18 @@ def test_engine_prompts_shows_the_chosen_chat_template(bare_model_dir, files, ca
     assert json.loads(capsys.readouterr().out)["student_text"].startswith("<<user>>Problem: ")
     prompts.main(["--model", bare_model_dir, "--data", files["train"], "--limit", "1"])  # the plain template
     assert json.loads(capsys.readouterr().out)["student_text"].startswith("user: Problem: ")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--task-option", "levels=9"], "--task-option levels: must name levels among 1,2,3,4, got '9'"),
+    (["--task-option", "lvls=1"], "--task-option lvls: no evaluated task (math, lab) declares it"),
+    (["--task-option", "levels"], "--task-option 'levels': expected KEY=VALUE"),
+    (["--tokenizer", "adapter"], "--tokenizer adapter needs --adapter"),
+    (["--prompts", "{prompts}"], "--prompts applies to the sets of --task math"),
+])
+def test_bad_evaluate_flags_are_one_line_before_any_load(tmp_path, capsys, flags, message):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("evaluation: '{problem} ?'\n")
+    argv = ["--model", "tiny", "--benchmarks", "lab", *[f.replace("{prompts}", str(prompts)) for f in flags]]
+    code, err = _cli(evaluate_mod.main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: " + message), err

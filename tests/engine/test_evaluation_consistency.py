@@ -312,3 +312,19 @@ def test_bad_evaluate_flags_are_one_line_before_any_load(tmp_path, capsys, flags
     argv = ["--model", "tiny", "--benchmarks", "lab", *[f.replace("{prompts}", str(prompts)) for f in flags]]
     code, err = _cli(evaluate_mod.main, argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: " + message), err
+
+
+def test_a_task_module_named_by_the_runs_config_is_not_imported(bare_model_dir, files, tmp_path, monkeypatch, capsys):
+    run = train(*parse(_train_args(bare_model_dir, files, tmp_path / "run", "--eval-benchmarks", "")))
+    name = f"atesd_hostile_eval_task_{os.getpid()}"
+    imported = tmp_path / "module-imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(imported)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = os.path.join(run, "config.yaml")
+    text = open(config).read()
+    assert "task: math\n" in text
+    open(config, "w").write(text.replace("task: math\n", f"task: {name}:TASK\n"))
+    ckpt = os.path.join(run, "checkpoints", "step-000001")
+    code, err = _cli(evaluate_mod.main, ["--adapter", ckpt, "--data", files["bench"]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"if you trust it, give --task {name}:TASK" in err
+    assert not imported.exists() and not os.path.exists(os.path.join(run, "eval"))

@@ -434,7 +434,11 @@ def _main(argv: list[str]) -> dict:
     if args.adapter:  # read as data before anything else: safetensors weights, plain files inside it
         check_adapter(args.adapter)
     run_dir = run_of(args.adapter)
-    run = read_run_config(run_dir) if run_dir else None
+    try:
+        run = read_run_config(run_dir) if run_dir else None
+    except UsageError as e:
+        raise UsageError(f"{e} (the settings of the checkpoint's run; to evaluate it without them, copy the "
+                         "checkpoint out of the run)") from None
     taken = _settings(args, run, model_name)
 
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,12 +32,14 @@ from atesd.engine.task import task_options as resolve_task_options
 
 log = logging.getLogger("engine.evaluate")
 PROGRESS_DELAY_S = 3.0  # an evaluation's progress bar appears once it has run this long (short ones stay quiet)
-_NOTED: set[str] = set()  # messages logged once per process (the context cap at every periodic evaluation)
+_NOTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> messages already logged about it
 
 
-def _once(level: int, message: str) -> None:
-    if message not in _NOTED:
-        _NOTED.add(message)
+def _once(model, level: int, message: str) -> None:
+    """Log ``message`` once per model (a run's periodic evaluations say it at the first one only)."""
+    noted = _NOTED.setdefault(model, set())
+    if message not in noted:
+        noted.add(message)
         log.log(level, "%s", message)
 
 
@@ -241,8 +244,8 @@ def evaluate_problems(
 
 def fit_generation(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, context: int | None = None) -> int:
     """The generation cap that fits the model's context (``context``, default ``models.context_length``) after
-    the longest of ``prompts``: ``max_new_tokens`` when it fits, else the room left (logged once, with both
-    numbers). A prompt that leaves no room is a one-line ValueError."""
+    the longest of ``prompts``: ``max_new_tokens`` when it fits, else the room left (logged once per model, with
+    both numbers). A prompt that leaves no room is a one-line ValueError."""
     context = context if context is not None else models.context_length(model, tokenizer)
     if context is None or not prompts:
         return max_new_tokens
@@ -252,7 +255,7 @@ def fit_generation(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         raise ValueError(f"the longest evaluation prompt has {longest} tokens, which fills the model's context of "
                          f"{context} positions: nothing can be generated (shorten the prompt template)")
     if max_new_tokens > room:
-        _once(logging.WARNING, f"evaluation: the generation cap of {max_new_tokens} new tokens does not fit the "
+        _once(model, logging.WARNING, f"evaluation: the generation cap of {max_new_tokens} new tokens does not fit the "
               f"model's context of {context} positions after the longest prompt ({longest} tokens): capped to "
               f"{room} new tokens")
         return room

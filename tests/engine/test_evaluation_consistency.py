@@ -328,3 +328,10 @@ def test_a_task_module_named_by_the_runs_config_is_not_imported(bare_model_dir, 
     code, err = _cli(evaluate_mod.main, ["--adapter", ckpt, "--data", files["bench"]], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"if you trust it, give --task {name}:TASK" in err
     assert not imported.exists() and not os.path.exists(os.path.join(run, "eval"))
+
+
+def test_periodic_evaluation_is_capped_to_the_context_and_says_so_once(bare_model_dir, files, tmp_path):
+    run = train(*parse(_train_args(bare_model_dir, files, tmp_path / "run", "--eval-max-new-tokens", "5000")))
+    log_text = open(os.path.join(run, "run.log")).read()  # evaluated twice (steps 0 and 1), said once
+    said = "the generation cap of 5000 new tokens does not fit the model's context of 1024 positions"
+    assert log_text.count(said) == 1

@@ -5,3 +5,7 @@ its run ``run`` (run directory, metrics, evaluations, checkpoints, signals), its
 options are ``config`` (read by ``invocation``, declared as ``options`` says). docs/engine.md ("The house") draws
 every module, the layers their imports follow, and who calls whom during one step.
 """
+
+from atesd.engine.threads import passive_wait
+
+passive_wait()  # before torch loads: OpenMP threads that wait sleep instead of spinning (engine/threads.py)

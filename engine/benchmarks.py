@@ -62,8 +62,8 @@ def load_benchmark(name: str) -> list[dict]:
             continue
         return [{"problem": r[cols[pcol]], "answer": str(r[cols[acol]]), "source": ds_id} for r in ds]
     raise RuntimeError(
-        f"could not load benchmark {name!r} (tried {', '.join(ids)}; no network or cache?):\n  "
-        + "\n  ".join(errors)
+        f"could not load benchmark {name!r} (tried {', '.join(ids)}; no network or cache? give local .jsonl files "
+        "with problem/answer instead, or --eval-benchmarks '' to evaluate nothing):\n  " + "\n  ".join(errors)
     )
 
 

@@ -360,6 +360,18 @@ class Config:
         None, "evaluate only the first N problems of each math benchmark (default: all)", check=at_least(1)
     )
     progress: bool = option(True, "show a progress bar", on_resume="invocation")
+    threads: int | None = option(
+        None,
+        "torch threads on CPU (default: the free cores, max(1, round(cores - load average)); engine/threads.py)",
+        check=at_least(1),
+        on_resume="invocation",
+    )
+    force: bool = option(
+        False,
+        "with --resume of a checkpoint older than the run's newest: move the newer checkpoints and metrics aside "
+        "(into <run>/superseded-<time>/) and continue from it",
+        on_resume="invocation",
+    )
     stop_after: int | None = option(
         None,
         "stop after this step as if killed (tests resume); the schedule still spans --steps",

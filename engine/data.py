@@ -169,7 +169,14 @@ def load_rows(
             raw = _load_hub(datasets, source, split)
         except Exception as e:  # hub/network/format errors: name the dataset
             first = (str(e).strip().splitlines() or [""])[0]
-            raise DataError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {first}") from e
+            from atesd.engine.models import hub_unreachable
+
+            hint = (" (the hub cannot be reached from this machine and the dataset is not in the local cache: give a "
+                    "local .json/.jsonl/.parquet with --data, or download it where there is a network)"
+                    if hub_unreachable() else "")
+            raise DataError(
+                f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {first}{hint}"
+            ) from e
     return [
         {"problem": r.get(problem_column), "solution": r.get(solution_column), "answer": r.get(answer_column)}
         for r in raw

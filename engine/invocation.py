@@ -174,12 +174,31 @@ def _unknown(key: str, where: str) -> UsageError:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str, legacy: bool = False) -> dict[str, tuple[Any, str]]:
     """{field: (raw value, 'path: key')} of a YAML options file; every problem is a UsageError naming the file.
     ``legacy``: the keys of :data:`LEGACY_TASK_OPTIONS` are read into ``task_options`` (a run's old config.yaml)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            loader = _UniqueKeyLoader(fh)  # yaml.safe_load, refusing duplicate keys
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise UsageError(f"config file {path!r} does not exist") from None
     except IsADirectoryError:
@@ -235,6 +254,8 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
     given: dict[str, tuple[Any, str]] = {}
     if "config" in args:
         given.update(read_yaml(args.pop("config")[0]))
+        for name, (raw, where) in given.items():  # every YAML value is checked, even one a flag overrides
+            OPTIONS.check(name, OPTIONS.coerce(name, raw, where), where)
     resume = args.pop("resume", (None, None))[0]
     for name, (value, option) in args.items():
         if name == "task_options" and isinstance(given.get(name, (None,))[0], dict):  # flags override YAML per key

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,23 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
         return True
 
 
+def offline_problem(model: str) -> str | None:
+    """Why ``model`` cannot load here, known before anything else loads: a hub model (or a preset's) that is not
+    in the local cache while the hub is unreachable, with what to do instead. None otherwise (a local directory, a
+    cached or reachable hub model)."""
+    path = os.path.expanduser(resolve_model_path(model))
+    if os.path.isdir(path) or looks_like_path(path) or not hub_unreachable():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    named = f"{model!r} (hub id {path})" if path != model else repr(model)
+    return (f"model {named} is not in the local Hugging Face cache and the hub cannot be reached from this machine: "
+            f"download it where there is a network (`huggingface-cli download {path} --local-dir DIR`, or copy "
+            "the cache) and give --model DIR")
+
+
 def load_model(
     model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa", tokenizer=None
 ):
@@ -239,7 +257,10 @@ def add_lora(model, r: int, alpha: int, dropout: float = 0.0, targets=LORA_TARGE
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: its
+        # FutureWarning (peft's, not ours; the behaviour is right) printed on every run is noise
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def causal_lm(model):

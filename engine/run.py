@@ -26,12 +26,12 @@ import uuid
 
 import yaml
 
-from atesd.engine import checkpoint, distributed
+from atesd.engine import checkpoint, distributed, threads
 from atesd.engine.config import Config
 from atesd.engine.errors import RankLost, UsageError
 from atesd.engine.evaluator import Evaluator
 from atesd.engine.invocation import diff_run, locate_run, read_run_config
-from atesd.engine.models import recipe_name
+from atesd.engine.models import ModelLoadError, offline_problem, recipe_name
 from atesd.engine.trainer import Trainer, state_location
 
 log = logging.getLogger("engine")
@@ -189,17 +189,92 @@ def _train_in_group(cfg: Config, resume: str | None) -> str:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     changed: dict = {}
     named = None
+    before: set[str] | None = None  # a new run's directory entries before it starts (a failed start is undone)
+    fresh: str | None = None  # ... and the outermost directory its start creates (run_dir or an ancestor)
     if resume:
         run_dir, named = locate_run(resume, cfg.output_dir)
         checkpoint.check_run_dir(run_dir)  # before run.log is opened: a link out of the run is refused first
         conflicts, changed = diff_run(read_run_config(run_dir), cfg)
         if conflicts:
             raise UsageError(f"--resume {run_dir}: {', '.join(conflicts)} differ from the run's config.yaml")
+        newer = _newer_than(run_dir, named)
+        if newer and not cfg.force:
+            raise UsageError(
+                f"--resume {named}: the run has newer checkpoints ({', '.join(map(os.path.basename, newer))}) and "
+                f"their metrics; resuming here would overwrite them: resume the newest with --resume {run_dir}, "
+                "train from here into a new run with --output-dir (after copying the run), or add --force to move "
+                "the newer checkpoints and metrics aside (into the run's superseded-<time>/)"
+            )
+        if newer and distributed.is_main():
+            _set_aside(run_dir, newer)
+        distributed.barrier()
     else:
         run_dir = distributed.broadcast(_new_run_dir(cfg))  # rank 0's name: the ranks' clocks may straddle a second
-    os.makedirs(run_dir, exist_ok=True)
+        before = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
+        fresh = _outermost_missing(run_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {run_dir!r}: cannot create it: {e.strerror or e}") from None
     if not distributed.is_main():  # rank 0 keeps run.log; the others report warnings on stderr
         return _train(cfg, run_dir, bool(resume), named, changed)
+    try:
+        return _train_logged(cfg, run_dir, resume, named, changed)
+    except UsageError as e:
+        if before is not None and not getattr(e, "after_start", False):  # bad input: a new run leaves nothing
+            _undo_start(run_dir, before, fresh)
+        raise
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The outermost directory ``os.makedirs(path)`` would create (``runs/`` for a first run), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _undo_start(run_dir: str, before: set[str], fresh: str | None) -> None:
+    """Remove what a new run created before its start failed: the entries it added to an existing directory, or
+    every directory it created (``fresh``)."""
+    import shutil
+
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+        return
+    for entry in set(os.listdir(run_dir)) - before:
+        path = os.path.join(run_dir, entry)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def _newer_than(run_dir: str, named: str | None) -> list[str]:
+    """The run's checkpoints after the one ``--resume`` names (none when it names the run)."""
+    if named is None:
+        return []
+    all_ = checkpoint.checkpoints(run_dir)
+    key = os.path.basename(os.path.normpath(named))
+    return [c for c in all_ if os.path.basename(c) > key]
+
+
+def _set_aside(run_dir: str, newer: list[str]) -> str:
+    """Move the checkpoints after the resumed one, and copies of the run's metrics and summaries, into
+    ``run_dir/superseded-<time>/``: a fork keeps what it replaces."""
+    import shutil
+
+    aside = os.path.join(run_dir, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.join(aside, "checkpoints"))
+    for path in newer:
+        shutil.move(path, os.path.join(aside, "checkpoints", os.path.basename(path)))
+    for name in ("metrics.jsonl", "eval_summary.json", "summary.json"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copy2(os.path.join(run_dir, name), os.path.join(aside, name))
+    print(f"--force: moved {len(newer)} newer checkpoint(s) and copies of the metrics into {aside}", file=sys.stderr,
+          flush=True)
+    return aside
+
+
+def _train_logged(cfg: Config, run_dir: str, resume: str | None, named: str | None, changed: dict) -> str:
+    """Rank 0: :func:`_train` with run.log, every outcome recorded there."""
     handler = logging.FileHandler(os.path.join(run_dir, "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -260,7 +335,7 @@ def _truncate_metrics(path: str, step: int) -> None:
             ", ".join(map(str, unreadable)),
         )
     if later:
-        log.info("metrics.jsonl: dropped %d line(s) after step %d (written after the last checkpoint)", later, step)
+        log.info("metrics.jsonl: dropped %d line(s) after step %d, the checkpoint resumed from", later, step)
     _write_atomic(path, "".join(kept))
 
 
@@ -274,6 +349,8 @@ def _train(cfg: Config, run_dir: str, resume: bool, named: str | None, changed: 
     if main:
         _write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.run_dict(), sort_keys=False))
     log.info("this invocation: progress=%s stop_after=%s", cfg.progress, cfg.stop_after)
+    if distributed.device_of(cfg.device).type == "cpu":
+        log.info(threads.describe())
     preset = recipe_name(cfg.model)
     log.info("recipe: %s", f"{preset} (model {cfg.model})" if preset else "the generic defaults (no preset matches "
              f"{cfg.model!r}; the 1.7B/4B training settings, no benchmark evaluation unless asked)")
@@ -282,7 +359,11 @@ def _train(cfg: Config, run_dir: str, resume: bool, named: str | None, changed: 
 
         hf_logging.disable_progress_bar()
     reporters = Reporters(cfg, run_dir, enabled=main)  # before the model: a wandb problem shows in seconds
+    started = False
     try:
+        problem = offline_problem(cfg.model)  # before the data and benchmarks load: the model is the first thing
+        if problem:
+            raise ModelLoadError(problem)
         trainer = Trainer(cfg, run_dir)
         if resume:  # every rank verifies and reads the same newest intact checkpoint
             found = checkpoint.load_latest(run_dir, named, map_location=state_location())
@@ -295,6 +376,8 @@ def _train(cfg: Config, run_dir: str, resume: bool, named: str | None, changed: 
                     raise UsageError(f"--steps {cfg.steps} is below step {state['step']} of checkpoint {path}")
                 trainer.restore(adapter, state)
                 log.info("resumed from %s at step %d", path, trainer.step_no)
+                if main:
+                    print(f"resuming {run_dir} from step {trainer.step_no} ({path})", file=sys.stderr, flush=True)
                 if main and os.path.exists(metrics_path):  # drop lines written after the checkpoint
                     _truncate_metrics(metrics_path, trainer.step_no)
                 trainer.evaluator.write()  # drop evaluations the interrupted run made after its last checkpoint
@@ -315,9 +398,13 @@ def _train(cfg: Config, run_dir: str, resume: bool, named: str | None, changed: 
             dict(trainer.skipped),
             cfg.exposure,
         )
+        started = True
         _loop(trainer, cfg, metrics_path, reporters)
         if trainer.step_no >= cfg.steps:
             _finish(trainer, cfg, run_dir, reporters)
+    except UsageError as e:
+        e.after_start = started  # a failure before the first step of a new run removes the directory it made
+        raise
     finally:
         reporters.close()
     return run_dir

@@ -192,9 +192,11 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
         for r in fixed_rows:
             cells = " | ".join(fmt(r["accuracy_after_per_seed"].get(s)) for s in seeds)
             md.append(f"| {r['alpha']:g} | {cells} |")
-        before = [r["accuracy_before"] for r in fixed_rows if r["accuracy_before"] is not None]
-        if before:
-            md.append(f"\nAccuracy before training: {fmt(*mean_ci(before))} (mean over the runs).")
+        # one base model per seed (its evaluation set depends on the seed, not on alpha): the interval is over seeds
+        by_seed = {seed: v for r in fixed_rows for seed, v in r["accuracy_before_per_seed"].items() if v is not None}
+        if by_seed:
+            md.append(f"\nAccuracy before training: {fmt(*mean_ci(list(by_seed.values())))} (mean and 95% interval "
+                      f"over {len(by_seed)} seeds).")
         if comp["monotone"]:
             md += [
                 "\n### Mismatch grows with alpha (paired change between consecutive alphas)\n",

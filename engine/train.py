@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from atesd.engine import distributed
+from atesd.engine import checkpoint, distributed, threads
 from atesd.engine.errors import RankLost, UsageError
 from atesd.engine.invocation import parse_invocation
 from atesd.engine.options import fail, one_line
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, handlers=[terminal])  # (a no-op when logging is set up already)
     try:
         inv = parse_invocation(argv)
+        if distributed.device_of(inv.config.device).type == "cpu":
+            threads.configure(inv.config.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         run_dir = train(inv.config, inv.resume)
     except UsageError as e:
         if debug:
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run directory: {run_dir}")
     path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(path):
+        newest = checkpoint.checkpoints(run_dir)
+        at = f" at {os.path.basename(newest[-1])}" if newest else ""
+        print(f"stopped before the last step, as --stop-after asked{at}; continue with --resume {run_dir}")
         return {"run_dir": run_dir, "finished": False}
     with open(path) as fh:
         return json.load(fh)

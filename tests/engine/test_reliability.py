@@ -262,7 +262,7 @@ def test_file_without_a_usable_row_fails_before_the_model_loads(tiny_model_dir, 
         run = tmp_path / f"run-{os.path.basename(str(path))}"
         with pytest.raises(DataError, match=match):
             train(*parse(["--model", tiny_model_dir, "--data", str(path), "--output-dir", str(run)]))
-        assert "run failed" in _log(run) and match in _log(run)  # item 7: the failure is in run.log
+        assert not run.exists()  # a new run whose start fails on bad input leaves no directory (issue 27)
     cols = tmp_path / "cols.jsonl"
     cols.write_text('{"question": "1+1?", "answer_text": "\\\\boxed{2}"}\n')
     with pytest.raises(DataError, match="no row has both 'problem' and 'solution' .see --problem-column"):

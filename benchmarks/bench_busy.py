@@ -1,0 +1,118 @@
+"""The main job on a busy CPU: wall time idle and under a competing load, torch's default threads vs one thread vs
+the engine's choice (engine/threads.py).
+
+    python -m benchmarks.bench_busy [--steps 60] [--load 2] [--out table.md]
+    pytest benchmarks/bench_busy.py --benchmark -s
+
+Each cell is one `python -m engine.train` process (the embedded default; `--steps` shortens it, `--eval-problems`
+too), timed from start to exit:
+
+- default: what torch does left alone: one thread per core, OpenMP's default wait policy (threads waiting for their
+  siblings spin; ``OMP_WAIT_POLICY`` set empty, so the engine's choice does not apply; ``--threads`` = the cores);
+- one thread: ``--threads 1``;
+- engine: nothing set: the free cores, OpenMP's passive wait (what ``make run`` does).
+
+The competing load is ``--load`` processes each running fp32 matmuls on torch's default threads (other jobs'
+training), started before and stopped after each loaded cell. Cells are interleaved (idle and loaded alternate) so
+that a drift of the machine's own load affects every configuration alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "default (torch's threads, spinning waits)": ({"OMP_WAIT_POLICY": ""}, ["--threads", str(os.cpu_count() or 2)]),
+    "one thread": ({}, ["--threads", "1"]),
+    "engine (free cores, passive waits)": ({}, []),
+}
+LOAD = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
+def main_job(flags: list[str], env: dict[str, str], steps: int, eval_problems: int) -> float:
+    """Wall seconds of one `python -m engine.train` (the embedded default) in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "engine.train", "--no-progress", "--output-dir", os.path.join(tmp, "run"),
+                "--steps", str(steps), "--eval-problems", str(eval_problems), *flags]
+        t0 = time.perf_counter()
+        out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        return time.perf_counter() - t0
+
+
+def measure(steps: int = 60, eval_problems: int = 400, load: int = 2) -> list[dict]:
+    rows = []
+    for loaded in (False, True):
+        hogs = []
+        if loaded:
+            hogs = [subprocess.Popen([sys.executable, "-c", LOAD], env=_clean_env({}), stdout=subprocess.DEVNULL)
+                    for _ in range(load)]
+            time.sleep(5)
+        try:
+            for name, (env, flags) in CONFIGS.items():
+                la = os.getloadavg()[0]
+                seconds = main_job(flags, _clean_env(env), steps, eval_problems)
+                rows.append({"load": f"{load} matmul processes" if loaded else "idle", "config": name,
+                             "seconds": seconds, "loadavg_at_start": la})
+                print(rows[-1], file=sys.stderr, flush=True)
+        finally:
+            for p in hogs:
+                p.kill()
+                p.wait()
+        if not loaded:
+            time.sleep(10)
+    return rows
+
+
+def render(rows: list[dict], command: str) -> str:
+    lines = [f"`{command}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}): main job wall time, seconds\n",
+             "| machine | config | wall s | vs one thread | load average at start |", "|---|---|---|---|---|"]
+    for r in rows:
+        one = next(x["seconds"] for x in rows if x["load"] == r["load"] and x["config"] == "one thread")
+        lines.append(f"| {r['load']} | {r['config']} | {r['seconds']:.1f} | {r['seconds'] / one:.2f}x | "
+                     f"{r['loadavg_at_start']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_main_job_on_a_busy_machine(benchmark):
+    rows = benchmark.pedantic(measure, kwargs={"steps": 20, "eval_problems": 100}, rounds=1, iterations=1)
+    print("\n" + render(rows, "pytest benchmarks/bench_busy.py --benchmark (20 steps, 100 evaluation problems)"))
+    # the engine's choice is never several times slower than one thread, idle or loaded
+    for r in rows:
+        if r["config"].startswith("engine"):
+            one = next(x["seconds"] for x in rows if x["load"] == r["load"] and x["config"] == "one thread")
+            assert r["seconds"] < 2 * one, r
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-problems", type=int, default=400)
+    ap.add_argument("--load", type=int, default=2, help="competing matmul processes (default 2)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    command = "python -m benchmarks.bench_busy " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = render(measure(args.steps, args.eval_problems, args.load), command)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(md)
+
+
+if __name__ == "__main__":
+    main()

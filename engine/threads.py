@@ -1,0 +1,77 @@
+"""CPU threads on a machine other jobs share (engine.train, engine.evaluate, engine.sweep, engine.reproduce).
+
+Two things made CPU runs several times slower than one thread whenever other processes were busy:
+
+- OpenMP's default wait policy spins: a torch thread that waits for its siblings burns its core. With more threads
+  than free cores, the spinning threads take the cores the working ones need (measured: a tiny forward+backward
+  at 2 threads under a load of 4-7 ran 0.08-0.38 it/s with the default policy, 1.2-1.9 it/s with
+  ``OMP_WAIT_POLICY=PASSIVE``, 1.5 it/s on one thread). libgomp reads the policy when it loads, i.e. when torch is
+  imported, so :func:`passive_wait` must run first: ``engine/__init__.py`` calls it (only if torch is not loaded
+  yet and the variable is unset).
+- torch takes one thread per core whatever the load. :func:`choose_threads` takes the free cores instead:
+  ``max(1, round(cores - load))`` with ``load`` the 1-minute load average (other processes' runnable threads).
+
+``--threads N`` (or ``OMP_NUM_THREADS``) overrides the choice; the choice and its reason go to ``run.log``. The
+command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code calling the library keeps its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def passive_wait() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless set, before torch (and its OpenMP runtime) loads."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None = None, *, n_cores: int | None = None,
+                   load: float | None = None) -> tuple[int, str]:
+    """(threads, why): ``requested`` (--threads), else ``OMP_NUM_THREADS``, else the free cores."""
+    if requested:
+        return requested, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    n_cores = n_cores or cores()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    free = max(1, min(n_cores, round(n_cores - load)))
+    return free, f"{n_cores} cores, load average {load:.1f}"
+
+
+_reason: str | None = None  # why the command line chose the current thread count (None: whoever set it)
+
+
+def configure(requested: int | None = None, processes: int = 1) -> int:
+    """Set torch's intra-op threads for a command-line run on the CPU (``processes``: ranks sharing this machine,
+    which split the free cores); returns the count. Libraries calling :func:`engine.run.train` keep theirs."""
+    import torch
+
+    global _reason
+    n, _reason = choose_threads(requested)
+    if not requested and processes > 1:
+        n, _reason = max(1, n // processes), f"{_reason}, shared by {processes} processes"
+    torch.set_num_threads(n)
+    return n
+
+
+def describe() -> str:
+    """One line for run.log: the thread count, why, and the OpenMP wait policy."""
+    import torch
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+    return f"CPU threads: {torch.get_num_threads()} ({_reason or 'as set by the caller'}); OpenMP wait policy {policy}"

@@ -131,6 +131,8 @@ def base_model_of(adapter: str | None) -> str:
     if models.model_problem(model):
         raise UsageError(f"--adapter {adapter!r} was trained on {model!r}, which is not here "
                          f"({models.model_problem(model)}); give --model")
+    if models.offline_problem(model):
+        raise UsageError(f"--adapter {adapter!r}: its base {models.offline_problem(model)}")
     return model
 
 
@@ -280,6 +282,8 @@ def _check_args(args) -> None:
         raise UsageError(f"--device {args.device!r}: {device_problem(args.device)}")
     if args.model is not None and models.model_problem(args.model):
         raise UsageError(f"--model {args.model!r}: {models.model_problem(args.model)}")
+    if args.model is not None and models.offline_problem(args.model):  # with what to do instead
+        raise UsageError(f"--model: {models.offline_problem(args.model)}")
     if args.adapter is not None:
         if not Path(args.adapter).is_dir():
             raise UsageError(f"--adapter {args.adapter!r}: no such directory")

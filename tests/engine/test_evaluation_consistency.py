@@ -335,3 +335,17 @@ def test_periodic_evaluation_is_capped_to_the_context_and_says_so_once(bare_mode
     log_text = open(os.path.join(run, "run.log")).read()  # evaluated twice (steps 0 and 1), said once
     said = "the generation cap of 5000 new tokens does not fit the model's context of 1024 positions"
     assert log_text.count(said) == 1
+
+
+def test_an_offline_base_model_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, err = _cli(evaluate_mod.main, ["--model", "qwen3-8b", "--benchmarks", "lab"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "model 'qwen3-8b' (hub id Qwen/Qwen3-8B) is not in the local Hugging Face cache" in err
+    assert "give --model DIR" in err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen3-8B"}))
+    code, err = _cli(evaluate_mod.main, ["--adapter", str(adapter), "--benchmarks", "lab"], capsys)
+    assert code == 2 and f"--adapter '{adapter}': its base model 'Qwen/Qwen3-8B' is not in the local" in err

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from atesd.engine import checkpoint, distributed, models
+from atesd.engine import checkpoint, distributed, models, threads
 from atesd.engine.benchmarks import BENCHMARKS, load_jsonl
 from atesd.engine.config import Config, typed_task_options
 from atesd.engine.errors import DataError, UsageError
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="auto | cpu | cuda[:i] (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"
                     + run + "auto)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: OMP_NUM_THREADS, else "
+                    "the free cores, max(1, round(cores - load average)); engine/threads.py)")
     ap.add_argument("--workers", type=int, default=2, help="math-verify grading worker processes (default: 2)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="a progress bar with a time estimate on stderr for evaluations longer than a few seconds "
@@ -277,6 +279,7 @@ def _check_args(args) -> None:
     need(args.lab_n is None or args.lab_n >= 1, "--lab-n", args.lab_n, "must be >= 1")
     need(args.seed is None or args.seed >= 0, "--seed", args.seed, "must be >= 0")
     need(args.workers >= 1, "--workers", args.workers, "must be >= 1")
+    need(args.threads is None or args.threads >= 1, "--threads", args.threads, "must be >= 1")
     need(args.dtype is None or args.dtype in DTYPES, "--dtype", args.dtype, f"must be one of {', '.join(DTYPES)}")
     if args.device and device_problem(args.device):
         raise UsageError(f"--device {args.device!r}: {device_problem(args.device)}")
@@ -467,6 +470,9 @@ def _main(argv: list[str]) -> dict:
                          f"none is evaluated; for a task's own problems give --task {next(iter(sets))}")
     if taken:
         log.info("settings of run %s (its config.yaml; flags override): %s", run_dir, "; ".join(taken))
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        threads.configure(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        log.info("%s", threads.describe())
 
     hf_bars = _hf_progress(args.progress and distributed.is_main())
     try:  # the tokenizer and its chat template first (decided and logged), then the weights

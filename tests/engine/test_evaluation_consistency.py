@@ -242,8 +242,9 @@ def test_context_length_and_the_generation_cap(tiny_tokenizer, caplog):
         evaluation_mod.fit_generation(model, tiny_tokenizer, prompts, 8, 100)
 
 
-def test_the_math_protocol_on_the_tiny_model_is_capped_not_silent(tmp_path, capsys):
+def test_the_math_protocol_on_the_tiny_model_is_capped_not_silent(tmp_path, capsys, monkeypatch):
     """A local file with the default math protocol (38912 new tokens) on the 512-position tiny model."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = tmp_path / "local.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Ann has {i} pens.", "answer": str(i)}) + "\n" for i in (2, 3)))
     summary = evaluate_mod.main(["--model", "tiny", "--data", str(data), "--n", "2", "--workers", "1",
@@ -252,6 +253,7 @@ def test_the_math_protocol_on_the_tiny_model_is_capped_not_silent(tmp_path, caps
     assert p["max_new_tokens_asked"] == 38912 and 400 < p["max_new_tokens"] < 512
     out, err = capsys.readouterr()
     assert f"capped to {p['max_new_tokens']} new tokens" in err and "context of 512 positions" in err
+    assert "CPU threads: 1 (OMP_NUM_THREADS); OpenMP wait policy" in err  # the command line's thread choice
     assert f"{p['max_new_tokens']} tokens (capped from 38912)" in out
 
 
@@ -283,7 +285,7 @@ def test_every_evaluate_flag_has_help(capsys):
     with pytest.raises(SystemExit):
         evaluate_mod.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--batch-size", "--seed", "--device", "--dtype", "--workers", "--progress", "--tokenizer",
+    for flag in ("--batch-size", "--seed", "--device", "--dtype", "--workers", "--threads", "--progress", "--tokenizer",
                  "--chat-template", "--task-option", "--lab-n"):
         assert flag in text
     assert "completions generated together" in text and "seed of a task's held-out problems and of sampling" in text
@@ -304,6 +306,7 @@ def test_engine_prompts_shows_the_chosen_chat_template(bare_model_dir, files, ca
     (["--task-option", "lvls=1"], "--task-option lvls: no evaluated task (math, lab) declares it"),
     (["--task-option", "levels"], "--task-option 'levels': expected KEY=VALUE"),
     (["--tokenizer", "adapter"], "--tokenizer adapter needs --adapter"),
+    (["--threads", "0"], "--threads: must be >= 1, got 0"),
     (["--prompts", "{prompts}"], "--prompts applies to the sets of --task math"),
 ])
 def test_bad_evaluate_flags_are_one_line_before_any_load(tmp_path, capsys, flags, message):

@@ -25,6 +25,7 @@ from atesd.controller.presets import SIGNALS as CONTROLLER_SIGNALS
 from atesd.controller.presets import UPDATES as CONTROLLER_UPDATES
 from atesd.engine.benchmarks import BENCHMARKS
 from atesd.engine.errors import UsageError
+from atesd.engine.exposure import chat_template_problem
 from atesd.engine.models import RECIPES, recipe_for
 from atesd.engine.options import (
     Declared,
@@ -100,6 +101,13 @@ class Config:
         "student_thinking, teacher_thinking; in a --config YAML also a mapping) (default: the task's)",
         path=True,
         mapping=True,
+    )
+    chat_template: str | None = option(
+        None,
+        "Jinja chat template file rendering every prompt of the run, training and evaluation (default: the "
+        "tokenizer's; a tokenizer without one gets the engine's plain template, logged)",
+        path=True,
+        check=chat_template_problem,
     )
     task_options: dict | None = option(
         None,

@@ -8,10 +8,10 @@ import os
 import sys
 import time
 
-from atesd.engine import benchmarks, distributed, evaluation
+from atesd.engine import distributed, evaluation
 from atesd.engine.checkpoint import checkpoint_name
 from atesd.engine.config import Config
-from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates, task_options
+from atesd.engine.task import EvalProtocol, Task, get_task, is_task, resolve_templates
 
 log = logging.getLogger("engine")
 
@@ -38,27 +38,13 @@ class Evaluator:
         run_task = get_task(cfg.task)
         self.templates = resolve_templates(run_task, cfg.prompts)
         for name in names:
-            if is_task(name):  # a task with its own problems (lab): its held-out split, its own protocol
-                task = get_task(name)
-                if task.dataset is None:
-                    raise ValueError(f"--eval-benchmarks: task {name!r} has no problems of its own")
-                if not cfg.eval_problems:
-                    raise ValueError(f"--eval-benchmarks {name} needs --eval-problems > 0")
-                self.sets[name] = task.dataset("test", cfg.eval_problems, cfg.seed,
-                                               **task_options(task, cfg.task_options))
-                self.tasks[name] = task
-            elif name.endswith(".jsonl"):
-                key = os.path.splitext(os.path.basename(name))[0]
-                self.sets[key] = benchmarks.load_jsonl(name)[: cfg.eval_limit]
-                self.tasks[key] = run_task
-            elif name in benchmarks.BENCHMARKS:
-                self.sets[name] = benchmarks.load_benchmark(name)[: cfg.eval_limit]
-                self.tasks[name] = run_task
-            else:
-                raise ValueError(
-                    f"--eval-benchmarks: unknown benchmark {name!r}; choose from a task with its own problems, "
-                    f"{', '.join(sorted(benchmarks.BENCHMARKS))} or a local .jsonl"
-                )
+            if is_task(name) and not cfg.eval_problems:
+                raise ValueError(f"--eval-benchmarks {name} needs --eval-problems > 0")
+            # a task with its own problems (lab): its held-out split, its own protocol; else through the run's task
+            key, task, problems = evaluation.evaluation_set(
+                name, run_task, n_problems=cfg.eval_problems or 0, seed=cfg.seed, task_options=cfg.task_options,
+                limit=cfg.eval_limit)
+            self.sets[key], self.tasks[key] = problems, task
 
     def protocol(self, name: str) -> EvalProtocol:
         """The set's task protocol with the run's --eval-* overrides (math: the paper's)."""
@@ -77,11 +63,16 @@ class Evaluator:
     def done(self, step: int) -> bool:
         return all(any(e["step"] == step for e in self.history.get(name, [])) for name in self.sets)
 
-    def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
+    def templates_of(self, name: str):
+        """The evaluation prompt of a set: the run's templates (--prompts) for its --task, else the set's task's."""
         task = self.tasks[name]
-        templates = self.templates if task.name == self.cfg.task else task.templates
-        res = evaluation.evaluate_task(model, tokenizer, problems, task, templates=templates, seed=self.cfg.seed,
-                                     decoder=self.decoder, **vars(self.protocol(name)))
+        return self.templates if task.name == self.cfg.task else task.templates
+
+    def _one(self, model, tokenizer, name: str, problems: list[dict]) -> dict:
+        show = self.cfg.progress and distributed.is_main()
+        res = evaluation.evaluate_task(model, tokenizer, problems, self.tasks[name], templates=self.templates_of(name),
+                                       seed=self.cfg.seed, decoder=self.decoder, progress=f"eval {name}" if show
+                                       else None, **vars(self.protocol(name)))
         res.pop("results", None)
         return res
 

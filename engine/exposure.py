@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from atesd.engine.task import OPSD_TEMPLATES, PromptTemplates
@@ -57,13 +58,88 @@ def split_reference(solution: str) -> tuple[list[str], str]:
     return reasoning.splitlines(keepends=True), answer
 
 
-def render(tokenizer, messages: list[dict], thinking: bool) -> str:
-    """Chat-template text with the generation prompt; Qwen3's thinking switch via ``enable_thinking``."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
-        )
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+# The engine's plain chat template, for a tokenizer that has none (base models): every message as a line
+# "role: text", then "assistant: " when a reply is to follow. Training and evaluation both render with it (the same
+# text the engine wrote before templates were chosen up front); it has no thinking switch.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{{ message['role'] + ': ' + message['content'] + '\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}"
+)
+
+
+def chat_template_problem(path: str) -> str | None:
+    """Why file ``path`` is not a usable Jinja chat template (``--chat-template``), or None: it must be UTF-8
+    text that renders a user message (checked by rendering one, with transformers' sandboxed renderer)."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return "no such file (a Jinja chat template)"
+    except IsADirectoryError:
+        return "is a directory, not a Jinja chat template file"
+    except UnicodeDecodeError as e:
+        return f"is not UTF-8 text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not text.strip():
+        return "is empty"
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered = render_jinja_template([[{"role": "user", "content": "1+1?"}]], chat_template=text,
+                                         add_generation_prompt=True)[0][0]
+    except Exception as e:  # jinja2's syntax and runtime errors, raise_exception() in the template
+        line = getattr(e, "lineno", None)
+        return (f"is not a usable Jinja chat template{f' (line {line})' if line else ''}: {type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0]}")
+    if "1+1?" not in rendered:
+        return "never writes the messages' content (a chat template renders each message['content'])"
+    return None
+
+
+def read_chat_template(path: str) -> str:
+    """The Jinja chat template in file ``path``; a one-line ValueError naming ``--chat-template`` and the problem
+    (:func:`chat_template_problem`)."""
+    problem = chat_template_problem(path)
+    if problem:
+        raise ValueError(f"--chat-template {path!r}: {problem}")
+    with open(os.path.expanduser(path), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def use_chat_template(tokenizer, path: str | None = None, *, owner: str = "the tokenizer") -> str:
+    """Decide, once and before any weights load, the chat template every prompt is rendered with, and set it on
+    ``tokenizer``: the file ``path`` (``--chat-template``) when given, else the tokenizer's own, else
+    :data:`PLAIN_CHAT_TEMPLATE`. Logged (a warning for the plain template); returns the one-line description.
+    ``owner`` names the tokenizer in the message (``"the tokenizer of model 'x'"``)."""
+    if path:
+        tokenizer.chat_template = read_chat_template(path)
+        note = f"chat template: {path} (--chat-template), replacing that of {owner}"
+    elif getattr(tokenizer, "chat_template", None) == PLAIN_CHAT_TEMPLATE:
+        note = (f"chat template: the engine's plain one ('role: text' lines), which {owner} carries (its model has "
+                "none); --chat-template FILE gives another")
+    elif getattr(tokenizer, "chat_template", None):
+        note = f"chat template: that of {owner}"
+    else:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        note = (f"{owner} has no chat template: training and evaluation prompts use the engine's plain one "
+                "('role: text' lines, then 'assistant: '; no thinking switch); give one with --chat-template FILE")
+        log.warning("%s", note)
+        return note
+    log.info("%s", note)
+    return note
+
+
+def render(tokenizer, messages: list[dict], thinking: bool | None = None, **chat_kwargs) -> str:
+    """The chat text of ``messages`` with the generation prompt: the one function every prompt of training and
+    evaluation is rendered by. ``thinking`` is the template's ``enable_thinking`` (Qwen3's switch; None: not
+    passed); ``chat_kwargs`` go to the template too. A tokenizer without a chat template gets the plain one first
+    (:func:`use_chat_template`, logged)."""
+    if not getattr(tokenizer, "chat_template", None):
+        use_chat_template(tokenizer)
+    if thinking is not None:
+        chat_kwargs = {"enable_thinking": thinking, **chat_kwargs}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_kwargs)
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -189,10 +189,13 @@ def offline_problem(model: str) -> str | None:
             "the cache) and give --model DIR")
 
 
-def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa"):
+def load_model(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa", tokenizer=None
+):
     """(model, tokenizer) from a preset name, hub id or local directory; a one-line ModelLoadError naming the model
-    and the reason (missing or empty directory, no tokenizer, hub unreachable and not cached)."""
-    return _load(model, weights=dict(dtype=dtype, attn_implementation=attn), device=device)
+    and the reason (missing or empty directory, no tokenizer, hub unreachable and not cached). ``tokenizer``: one
+    already loaded (:func:`load_tokenizer`, its chat template chosen): only the weights load, and it is returned."""
+    return _load(model, weights=dict(dtype=dtype, attn_implementation=attn), device=device, tokenizer=tokenizer)
 
 
 def load_tokenizer(model: str):
@@ -200,7 +203,7 @@ def load_tokenizer(model: str):
     return _load(model, weights=None)[1]
 
 
-def _load(model: str, *, weights: dict | None, device: str = "cpu"):
+def _load(model: str, *, weights: dict | None, device: str = "cpu", tokenizer=None):
     problem = model_problem(model)
     if problem:
         raise ModelLoadError(f"model {model!r}: {problem}")
@@ -218,7 +221,8 @@ def _load(model: str, *, weights: dict | None, device: str = "cpu"):
     )
     step, net = "tokenizer", None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         if weights is not None:
             step = "weights"
             net = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **weights).to(device)
@@ -230,6 +234,16 @@ def _load(model: str, *, weights: dict | None, device: str = "cpu"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return net, tokenizer
+
+
+def context_length(model, tokenizer=None) -> int | None:
+    """Positions the model can attend over: the smaller of its config's ``max_position_embeddings`` and the
+    tokenizer's ``model_max_length``, each where it is a real limit (transformers writes 1e30 for "none");
+    None when neither is."""
+    limits = [getattr(causal_lm(model).config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    real = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10**9]
+    return min(real) if real else None
 
 
 def add_lora(model, r: int, alpha: int, dropout: float = 0.0, targets=LORA_TARGETS):

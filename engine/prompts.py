@@ -7,8 +7,9 @@ prints one JSON object per usable row, with exactly the keys ``student_text`` an
 rendered chat prompts) and ``student_ids`` and ``teacher_ids`` (the token ids the engine feeds the model: the
 rendered texts tokenized whole, ``engine.exposure``). The teacher's is at exposure ``--alpha`` (``--exposure-mode``
 tokens or lines), with the task's templates (``--task``, ``--prompts``, ``--instruction``,
-``--[no-]teacher-thinking``) resolved as ``engine.train`` resolves them. Only the tokenizer is loaded, never the
-weights. Rows training would skip (no boxed answer, missing fields) are skipped here too and counted on stderr.
+``--[no-]teacher-thinking``) and chat template (``--chat-template``) resolved as ``engine.train`` resolves them.
+Only the tokenizer is loaded, never the weights. Rows training would skip (no boxed answer, missing fields) are
+skipped here too and counted on stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 
 from atesd.engine.data import clean_rows, load_rows, source_problem
 from atesd.engine.errors import UsageError
-from atesd.engine.exposure import make_example
+from atesd.engine.exposure import chat_template_problem, make_example, use_chat_template
 from atesd.engine.models import DEFAULT_DATASET, load_tokenizer, model_problem, recipe_for
 from atesd.engine.options import OneLineParser, fail
 from atesd.engine.task import get_task, is_task, resolve_templates
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--solution-column", default="solution")
     ap.add_argument("--answer-column", default="answer")
     ap.add_argument("--prompts", default=None, help="YAML/JSON file overriding the task's templates")
+    ap.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file instead of the "
+                    "tokenizer's (default: the tokenizer's; one without gets the engine's plain template, as "
+                    "engine.train)")
     ap.add_argument("--instruction", default=None, help="transition instruction (default: the task's)")
     ap.add_argument("--teacher-thinking", action=argparse.BooleanOptionalAction, default=None,
                     help="thinking mode of the teacher prompt (default: the task's)")
@@ -82,7 +86,8 @@ def _main(args) -> int:
     if args.limit < 1:
         raise UsageError(f"--limit: must be >= 1, got {args.limit!r}")
     data = args.data or recipe_for(args.model).data
-    for flag, problem in (("--model", model_problem(args.model)), ("--data", source_problem(data))):
+    for flag, problem in (("--model", model_problem(args.model)), ("--data", source_problem(data)),
+                          ("--chat-template", args.chat_template and chat_template_problem(args.chat_template))):
         if problem:
             raise UsageError(f"{flag}: {problem}")
     try:
@@ -95,6 +100,7 @@ def _main(args) -> int:
                     solution_column=args.solution_column, answer_column=args.answer_column, size=args.limit)
     rows, skipped = clean_rows(raw)
     tokenizer = load_tokenizer(args.model)
+    use_chat_template(tokenizer, args.chat_template, owner=f"the tokenizer of model {args.model!r}")
     n = 0
     for obj in prompt_rows(tokenizer, rows[: args.limit], templates, args.alpha, args.exposure_mode):
         print(json.dumps(obj, ensure_ascii=False), flush=True)

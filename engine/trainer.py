@@ -36,9 +36,9 @@ from atesd.engine.config import Config
 from atesd.engine.data import DataStream, clean_rows, load_rows
 from atesd.engine.errors import DataError, UsageError
 from atesd.engine.evaluator import Evaluator
-from atesd.engine.exposure import Example, make_example
+from atesd.engine.exposure import Example, make_example, use_chat_template
 from atesd.engine.loss import describe_loss_backend, distillation_loss, token_logprobs
-from atesd.engine.models import Teacher, adapter_params, add_lora, load_model
+from atesd.engine.models import Teacher, adapter_params, add_lora, load_model, load_tokenizer
 from atesd.engine.probes import probe_accuracy, probe_nll, probe_set
 from atesd.engine.rollout import build_rollout
 from atesd.engine.sampling import problem_seeds
@@ -90,7 +90,11 @@ class Trainer:
         self.attention = (
             cfg.attention if cfg.attention != "auto" else ("flex" if self.device.type == "cuda" else "dense")
         )
-        base, self.tokenizer = load_model(cfg.model, dtype=_dtype(cfg, self.device), device=str(self.device))
+        # the chat template every prompt (training and evaluation) is rendered with, decided before the weights load
+        self.tokenizer = load_tokenizer(cfg.model)
+        use_chat_template(self.tokenizer, cfg.chat_template, owner=f"the tokenizer of model {cfg.model!r}")
+        base, _ = load_model(cfg.model, dtype=_dtype(cfg, self.device), device=str(self.device),
+                             tokenizer=self.tokenizer)
         if cfg.gradient_checkpointing == "on" or (
             cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"
         ):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from atesd.engine.exposure import render
 from atesd.engine.lab.prompts import expose_reference, student_messages, teacher_messages
 from atesd.engine.lab.task import _make, continue_solution, lab_dataset, solution_lines, split_of
 from atesd.engine.lab.tokenizer import build_tokenizer
@@ -77,7 +78,7 @@ def build_example(tok, ex: dict, teacher: bool, rng: random.Random) -> tuple[lis
     else:
         target = solution_lines(ex["groups"], "stepwise")
         msgs = student_messages(ex["problem"])
-    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    prompt = render(tok, msgs)  # the engine's one rendering of chat text (the lab tokenizer's template)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     t_ids = tok("\n".join(target + [boxed]) + tok.eos_token, add_special_tokens=False)["input_ids"]
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids

@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setFormatter(_Terminal("%(message)s"))
     terminal.setLevel(logging.INFO if distributed.launched_rank() == 0 else logging.WARNING)
-    level = engine_log.level
+    level, torch_threads = engine_log.level, torch.get_num_threads()
     engine_log.addHandler(terminal)
     engine_log.setLevel(logging.INFO)
     try:
@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         engine_log.removeHandler(terminal)
         engine_log.setLevel(level)
+        torch.set_num_threads(torch_threads)  # the command's choice (threads.configure) ends with it
 
 
 def _main(argv: list[str]) -> dict:

@@ -1,14 +1,19 @@
-"""Distributed benchmarks on 2 CPU processes over gloo; the figures go to docs/distributed.md and RESULTS.md.
+"""Distributed benchmarks; the figures go to docs/distributed.md and benchmarks/RESULTS.md.
 
 - ``test_head_gather``: the once-per-step LM-head gather of ``--fsdp full`` (``DTensor.full_tensor()`` of a
-  Shard(0) [V, H] bf16 head) at the Qwen3 head sizes.
-- ``test_fsdp_rollout``: rollout tokens/s under ``--fsdp lora|full``, the static decoder over the gathered weights
-  against the HF loop (:func:`fsdp_rollout`; issue 25).
+  Shard(0) [V, H] bf16 head) at the Qwen3 head sizes, 2 CPU processes over gloo.
+- ``test_fsdp_rollout``: rollout tokens/s under ``--fsdp lora|full`` on 2 gloo ranks, the static decoder over the
+  gathered weights against the HF loop (:func:`fsdp_rollout`; issue 25). ``BENCH_FSDP_SHAPES`` (tiny,h512),
+  ``BENCH_FSDP_MODES`` (lora,full; ``off`` adds the replicated mode), ``BENCH_FSDP_IMPLS`` (hf,static; compiled
+  adds ~40 s of inductor compile per mode and shape).
+- :func:`one_gpu_fsdp` (``--one-gpu``): ``--fsdp full`` on one GPU (a 1-rank NCCL group): speed and device memory
+  of each engine at Qwen3-1.7B's shape, against the one-process compiled step with CUDA graphs.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m pytest benchmarks/bench_distributed.py --benchmark -q -s
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m benchmarks.bench_distributed --shapes tiny,h512 --impls hf,static
+    PYTHONPATH=. python3 -m benchmarks.bench_distributed --one-gpu --rounds 2 --out one_gpu.json
 
-On GPUs NCCL moves the same bytes over NVLink at hundreds of GB/s, so these CPU/gloo times are an upper bound
+On GPUs NCCL moves the same bytes over NVLink at hundreds of GB/s, so the CPU/gloo gather times are an upper bound
 of a different machine class, not a GPU prediction.
 """
 from __future__ import annotations
@@ -182,14 +187,15 @@ def _rollout_shapes() -> list[str]:
 @pytest.mark.parametrize("shape", _rollout_shapes())
 def test_fsdp_rollout(benchmark, shape):
     impls = tuple(os.environ.get("BENCH_FSDP_IMPLS", "hf,static").split(","))
-    result = benchmark.pedantic(lambda: fsdp_rollout(shape, impls=impls), rounds=1, iterations=1)
-    print(f"\n[fsdp rollout] {shape}, 2 gloo ranks, fp32, {time.strftime('%Y-%m-%d %H:%M')}\n"
-          f"{fsdp_rollout_table(shape, result)}")  # fmt: skip
+    modes = tuple(os.environ.get("BENCH_FSDP_MODES", "lora,full").split(","))
+    result = benchmark.pedantic(lambda: fsdp_rollout(shape, modes, impls), rounds=1, iterations=1)
+    print(f"\n[fsdp rollout] {shape}, 2 gloo ranks, fp32, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"load {os.getloadavg()[0]:.1f}\n{fsdp_rollout_table(shape, result)}")  # fmt: skip
     for mode, per_impl in result.items():
         for impl, r in per_impl.items():
             benchmark.extra_info[f"{mode}_{impl}_tokens_per_s"] = r["tokens_per_s"]
             assert r["same_as_hf"] is not False, (mode, impl)  # fp32: the HF loop's tokens
-            assert impl == "hf" or not r["held"], (mode, impl)  # nothing kept between rollouts
+            assert impl == "hf" or mode == "off" or not r["held"], (mode, impl)  # FSDP: nothing kept between rollouts
 
 
 # --------------------------------------------------------------------------------- one GPU, FSDP2 on one rank
@@ -216,7 +222,8 @@ def _qwen3(spec: dict, device: str, dtype: torch.dtype, lora_r: int):
 
 
 def one_gpu_fsdp(spec: dict | None = None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 impls=("hf", "static", "compiled"), rounds: int = 2, backend: str | None = None, **shape) -> dict:
+                 impls=("hf", "static", "compiled"), rounds: int = 2, backend: str | None = None,
+                 reference: bool = True, **shape) -> dict:
     """``--fsdp full`` on one device (a 1-rank NCCL group, gloo on the CPU; FSDP2 gathers and frees every unit as
     on N ranks): the rollout engines inside ``gathered()``, then the same model unsharded in one process with the
     compiled step (CUDA graphs on CUDA) for reference. Per engine: tokens/s (median of ``rounds`` after a warm-up
@@ -261,7 +268,11 @@ def one_gpu_fsdp(spec: dict | None = None, *, device: str = "cuda", dtype: torch
         parallel = distributed.DataParallel(model, "full", torch.device(device))
         parallel.world = 1  # one rank: DataParallel shards nothing by itself; shard anyway, a 1-rank mesh
         parallel._fully_shard(torch.device(device))
-        engines = {impl: build_rollout(impl, model) for impl in impls}
+        unmerged = {"static-unmerged": dict(merge=False), "compiled-unmerged": dict(merge=False, compile=True)}
+        engines = {
+            impl: StaticRollout(model, **unmerged[impl]) if impl in unmerged else build_rollout(impl, model)
+            for impl in impls
+        }
         first: dict = {}
         for impl, engine in engines.items():
             times, mem = [], {}
@@ -291,6 +302,8 @@ def one_gpu_fsdp(spec: dict | None = None, *, device: str = "cuda", dtype: torch
             )  # fmt: skip
             print(impl, result[f"fsdp-full/{impl}"], flush=True)
         del engines, parallel, model
+        if not reference:
+            return result
         # the reference: one process, no FSDP, the compiled step with CUDA graphs (persistent decoder)
         model = _qwen3(spec, device, dtype, 64)
         engine = StaticRollout(model, compile=True)
@@ -319,14 +332,17 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_distributed", description=main.__doc__)
     parser.add_argument("--shapes", default="tiny,h512")
-    parser.add_argument("--impls", default="hf,static", help="comma-separated, from hf, static, compiled")
+    parser.add_argument("--impls", default=None, help="comma-separated, from hf, static, compiled (default: hf,static; "
+                        "--one-gpu: hf,static,compiled, and static-unmerged, compiled-unmerged there)")
+    parser.add_argument("--no-reference", action="store_true", help="--one-gpu: skip the one-process compiled run")
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one-gpu", action="store_true", help="run one_gpu_fsdp (Qwen3-1.7B shape) instead")
     parser.add_argument("--out", default=None, help="with --one-gpu: write the result (JSON) here")
     args = parser.parse_args(argv)
     if args.one_gpu:
-        result = one_gpu_fsdp(rounds=args.rounds)
+        impls = tuple((args.impls or "hf,static,compiled").split(","))
+        result = one_gpu_fsdp(impls=impls, rounds=args.rounds, reference=not args.no_reference)
         print(json.dumps(result, indent=1))
         if args.out:
             with open(args.out, "w") as fh:
@@ -334,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}, load {os.getloadavg()[0]:.1f}")
     for shape in args.shapes.split(","):
-        result = fsdp_rollout(shape, tuple(args.modes.split(",")), tuple(args.impls.split(",")), args.rounds)
+        result = fsdp_rollout(shape, tuple(args.modes.split(",")), tuple((args.impls or "hf,static").split(",")),
+                              args.rounds)
         print(f"{fsdp_rollout_table(shape, result)}\nload {os.getloadavg()[0]:.1f}", flush=True)
 
 

@@ -18,6 +18,13 @@ LoRA: ``merge=True`` (the default) runs each projection group with one fused cop
 before every rollout; ``merge=False`` reads the model's own weights and adds ``scaling * B(A x)`` per adapter. The
 model's parameters are never written, so nothing has to be restored after a rollout.
 
+FSDP (``--fsdp lora|full`` under torchrun): outside ``DataParallel.gathered()`` the sharded weights are DTensors,
+inside it they are whole plain tensors (FSDP2 swaps its unsharded parameters in), at addresses that change with
+every gather. So over an FSDP model the decoder is *transient*: :class:`StaticRollout` builds it at the start of
+each rollout from the gathered weights (references to them, LoRA merged from the gathered adapter), and drops it
+at the end, merged copies, KV cache and RoPE table with it; between rollouts it holds no tensor. Asked to decode
+outside ``gathered()`` it refuses in one line rather than read shards.
+
 Sampling is the reference loop's own draw (``engine/sampling.py``), moved inside the step: each original row
 (prompt b, sample g) owns a stream of float64 uniforms ``u[t]`` drawn up front from the prompt's seed, and token t
 is the inverse CDF of the row's filtered distribution (``sampling.next_token``: temperature, top-k, top-p) at
@@ -46,6 +53,34 @@ ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # position tables that do 
 
 
 # --------------------------------------------------------------------------------------------------- weights
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover (a torch without distributed)
+        return False
+    return isinstance(t, DTensor)
+
+
+def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` detached, refusing a shard: the decoder reads whole weights only (under FSDP, inside ``gathered()``)."""
+    if t is not None and _is_dtensor(t):
+        raise RuntimeError(
+            "the static decoder reads whole weights, and this model's are FSDP shards: decode inside "
+            "DataParallel.gathered() (engine/distributed.py), where every FSDP unit is unsharded"
+        )
+    return None if t is None else t.detach()
+
+
+def fsdp_managed(model) -> bool:
+    """True when FSDP2 (``fully_shard``) manages some of the model's modules: its weights are whole only inside
+    ``DataParallel.gathered()``, at new addresses each time."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _lora_parts(module) -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor, float]]]:
     """(base nn.Linear, [(A [r, in], B [out, r], scaling)] of the adapters acting now) of a projection."""
     if not hasattr(module, "get_base_layer"):  # a plain nn.Linear
@@ -69,10 +104,10 @@ def merged_weight(module) -> torch.Tensor:
     """The weight a projection acts with now: base + sum of scaling * B @ A, added in fp32 and rounded once."""
     base, parts = _lora_parts(module)
     if not parts:
-        return base.weight.detach()
-    w = base.weight.detach().float()
+        return _whole(base.weight)
+    w = _whole(base.weight).float()
     for a, b, s in parts:
-        w = w + (b.detach().float() @ a.detach().float()) * s
+        w = w + (_whole(b).float() @ _whole(a).float()) * s
     return w.to(base.weight.dtype)
 
 
@@ -102,11 +137,11 @@ class Projections(nn.Module):
             return
         for i, m in enumerate(modules):
             base, loras = _lora_parts(m)
-            self.register_buffer(f"weight{i}", base.weight.detach(), persistent=False)
-            self.register_buffer(f"bias{i}", None if base.bias is None else base.bias.detach(), persistent=False)
+            self.register_buffer(f"weight{i}", _whole(base.weight), persistent=False)
+            self.register_buffer(f"bias{i}", _whole(base.bias), persistent=False)
             for j, (a, b, _) in enumerate(loras):
-                self.register_buffer(f"lora_a{i}_{j}", a.detach(), persistent=False)
-                self.register_buffer(f"lora_b{i}_{j}", b.detach(), persistent=False)
+                self.register_buffer(f"lora_a{i}_{j}", _whole(a), persistent=False)
+                self.register_buffer(f"lora_b{i}_{j}", _whole(b), persistent=False)
             self.adapters.append([s for _, _, s in loras])
 
     @torch.no_grad()
@@ -119,7 +154,7 @@ class Projections(nn.Module):
             base = _lora_parts(m)[0]
             self.weight[lo : lo + n].copy_(merged_weight(m))
             if self.bias is not None:
-                self.bias[lo : lo + n].copy_(base.bias)
+                self.bias[lo : lo + n].copy_(_whole(base.bias))
             lo += n
 
     def signature(self) -> tuple:
@@ -170,8 +205,8 @@ class Layer(nn.Module):
         self.o = Projections([attn.o_proj], merge)
         self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], merge)
         self.down = Projections([mlp.down_proj], merge)
-        self.register_buffer("input_norm", hf_layer.input_layernorm.weight.detach(), persistent=False)
-        self.register_buffer("post_norm", hf_layer.post_attention_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("input_norm", _whole(hf_layer.input_layernorm.weight), persistent=False)
+        self.register_buffer("post_norm", _whole(hf_layer.post_attention_layernorm.weight), persistent=False)
         # the model's own modules, held outside nn.Module registration (never moved, cast or traversed from here)
         self.__dict__["sources"] = (attn.q_norm, attn.k_norm)
         self.eps = config.rms_norm_eps
@@ -190,8 +225,8 @@ class Layer(nn.Module):
     def refresh(self) -> None:
         # q and k share one RMSNorm call: the per-head-dim weights of q_norm and k_norm stacked per head
         q_norm, k_norm = self.sources
-        self.qk_norm[: self.heads].copy_(q_norm.weight.expand(self.heads, -1))
-        self.qk_norm[self.heads :].copy_(k_norm.weight.expand(self.kv_heads, -1))
+        self.qk_norm[: self.heads].copy_(_whole(q_norm.weight).expand(self.heads, -1))
+        self.qk_norm[self.heads :].copy_(_whole(k_norm.weight).expand(self.kv_heads, -1))
         for p in self.projections():
             p.refresh()
 
@@ -242,13 +277,8 @@ def unsupported(model) -> str | None:
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in ROPE_TYPES:
         return f"rope type {rope!r} (its position tables depend on the length seen)"
-    try:
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in lm.parameters()):
-            return "sharded (FSDP) weights"
-    except ImportError:  # pragma: no cover
-        pass
+    if not fsdp_managed(model) and any(_is_dtensor(p) for p in lm.parameters()):
+        return "DTensor weights not managed by FSDP2 (tensor parallelism)"
     try:
         for layer in lm.get_decoder().layers:
             a, m = layer.self_attn, layer.mlp
@@ -257,6 +287,16 @@ def unsupported(model) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache per row and column the static decoder would hold for ``model`` (keys and values, every
+    layer, in the embeddings' dtype): :meth:`Qwen3Decoder.cache_bytes` without building the decoder."""
+    lm = causal_lm(model)
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_layer = 2 * cfg.num_key_value_heads * head_dim
+    return per_layer * cfg.num_hidden_layers * lm.get_input_embeddings().weight.element_size()
 
 
 class Qwen3Decoder(nn.Module):
@@ -271,9 +311,9 @@ class Qwen3Decoder(nn.Module):
         lm = causal_lm(model)
         body, cfg = lm.get_decoder(), lm.config
         self.layers = nn.ModuleList([Layer(layer, cfg, merge) for layer in body.layers])
-        self.register_buffer("embed", body.embed_tokens.weight.detach(), persistent=False)
-        self.register_buffer("norm", body.norm.weight.detach(), persistent=False)
-        self.register_buffer("head", lm.get_output_embeddings().weight.detach(), persistent=False)
+        self.register_buffer("embed", _whole(body.embed_tokens.weight), persistent=False)
+        self.register_buffer("norm", _whole(body.norm.weight), persistent=False)
+        self.register_buffer("head", _whole(lm.get_output_embeddings().weight), persistent=False)
         self.__dict__["rotary"] = body.rotary_emb  # the model's module, unregistered (see Layer)
         self.register_buffer("rope", None, persistent=False)  # [columns, 2, D]: cos, signed sin
         self.register_buffer("columns", None, persistent=False)  # arange(columns)
@@ -425,6 +465,10 @@ class StaticRollout(RolloutLoop):
     ``done`` flags (stop when all rows are done, drop finished rows); a look is a device sync, free on CPU.
     Compiled steps see bucketed shapes (rows: a power of two; attended window: a multiple of ``window_multiple``)
     so few graphs are built; eager steps use exact shapes.
+
+    Over an FSDP model (``transient``) the decoder exists only during a rollout, which must run inside
+    ``DataParallel.gathered()``: built from the gathered weights at the start, dropped (:meth:`release`) at the end;
+    compiled, its step runs without CUDA graphs, which would be re-recorded for every rollout's new addresses.
     """
 
     def __init__(
@@ -436,49 +480,79 @@ class StaticRollout(RolloutLoop):
         check_every: int | None = None,
         window_multiple: int | None = None,
     ) -> None:
-        self.model = model
-        self.decoder = Qwen3Decoder(model, merge=merge)
-        cuda = self.decoder.device.type == "cuda"
+        self.model, self.merge = model, merge
+        # over an FSDP model the weights are whole only inside DataParallel.gathered(), at new addresses each time:
+        # the decoder is built at the start of every rollout and dropped at its end (module docstring)
+        self.transient = fsdp_managed(model)
+        if self.transient:
+            reason = unsupported(model)
+            if reason:
+                raise ValueError(f"the static decoder does not support this model: {reason}")
+            self.decoder = None
+            device = next(model.parameters()).device
+        else:
+            self.decoder = Qwen3Decoder(model, merge=merge)
+            device = self.decoder.device
+        cuda = device.type == "cuda"
         self.check_every = check_every or (16 if cuda else 1)
         self.window_multiple = window_multiple or (256 if cuda else 64)
+        # CUDA graphs read weights and cache in place; transient weights move every rollout, and every move would
+        # record (and keep) new graphs, so a transient decoder compiles its step without them
+        self.cuda_graphs = cuda and not self.transient
         self.compiled = None
         if compile:
+            if cuda and self.transient:
+                log.info(
+                    "rollout: FSDP weights are gathered anew for every rollout, so the compiled decode step "
+                    "runs without CUDA graphs (they would be re-recorded every rollout)"
+                )
             try:
-                self.compiled = torch.compile(decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
+                mode = "reduce-overhead" if self.cuda_graphs else None
+                self.compiled = torch.compile(decode_one, mode=mode, fullgraph=True)
             except Exception as e:  # torch.compile unavailable here (platform, Python version): eager, loudly
                 log.warning("rollout: torch.compile unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
         kind = "compiled" if self.compiled is not None else "static"
-        self.name = f"{kind} ({'merged' if merge else 'unmerged'} LoRA)"
+        where = ", weights gathered per rollout" if self.transient else ""
+        self.name = f"{kind} ({'merged' if merge else 'unmerged'} LoRA{where})"
 
     def fits(self, rows: int, columns: int, share: float = 0.25) -> bool:
         """Whether a KV cache of ``rows`` x ``columns`` takes at most ``share`` of the memory free now (the cache
         already held counts as free). Evaluation asks before decoding long completions: the static cache is
         reserved for the longest possible completion, the HF loop only grows to the ones it meets."""
+        need = kv_bytes_per_token(self.model) * rows * columns
         dec = self.decoder
-        need = dec.cache_bytes(rows, columns)
-        if dec.device.type == "cuda":
-            free = torch.cuda.mem_get_info(dec.device)[0]
+        held = 0 if dec is None else dec.cache_bytes(*dec.cache_shape())
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
         else:
             try:
                 free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             except (ValueError, OSError, AttributeError):  # no such counter (macOS): all physical memory
                 free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return need <= share * (free + dec.cache_bytes(*dec.cache_shape()))
+        return need <= share * (free + held)
 
     def _sync_weights(self) -> None:
-        if self.decoder.stale():
+        if self.transient:  # the weights gathered for this rollout (a one-line error outside gathered())
+            self.decoder = Qwen3Decoder(self.model, merge=self.merge)
+        elif self.decoder.stale():
             log.info("rollout: the model's weights or adapters changed; rebuilding the static decoder")
             rows, cols = self.decoder.cache_shape()
-            merge = self.decoder.merge
             self.decoder = None  # free the old buffers first
-            self.decoder = Qwen3Decoder(self.model, merge=merge)
+            self.decoder = Qwen3Decoder(self.model, merge=self.merge)
             if rows:
                 self._reserve(rows, cols)
         else:
             self.decoder.refresh()
 
+    def release(self) -> None:
+        """Drop a transient decoder: merged weights, references to the gathered ones, KV cache, RoPE table (a
+        no-op for a persistent one, which keeps its buffers for the run)."""
+        if self.transient:
+            self.decoder = None
+
     def _reserve(self, rows: int, columns: int) -> None:
-        if self.decoder.reserve(rows, columns) and self.compiled is not None and self.decoder.device.type == "cuda":
+        if self.decoder.reserve(rows, columns) and self.compiled is not None and self.cuda_graphs:
             # fixed addresses: CUDA graphs read them in place. Unguarded (the default of recent torch only): a
             # grown cache then re-records the graphs instead of recompiling the step
             for t in self.decoder.buffers():
@@ -511,7 +585,7 @@ class StaticRollout(RolloutLoop):
             torch._dynamo.maybe_mark_dynamic(cache, 0)
             torch._dynamo.maybe_mark_dynamic(cache, 2)
         try:
-            if self.decoder.device.type == "cuda":
+            if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             nxt, done = self.compiled(self.decoder, *args, state)
         except Exception as e:  # any compiler or generated-code failure: fall back, loudly
@@ -525,11 +599,15 @@ class StaticRollout(RolloutLoop):
     # ---------------------------------------------------------------------------------------------------
     def _sample(self, *args) -> list[list[list[int]]]:
         """The rollouts of ``RolloutLoop.sample`` (the same tokens as the reference loop for the same seeds); a
-        compile failure mid-rollout redoes it eagerly."""
+        compile failure mid-rollout redoes it eagerly. A transient decoder is dropped on the way out, whatever
+        happens."""
         try:
-            return self._decode(*args)
-        except CompileFailed:
-            return self._decode(*args)
+            try:
+                return self._decode(*args)
+            except CompileFailed:
+                return self._decode(*args)
+        finally:
+            self.release()
 
     def generate(self, prompts: list[list[int]], **kw) -> list[list[int]]:
         """One completion per prompt (what evaluation asks ``model.generate`` for): [B] token lists, EOS kept. The

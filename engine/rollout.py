@@ -36,7 +36,9 @@ def build_rollout(kind: str, model, device: torch.device | str | None = None):
     ``auto`` picks per device (measured, benchmarks/RESULTS.md): on CUDA the compiled static-cache loop
     (launch-bound decoding is what CUDA graphs remove); on CPU the eager static-cache loop, because inductor's
     compile time (tens of seconds) outweighs what it saves on a short CPU run. A model the static decoder does not
-    implement (or sharded weights) gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``.
+    implement gets ``hf`` under ``auto`` (logged) and an error under ``static``/``compiled``. An FSDP model
+    (``--fsdp lora|full``) is no exception: its rollouts run inside ``DataParallel.gathered()``, where the static
+    decoder reads the gathered weights (``engine/decode.py``: a transient decoder per rollout).
     """
     if kind not in ROLLOUTS:
         raise UsageError(f"--rollout: {kind!r} is not one of {', '.join(ROLLOUTS)}")

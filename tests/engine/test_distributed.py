@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "dist_worker.py")
 EXACT = ("step", "alpha", "rollout_tokens", "revealed_frac", "skipped_step")
-CLOSE = ("loss", "kl", "clipped_kl", "top1_agree", "confidence", "entropy", "credit", "grad_norm", "probe_nll")
+CLOSE = ("loss", "kl", "clipped_kl", "top1_agree", "confidence", "entropy", "credit", "grad_norm", "probe_nll",
+         "probe_accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +112,13 @@ def test_two_processes_fsdp_full_reproduce_one_process(one_process, two_full):
     assert all("head_gather_s" in r for r in m)  # the LM head was sharded and gathered once per step
     state = _state(two_full, 3)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2  # every rank's RNG and data position
-    # one set of outputs, written by rank 0 only
+    # one set of outputs, written by rank 0 only; rollouts, evaluations and the accuracy probe decoded by the
+    # static decoder over the gathered weights (the HF loop is never chosen for a supported model)
     with open(os.path.join(two_full, "run.log")) as fh:
-        assert sum("finished 3 steps" in line for line in fh) == 1
+        log = fh.read()
+    assert log.count("finished 3 steps") == 1
+    assert "rollout: static (merged LoRA, weights gathered per rollout)" in log and "HF loop" not in log
+    assert "probe_accuracy" in m[0]
     assert sorted(os.listdir(os.path.join(two_full, "checkpoints"))) == ["step-000002", "step-000003"]
 
 
@@ -123,6 +128,9 @@ def test_other_parallel_modes_reproduce_one_process(one_process, tiny_model_dir,
     _ok(torchrun(_args(tiny_model_dir, data, tmp_path / "run", "--fsdp", mode), tmp_path))
     assert_same_run(one_process, str(tmp_path / "run"))
     assert "head_gather_s" not in _metrics(str(tmp_path / "run"))[0]  # the head stayed a plain replicated tensor
+    with open(tmp_path / "run" / "run.log") as fh:
+        gathered = "rollout: static (merged LoRA, weights gathered per rollout)" in fh.read()
+    assert gathered == (mode == "lora")  # --fsdp off: plain replicated weights, the decoder kept for the run
 
 
 def test_killed_rank_then_resume_reproduces_the_run(one_process, two_full, tiny_model_dir, data, tmp_path):

@@ -184,6 +184,7 @@ def test_cache_size_and_fits():
     engine.decoder.reserve(3, 128)
     held = sum(t.nbytes for layer in engine.decoder.layers for t in (layer.k_cache, layer.v_cache))
     assert engine.decoder.cache_bytes(*engine.decoder.cache_shape()) == held == 3 * 128 * 3 * 2 * 2 * 16 * 4
+    assert decode.kv_bytes_per_token(engine.model) * 3 * 128 == held  # from the config alone (FSDP: no decoder yet)
     assert engine.fits(4, 256) and not engine.fits(10**6, 10**6)  # evaluation falls back to HF beyond memory
 
 

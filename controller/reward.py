@@ -37,6 +37,20 @@ import math
 from collections.abc import Sequence
 
 
+def _checked_horizon(name: str, losses: Sequence[float], starts: Sequence[bool] | None, scale: float,
+                     horizon: int | None) -> int:
+    """The progress functions' argument checks (one-line ValueErrors); returns H, the steps looked ahead."""
+    if len(losses) < 2:
+        raise ValueError(f"progress needs the first loss and at least one later one, got {len(losses)}")
+    if starts is not None and len(starts) != len(losses):
+        raise ValueError(f"starts needs one flag per loss, got {len(starts)} for {len(losses)}")
+    if scale <= 0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    if not all(math.isfinite(x) for x in losses):
+        raise ValueError(f"{name} got a non-finite loss; such decisions must be dropped")
+    return len(losses) - 1 if horizon is None else min(int(horizon), len(losses) - 1)
+
+
 def learning_progress(
     losses: Sequence[float],
     starts: Sequence[bool] | None = None,
@@ -48,15 +62,7 @@ def learning_progress(
     """P(d) of the module docstring. losses = [l_{t0}, ..., l_{t0+H'}] (H' >= 1 steps observed after t0);
     starts[i] = step t0+i was the first step of a new decision (starts[0] is ignored; None: no boundary);
     horizon caps H (None: all of `losses`). A lookahead with no countable delta has P = 0."""
-    if len(losses) < 2:
-        raise ValueError(f"progress needs the first loss and at least one later one, got {len(losses)}")
-    if starts is not None and len(starts) != len(losses):
-        raise ValueError(f"starts needs one flag per loss, got {len(starts)} for {len(losses)}")
-    if scale <= 0 or not math.isfinite(scale):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    if not all(math.isfinite(x) for x in losses):
-        raise ValueError("learning_progress got a non-finite loss; such decisions must be dropped")
-    h = len(losses) - 1 if horizon is None else min(int(horizon), len(losses) - 1)
+    h = _checked_horizon("learning_progress", losses, starts, scale, horizon)
     num = den = 0.0
     for i in range(1, h + 1):
         if starts is None or not starts[i]:
@@ -121,15 +127,7 @@ def loss_slope_progress(
     """P(d) of the KD loss for ``estimator="slope"``: minus the :func:`slope_progress` of l_{t0..t0+H} with one
     intercept per run of steps under one alpha (a new one wherever starts[i]), relative to ``scale``. Arguments
     as :func:`learning_progress`; with H = 1 both give (l_{t0} - l_{t0+1}) / s."""
-    if len(losses) < 2:
-        raise ValueError(f"progress needs the first loss and at least one later one, got {len(losses)}")
-    if starts is not None and len(starts) != len(losses):
-        raise ValueError(f"starts needs one flag per loss, got {len(starts)} for {len(losses)}")
-    if scale <= 0 or not math.isfinite(scale):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    if not all(math.isfinite(x) for x in losses):
-        raise ValueError("loss_slope_progress got a non-finite loss; such decisions must be dropped")
-    h = len(losses) - 1 if horizon is None else min(int(horizon), len(losses) - 1)
+    h = _checked_horizon("loss_slope_progress", losses, starts, scale, horizon)
     seg, points = 0, []
     for i in range(h + 1):
         if i > 0 and starts is not None and starts[i]:

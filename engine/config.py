@@ -230,8 +230,8 @@ class Config:
     rollout: str = option(
         "auto",
         "rollout decoder: auto (compiled static-cache loop on CUDA, eager static-cache loop on CPU) | hf (the eager "
-        "HF loop) | static (static KV cache, LoRA merged) | compiled (static + torch.compile, CUDA graphs on GPU); "
-        "all draw the same tokens for a seed",
+        "HF loop) | static (static KV cache, LoRA merged) | compiled (static + torch.compile, CUDA graphs on GPU "
+        "except under --fsdp lora|full); the same under every --fsdp mode; all draw the same tokens for a seed",
         choices=("auto", "hf", "static", "compiled"),
         on_resume="change",
     )

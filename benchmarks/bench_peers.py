@@ -505,7 +505,7 @@ def render_op(r: dict, command: str) -> str:
 def _require(*modules: str) -> None:
     for m in modules:
         if importlib.util.find_spec(m) is None:
-            pytest.skip(f"{m} is not installed: pip install -e '.[bench]'")
+            pytest.skip(f"{m} is not installed: pip install --no-build-isolation -e '.[bench]'")
 
 
 TABLES: list[str] = []
@@ -540,7 +540,7 @@ def teardown_module() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ script entry
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(STEP_SHAPES), default="gpu" if CUDA else "cpu")
     ap.add_argument("--part", choices=("all", "step", "op"), default="all")
@@ -553,7 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--op", choices=OP_IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--nhv", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.side or args.op:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         with contextlib.redirect_stdout(sys.stderr):  # the trainers' own prints stay out of the result line

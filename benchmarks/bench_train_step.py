@@ -193,11 +193,15 @@ def render(r: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smoke")
     ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     command = "python -m benchmarks.bench_train_step " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(result: dict) -> None:

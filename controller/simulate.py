@@ -268,7 +268,7 @@ def _parse_list(text: str, kind: type) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Exposure policies on simulated students, at several budgets and noise "
                                              "levels (docs/controller.md).")
     ap.add_argument("--seeds", type=int, default=10)
@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/controller_sim.png",
                     help="PNG path ('' to skip the figure); the docs' figure, docs/controller_sim.png, only when named")
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     budgets = [args.steps] if args.steps else _parse_list(args.budgets, int)
     noises = _parse_list(args.noise, float)

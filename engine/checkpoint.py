@@ -646,9 +646,8 @@ def convert(path: str, *, trust: bool = False) -> list[str]:
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m engine.checkpoint convert [--trust] PATH...``: legacy checkpoints to the data format. Errors
-    are one line on stderr and exit code 2."""
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m engine.checkpoint``'s parser: the ``convert`` command."""
     parser = argparse.ArgumentParser(
         prog="python -m engine.checkpoint",
         description="Convert checkpoints written by earlier atesd versions (trainer_state.pt, a pickle) to the data "
@@ -663,7 +662,13 @@ def main(argv: list[str] | None = None) -> int:
         help="read the pickle with full unpickling (it can run code): only for files you trust, when the default "
         "restricted reading refuses them",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.checkpoint convert [--trust] PATH...``: legacy checkpoints to the data format. Errors
+    are one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
     try:
         for path in args.paths:
             converted = convert(path, trust=args.trust)

@@ -124,14 +124,19 @@ def plot(table: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """engine.reproduce's own flags; any other flag goes to both runs' engine.train."""
     ap = OneLineParser(prog="python -m engine.reproduce", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="preset, hub id or local directory (as engine.train)")
     ap.add_argument("--output-dir", default=None, help="default runs/reproduce-<model>")
     ap.add_argument("--methods", default="opsd,atesd", help="comma list of opsd, atesd (default both)")
-    args, rest = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = build_parser().parse_known_args(argv)
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in methods if m not in METHODS]

@@ -26,6 +26,7 @@ signal whose separation is ~0.1 cannot teach a policy anything in the ~15-60 dec
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -176,16 +177,18 @@ def alignment(per_alpha: dict[float, list[str]], gains: dict[float, float | None
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m engine.reward_audit SWEEP_DIR [--set estimator=delta ...]``: the audit of a finished sweep's
-    fixed-alpha runs (its results.json), scored with the runs' own controller settings or the ones given."""
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.reward_audit", description=main.__doc__)
     p.add_argument("sweep_dir", help="an engine.sweep output directory with fixed-alpha runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a controller setting to score with (e.g. estimator=delta, hold=8); repeatable")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m engine.reward_audit SWEEP_DIR [--set estimator=delta ...]``: the audit of a finished sweep's
+    fixed-alpha runs (its results.json), scored with the runs' own controller settings or the ones given."""
+    args = build_parser().parse_args(argv)
     settings = {}
     for item in args.set:
         key, _, value = item.partition("=")

@@ -145,7 +145,7 @@ def level_report(model, tok, split: str, n_per_level: int) -> dict:
     return {"split": split, "accuracy": res["accuracy"], "per_level": res["per_level"], "n": res["n"]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=1200)
@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the shipped checkpoint: 1)")
     ap.add_argument("--save-at", default="", help="comma list of steps to also save as <out>/step-<n>")
     ap.add_argument("--eval-n", type=int, default=100, help="validation problems per level for the report")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

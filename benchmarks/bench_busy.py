@@ -13,8 +13,8 @@ too), timed from start to exit:
 - engine: nothing set: the free cores, OpenMP's passive wait (what ``make run`` does).
 
 The competing load is ``--load`` processes each running fp32 matmuls on torch's default threads (other jobs'
-training), started 5 s before the loaded cells and stopped after them: the three idle cells run first, then the three loaded
-ones; the table gives the load average at each cell's start, so a machine that was not idle shows.
+training), started 5 s before the loaded cells and stopped after them: the three idle cells run first, then the
+three loaded ones; the table gives the load average at each cell's start, so a machine that was not idle shows.
 """
 
 from __future__ import annotations

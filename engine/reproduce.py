@@ -20,11 +20,12 @@ run is kept, an unfinished one resumes from its last checkpoint. Works under any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
-from atesd.engine import checkpoint, distributed
+from atesd.engine import checkpoint, distributed, threads
 from atesd.engine.errors import UsageError
 from atesd.engine.invocation import parse
 from atesd.engine.options import OneLineParser
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         out = args.output_dir or os.path.join("runs", f"reproduce-{os.path.basename(args.model.rstrip('/'))}")
         rest = ["--model", args.model, *rest]
         cfg, _ = parse(rest)  # every flag checked before anything trains
-        with distributed.process_group(distributed.device_of(cfg.device).type, cfg.dist_timeout):
+        kind = distributed.device_of(cfg.device).type
+        on_cpu = threads.configured(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        with distributed.process_group(kind, cfg.dist_timeout), on_cpu if kind == "cpu" else contextlib.nullcontext():
             runs = {m: run_method(m, out, rest) for m in methods}
             table = collect(runs)
             if distributed.is_main():

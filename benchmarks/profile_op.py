@@ -293,9 +293,10 @@ class Profile:
         cells = [part, head, f"{ms:.3g}"]
         if nvh is None:
             cells += ["", "", ""]
+        elif ms <= 0:  # a difference of two medians within their noise
+            cells += [f"{nvh:g}NVH", "-", "-"]
         else:
-            flops = nvh * self.n * self.v * self.h
-            tf = flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+            tf = nvh * self.n * self.v * self.h / (ms * 1e-3) / 1e12
             cells += [f"{nvh:g}NVH", f"{tf:.3g}", f"{100 * tf / self.peak:.0f}%"]
         f = self.facts.get(kernel, {}) if kernel else {}
         ptx = f.get("ptx")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first GPU session (issue 23): one command of at most 9 minutes on an H200, the most important facts first.
+# The GPU session (issue 23): one command of at most 9 minutes on an H200, the most important facts first.
 #
 # How a lent session runs it (check the device tool's `status` first; it costs nothing):
 #   1. here, once (liger-kernel is not in the device image; .whl/ is git-ignored, so it must be carried):
@@ -7,23 +7,40 @@
 #   2. the device tool, one call:
 #        run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=570)
 #      The script ends itself within GPU_SESSION_BUDGET seconds (default 530) and writes every table under $OUT
-#      as soon as it exists; the tool brings $OUT back (7 files): summary.md (each step's outcome and time),
-#      device.md, exactness.log, kernels.md (+ kernels.log), train-step.md (+ train-step.log).
+#      as soon as it exists; the tool brings $OUT back (8 files, its limit): summary.md (each step's outcome and
+#      time), device.md, exactness.log, kernels.md, profile.md (+ kernels.log, the log of both), train-step.md
+#      (+ train-step.log).
 #   3. give_back (unless rerunning at once), then copy the tables into benchmarks/RESULTS.md with the device, the
-#      date, the versions (device.md) and this exact command.
+#      date, the versions (device.md) and the exact command (summary.md's first line).
 #
-# Steps, each under its own `timeout` (a step that fails or times out is marked in summary.md; the next one runs):
-#   a. device and versions                                                      device.md         cap 30 s
-#   b. CUDA exactness of the op: tests/kernels/test_cuda_exactness.py (bf16 and fp32, V=151936, clip, beta 0
-#      and 0.5, masked rows, a trainable head, extreme logits, NaN/inf rows) under one pinned Triton config (no
-#      autotuning: ~17 kernel compiles)                                         exactness.log     cap 120 s
-#   c. the op vs Liger's LigerFusedLinearJSDLoss (beta 0) vs chunked torch at N=8192, H=4096, V=151936, bf16,
-#      T 1.1, clip 0.06, frozen then trainable head: ms, tokens/s, peak extra memory, TFLOP/s on each one's own
-#      FLOP count and on the 6NVH yardstick, % of the bf16 matmul peak measured in the same run; rows written
-#      as measured (benchmarks/bench_kernels.py)                                 kernels.md        cap 200 s
-#   d. one engine.train step at the Qwen3-1.7B shape by phase, graphs compiled per phase (step 2's are
-#      recompiles), the rollout engine and attention that ran (benchmarks/bench_train_step.py; step 1's
-#      figures are written before step 2 runs)                                  train-step.md     the rest
+# A short session: GPU_SESSION_STEPS picks the steps and their order (comma-separated keys or names, below), and
+# GPU_SESSION_BUDGET must end the command before the tool's timeout_s does. A machine takes a minute or more to
+# start, out of the same device time, so with ~4 minutes left (the least a machine starts with):
+#        run(command="GPU_SESSION_STEPS=a,c-profile GPU_SESSION_BUDGET=140 bash benchmarks/gpu_session.sh",
+#            timeout_s=160)
+#   and with ~5-6 minutes, the op's table too (Liger's wheel carried; c reuses c-profile's compiled kernels):
+#        run(command="GPU_SESSION_STEPS=a,c-profile,c GPU_SESSION_BUDGET=230 bash benchmarks/gpu_session.sh",
+#            carry=[".whl"], timeout_s=250)
+#
+# Steps (key, name), each under its own `timeout` (a step that fails or times out is marked in summary.md; the next
+# one runs); the default is all of them in this order (GPU_SESSION_STEPS=a,b,c,c-profile,d):
+#   a  a-device     device and versions                                          device.md         cap 30 s
+#   b  b-exactness  CUDA exactness of the op: tests/kernels/test_cuda_exactness.py (bf16 and fp32, V=151936, clip,
+#                   beta 0 and 0.5, masked rows, a trainable head, extreme logits, NaN/inf rows) under one pinned
+#                   Triton config (no autotuning: ~17 kernel compiles)           exactness.log     cap 120 s
+#   c  c-kernels    the op vs Liger's LigerFusedLinearJSDLoss (beta 0) vs chunked torch at N=8192, H=4096,
+#                   V=151936, bf16, T 1.1, clip 0.06, frozen then trainable head: ms, tokens/s, peak extra memory,
+#                   TFLOP/s on each one's own FLOP count and on the 6NVH yardstick, % of the bf16 matmul peak
+#                   measured in the same run; rows written as measured (benchmarks/bench_kernels.py)
+#                                                                                kernels.md        cap 200 s
+#   c-profile       the op's kernels one by one at the same shape (benchmarks/profile_op.py): ms, TFLOP/s and %
+#                   of peak per kernel, the autotuner's choice, registers, spills, waves, PTX counts, the
+#                   backward's atomics isolated, a logits-only control, the epilogue against the matmul
+#                   (~22 autotuning compiles, ~10 s of timed runs; the 2026-12-04 session missed the op's targets
+#                   and issue 23 asks which kernel)                               profile.md        cap 120 s
+#   d  d-train-step one engine.train step at the Qwen3-1.7B shape by phase, graphs compiled per phase (step 2's
+#                   are recompiles), the rollout engine and attention that ran (benchmarks/bench_train_step.py;
+#                   step 1's figures are written before step 2 runs)            train-step.md     the rest
 # Rollouts and prefix sharing: benchmarks/gpu_session_2.sh, for a later lent session.
 #
 # CPU dry run (tests/test_gpu_session.py runs it in CI): GPU_SESSION_DRY=1 OUT=/tmp/x bash benchmarks/gpu_session.sh
@@ -47,11 +64,19 @@ exactness() {  # one pinned config: autotuning every variant would cost ~20 comp
 }
 export -f exactness
 
-start_summary "bash benchmarks/gpu_session.sh"
-step a-device 30 device.md "" -- versions
-step b-exactness 120 exactness.log "" -- exactness
-step c-kernels 200 kernels.log kernels.md -- "$PY" -m benchmarks.bench_kernels --shapes "$KERNEL_SHAPE" \
-  --impls ours,liger,chunked --heads frozen,trainable --rounds "$ROUNDS" --out "$out/kernels.md"
-step d-train-step 600 train-step.log train-step.md -- "$PY" -m benchmarks.bench_train_step --shape "$TRAIN_SHAPE" \
-  --out "$out/train-step.md"
+steps=$(select_steps "${GPU_SESSION_STEPS-a,b,c,c-profile,d}" a=a-device b=b-exactness c=c-kernels \
+  c-profile=c-profile d=d-train-step) || exit 2
+start_summary "${GPU_SESSION_STEPS+GPU_SESSION_STEPS=$GPU_SESSION_STEPS }bash benchmarks/gpu_session.sh"
+for name in $steps; do
+  case $name in
+    a-device) step a-device 30 device.md "" -- versions ;;
+    b-exactness) step b-exactness 120 exactness.log "" -- exactness ;;
+    c-kernels) step c-kernels 200 kernels.log kernels.md -- "$PY" -m benchmarks.bench_kernels --shapes "$KERNEL_SHAPE" \
+      --impls ours,liger,chunked --heads frozen,trainable --rounds "$ROUNDS" --out "$out/kernels.md" ;;
+    c-profile) step c-profile 120 kernels.log profile.md -- "$PY" -m benchmarks.profile_op --shape "$KERNEL_SHAPE" \
+      --rounds "$ROUNDS" --out "$out/profile.md" ;;
+    d-train-step) step d-train-step 600 train-step.log train-step.md -- "$PY" -m benchmarks.bench_train_step \
+      --shape "$TRAIN_SHAPE" --out "$out/train-step.md" ;;
+  esac
+done
 echo "total ${SECONDS} s" | tee -a "$summary"

@@ -3,7 +3,7 @@
 #
 # In:  GPU_SESSION_DRY (1: CPU dry run at tiny shapes), GPU_SESSION_BUDGET (seconds, default 530), PYTHON
 #      (default python3), OUT (default benchmarks/results/gpu-session), TMPDIR.
-# Out: $PY, $DRY, $BUDGET, $out, $summary; functions step, versions, start_summary.
+# Out: $PY, $DRY, $BUDGET, $out, $summary; functions step, select_steps, versions, start_summary.
 set -uo pipefail
 
 DRY=${GPU_SESSION_DRY:-0}
@@ -37,19 +37,25 @@ start_summary() {  # start_summary COMMAND
 }
 
 # step NAME CAP LOG TABLE -- CMD...: CMD (a program or an exported function) under `timeout` (CAP seconds, or what
-# is left of the budget), its output teed to $out/LOG; one summary row: ok, failed (rc), timed out, or skipped when
-# too little time is left. The device tool brings back at most 8 files from $OUT.
+# is left of the budget), its output teed to $out/LOG (appended to when an earlier step of this run wrote that LOG:
+# steps may share one, since the device tool brings back at most 8 files from $OUT); one summary row: ok, failed
+# (rc), timed out, or skipped when too little time is left.
+logs_written=" "
 step() {
   local name=$1 cap=$2 log=$3 table=$4
   shift 5
-  local left=$((BUDGET - SECONDS - 5)) t0=$SECONDS rc outcome
+  local left=$((BUDGET - SECONDS - 5)) t0=$SECONDS rc outcome append=""
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 10 ]; then
     echo "| $name | skipped: ${left} s of the budget left | 0 | |" >>"$summary"
     return
   fi
+  case $logs_written in
+    *" $log "*) append=-a && echo "=== $name" >>"$out/$log" ;;  # a shared log: where this step's part begins
+    *) logs_written+="$log " ;;
+  esac
   echo "=== $name (limit ${limit} s, ${SECONDS} s elapsed)"
-  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$out/$log"  # bash -c: functions too
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee $append "$out/$log"  # bash -c: functions too
   rc=${PIPESTATUS[0]}
   case $rc in
     0) outcome=ok ;;
@@ -57,6 +63,30 @@ step() {
     *) outcome="failed (rc $rc)" ;;
   esac
   echo "| $name | $outcome | $((SECONDS - t0)) | $log $table |" >>"$summary"
+}
+
+# select_steps LIST KEY=NAME...: the names of the steps LIST (comma-separated keys or names) selects, in its order,
+# one a line; a one-line error naming the unknown or repeated entry (return 2) otherwise.
+select_steps() {
+  local list=$1 token pair chosen=" " found known=""
+  shift
+  for pair in "$@"; do
+    known+="${known:+, }${pair%%=*}$([ "${pair%%=*}" = "${pair#*=}" ] || echo " (${pair#*=})")"
+  done
+  [ -n "$list" ] || { echo "GPU_SESSION_STEPS is empty (known steps: $known)" >&2; return 2; }
+  for token in ${list//,/ }; do
+    found=""
+    for pair in "$@"; do
+      if [ "$token" = "${pair%%=*}" ] || [ "$token" = "${pair#*=}" ]; then found=${pair#*=}; fi
+    done
+    if [ -z "$found" ]; then
+      echo "GPU_SESSION_STEPS: unknown step '$token' (known steps: $known)" >&2
+      return 2
+    fi
+    case $chosen in *" $found "*) echo "GPU_SESSION_STEPS: step '$token' listed twice" >&2; return 2 ;; esac
+    chosen+="$found "
+    echo "$found"
+  done
 }
 
 versions() {

@@ -6,8 +6,10 @@ docs/distributed.md.
 The OPSD recipe: LoRA r=64 on q,k,v,o,gate,up,down (fp32 adapter, AdamW), bf16 base, 32 prompts per step, G=1,
 1024-token rollouts, micro-batches of 4 problems, gradient checkpointing (one decoder layer recomputed at a time).
 Assumed lengths: student prompt 256 tokens, reference solution 2048 tokens (OPSD allows 8192; the teacher pass
-grows linearly with it). Not counted: the CUDA context and allocator slack (~1-2 GiB), the rollout's logits
-(B x V fp32, < 0.1 GiB) and Python-side buffers.
+grows linearly with it). Rollouts by the static decoder (the default), which decodes with bf16 copies of every
+projection with LoRA merged in: held for the whole run by one process (they are counted in the training phase too),
+built and freed within each rollout under --fsdp lora|full. Not counted: the CUDA context and allocator slack
+(~1-2 GiB), the rollout's logits (B x V fp32, < 0.1 GiB) and Python-side buffers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class Shape:
     @property
     def kv(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def projection_params(self) -> int:
+        """The seven LoRA-targeted linear layers of every decoder layer (what the static decoder merges)."""
+        h = self.hidden
+        return self.layers * (h * self.q + 2 * h * self.kv + self.q * h + 3 * h * self.inter)
 
     def layer_params(self) -> int:
         h = self.hidden
@@ -87,6 +94,9 @@ def plan(m: Shape, gpus: int, mode: str) -> dict[str, float]:
     rollout_tokens = BATCH // gpus * (PROMPT + ROLLOUT)
     out["rollout KV cache"] = rollout_tokens * m.kv_bytes_per_token() / GIB
     out["whole model gathered for rollouts"] = (2 * p / GIB - out["base weights"]) if mode == "full" else 0.0
+    merged = 2 * m.projection_params() / GIB  # bf16
+    out["static decoder's merged projections"] = merged
+    held = merged if gpus == 1 else 0.0  # one process keeps its decoder; under FSDP it lives within a rollout
     # training phase, one micro-batch of 4 problems
     student = MICRO * (PROMPT + ROLLOUT)
     scored = MICRO * ROLLOUT
@@ -104,9 +114,10 @@ def plan(m: Shape, gpus: int, mode: str) -> dict[str, float]:
         (2 * layer + (0 if m.tied else head)) / GIB if mode == "full" and gpus > 1 else 0.0
     )
     resident = out["base weights"] + out["LoRA + AdamW"]
-    rollout_peak = resident + out["rollout KV cache"] + out["whole model gathered for rollouts"]
+    rollout_peak = resident + out["rollout KV cache"] + out["whole model gathered for rollouts"] + merged
     train_peak = (
         resident
+        + held
         + max(out["activations (checkpointed student pass)"], out["teacher pass (transient) + kept teacher states"])
         + out["fused KL op extra"]
         + out["FSDP gathers in training (2 layers + head)"]

@@ -14,7 +14,7 @@ too), timed from start to exit:
 
 The competing load is ``--load`` processes each running fp32 matmuls on torch's default threads (other jobs'
 training), started 5 s before the loaded cells and stopped after them: the three idle cells run first, then the
-three loaded ones; the table gives the load average at each cell's start, so a machine that was not idle shows.
+three loaded ones; the table gives the busy cores (1 s sample) and the load average at each cell's start.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from atesd.engine.threads import busy_cores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -63,10 +65,11 @@ def measure(steps: int = 60, eval_problems: int = 400, load: int = 2) -> list[di
             time.sleep(5)
         try:
             for name, (env, flags) in CONFIGS.items():
-                la = os.getloadavg()[0]
+                la, busy = os.getloadavg()[0], busy_cores(window=1.0)
                 seconds = main_job(flags, _clean_env(env), steps, eval_problems)
                 rows.append({"load": f"{load} matmul processes" if loaded else "idle", "config": name,
-                             "seconds": seconds, "loadavg_at_start": la})
+                             "seconds": seconds, "loadavg_at_start": la,
+                             "busy_at_start": busy})
                 print(rows[-1], file=sys.stderr, flush=True)
         finally:
             for p in hogs:
@@ -79,10 +82,12 @@ def measure(steps: int = 60, eval_problems: int = 400, load: int = 2) -> list[di
 
 def render(rows: list[dict], command: str) -> str:
     lines = [f"`{command}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}): main job wall time, seconds\n",
-             "| machine | config | wall s | vs one thread | load average at start |", "|---|---|---|---|---|"]
+             "| machine | config | wall s | vs one thread | busy cores at start (1 s) | load average at start |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         one = next(x["seconds"] for x in rows if x["load"] == r["load"] and x["config"] == "one thread")
-        lines.append(f"| {r['load']} | {r['config']} | {r['seconds']:.1f} | {r['seconds'] / one:.2f}x | "
+        busy = "n/a" if r["busy_at_start"] is None else f"{r['busy_at_start']:.1f}"
+        lines.append(f"| {r['load']} | {r['config']} | {r['seconds']:.1f} | {r['seconds'] / one:.2f}x | {busy} | "
                      f"{r['loadavg_at_start']:.1f} |")
     return "\n".join(lines) + "\n"
 

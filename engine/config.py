@@ -362,7 +362,7 @@ class Config:
     progress: bool = option(True, "show a progress bar", on_resume="invocation")
     threads: int | None = option(
         None,
-        "torch threads on CPU (default: OMP_NUM_THREADS, else the free cores, max(1, round(cores - load average)); "
+        "torch threads on CPU (default: OMP_NUM_THREADS, else the free cores, max(1, round(cores - busy cores)); "
         "engine/threads.py)",
         check=at_least(1),
         on_resume="invocation",

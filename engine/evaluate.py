@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"
                     + run + "auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: OMP_NUM_THREADS, else "
-                    "the free cores, max(1, round(cores - load average)); engine/threads.py)")
+                    "the free cores, max(1, round(cores - busy cores)); engine/threads.py)")
     ap.add_argument("--workers", type=int, default=2, help="math-verify grading worker processes (default: 2)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="a progress bar with a time estimate on stderr for evaluations longer than a few seconds "

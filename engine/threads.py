@@ -9,7 +9,9 @@ Two things made CPU runs several times slower than one thread whenever other pro
   imported, so :func:`passive_wait` must run first: ``engine/__init__.py`` calls it (only if torch is not loaded
   yet and the variable is unset).
 - torch takes one thread per core whatever the load. :func:`choose_threads` takes the free cores instead:
-  ``max(1, round(cores - load))`` with ``load`` the 1-minute load average (other processes' runnable threads).
+  ``max(1, round(cores - load))`` with ``load`` the cores other processes keep busy, sampled from /proc/stat over
+  0.3 s when the command starts (the 1-minute load average trails a load that just started or ended by a minute:
+  right after another job ended it made an idle 2-core machine look half busy).
 
 ``--threads N`` (or ``OMP_NUM_THREADS``) overrides the choice; the choice and its reason go to ``run.log``. The
 command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code calling the library keeps its own.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 
@@ -37,22 +40,61 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over ``cpus`` from /proc/stat (Linux); None where it cannot be read."""
+    busy = total = 0
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                    continue
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cores(window: float = 0.3) -> float | None:
+    """Cores other processes keep busy now: the busy share of this process's cores over ``window`` seconds (this
+    process sleeps meanwhile), times their number. None where /proc/stat is unavailable. Unlike the load average,
+    which trails by a minute, it sees a load that just started or just ended."""
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = set(range(os.cpu_count() or 1))
+    before = _cpu_times(cpus)
+    time.sleep(window)
+    after = _cpu_times(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def choose_threads(requested: int | None = None, *, n_cores: int | None = None,
                    load: float | None = None) -> tuple[int, str]:
-    """(threads, why): ``requested`` (--threads), else ``OMP_NUM_THREADS``, else the free cores."""
+    """(threads, why): ``requested`` (--threads), else ``OMP_NUM_THREADS``, else the free cores:
+    ``max(1, round(cores - load))`` with ``load`` the busy cores sampled now (:func:`busy_cores`), or the 1-minute
+    load average where that cannot be read."""
     if requested:
         return requested, "--threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
     n_cores = n_cores or cores()
+    what = "busy"
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
+        load = busy_cores()
+        if load is None:
+            what = "load average"
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):
+                load = 0.0
     free = max(1, min(n_cores, round(n_cores - load)))
-    return free, f"{n_cores} cores, load average {load:.1f}"
+    return free, f"{n_cores} cores, {what} {load:.1f}"
 
 
 _reason: str | None = None  # why the command line chose the current thread count (None: whoever set it)

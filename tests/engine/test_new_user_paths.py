@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -24,12 +25,24 @@ def _cli(args, capsys):
 
 def test_threads_follow_the_free_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert threads.choose_threads(None, n_cores=2, load=0.1) == (2, "2 cores, load average 0.1")
+    assert threads.choose_threads(None, n_cores=2, load=0.1) == (2, "2 cores, busy 0.1")
     assert threads.choose_threads(None, n_cores=2, load=1.6)[0] == 1  # one core free
     assert threads.choose_threads(None, n_cores=8, load=30.0)[0] == 1  # never 0
     assert threads.choose_threads(3, n_cores=2, load=9.0) == (3, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads.choose_threads(None, n_cores=16, load=0.0) == (1, "OMP_NUM_THREADS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_busy_cores_sees_a_load_that_just_started():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # running; the 1-minute load average would still say idle
+        busy = threads.busy_cores(window=0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert busy is not None and busy >= 0.6, busy  # one spinning process keeps about one core busy
 
 
 def test_the_cli_sleeps_waiting_threads_before_torch_loads():

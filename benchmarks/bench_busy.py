@@ -2,6 +2,7 @@
 the engine's choice (engine/threads.py).
 
     python -m benchmarks.bench_busy [--steps 60] [--load 2] [--out table.md]
+    python -m benchmarks.bench_busy --policies --steps 20 --eval-problems 100   # OpenMP wait policies at 2 threads
     pytest benchmarks/bench_busy.py --benchmark -s
 
 Each cell is one `python -m engine.train` process (the embedded default; `--steps` shortens it, `--eval-problems`
@@ -10,7 +11,11 @@ too), timed from start to exit:
 - default: what torch does left alone: one thread per core, OpenMP's default wait policy (threads waiting for their
   siblings spin; ``OMP_WAIT_POLICY`` set empty, so the engine's choice does not apply; ``--threads`` = the cores);
 - one thread: ``--threads 1``;
-- engine: nothing set: the free cores, OpenMP's passive wait (what ``make run`` does).
+- engine: nothing set: the free cores, OpenMP's spin bounded to 1000 iterations (what ``make run`` does).
+
+``--policies`` instead runs every cell at one thread per core under each OpenMP wait policy (the default spin,
+``GOMP_SPINCOUNT`` 10000 and 1000, ``OMP_WAIT_POLICY=PASSIVE``) beside one thread: what a run that started on an
+idle machine, and so took every core, pays when a load arrives.
 
 The competing load is ``--load`` processes each running fp32 matmuls on torch's default threads (other jobs'
 training), started 5 s before the loaded cells and stopped after them: the three idle cells run first, then the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,13 +38,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "default (torch's threads, spinning waits)": ({"OMP_WAIT_POLICY": ""}, ["--threads", str(os.cpu_count() or 2)]),
     "one thread": ({}, ["--threads", "1"]),
-    "engine (free cores, passive waits)": ({}, []),
+    "engine (free cores, spin 1000)": ({}, []),
+}
+_ALL = ["--threads", str(os.cpu_count() or 2)]
+POLICIES = {
+    "one thread": ({}, ["--threads", "1"]),
+    "default spin": ({"OMP_WAIT_POLICY": ""}, _ALL),
+    "GOMP_SPINCOUNT=10000": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"}, _ALL),
+    "GOMP_SPINCOUNT=1000 (the engine's)": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "1000"}, _ALL),
+    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, _ALL),
 }
 LOAD = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                              "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     return {**env, **extra}
 
@@ -55,7 +70,7 @@ def main_job(flags: list[str], env: dict[str, str], steps: int, eval_problems: i
         return time.perf_counter() - t0
 
 
-def measure(steps: int = 60, eval_problems: int = 400, load: int = 2) -> list[dict]:
+def measure(steps: int = 60, eval_problems: int = 400, load: int = 2, configs: dict = CONFIGS) -> list[dict]:
     rows = []
     for loaded in (False, True):
         hogs = []
@@ -64,7 +79,7 @@ def measure(steps: int = 60, eval_problems: int = 400, load: int = 2) -> list[di
                     for _ in range(load)]
             time.sleep(5)
         try:
-            for name, (env, flags) in CONFIGS.items():
+            for name, (env, flags) in configs.items():
                 la, busy = os.getloadavg()[0], busy_cores(window=1.0)
                 seconds = main_job(flags, _clean_env(env), steps, eval_problems)
                 rows.append({"load": f"{load} matmul processes" if loaded else "idle", "config": name,
@@ -107,10 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-problems", type=int, default=400)
     ap.add_argument("--load", type=int, default=2, help="competing matmul processes (default 2)")
+    ap.add_argument("--policies", action="store_true", help="OpenMP wait policies at one thread per core instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the competing load (finally)
     command = "python -m benchmarks.bench_busy " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = render(measure(args.steps, args.eval_problems, args.load), command)
+    md = render(measure(args.steps, args.eval_problems, args.load, POLICIES if args.policies else CONFIGS), command)
     print(md)
     if args.out:
         with open(args.out, "w") as fh:

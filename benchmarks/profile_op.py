@@ -557,7 +557,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return n, h, v
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=parse_shape, default="8192x4096x151936" if CUDA else "64x32x300",
                     help="NxHxV (default: the Qwen3-8B head at 8192 tokens on CUDA, 64x32x300 on the CPU)")
@@ -569,6 +569,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5 if CUDA else 1)
     ap.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler table")
     ap.add_argument("--out", default=None, help="markdown file, written as measured (default: print only)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.heads = args.heads.split(",")
     if set(args.heads) - {"frozen", "trainable"} or not args.heads:

@@ -6,6 +6,6 @@ options are ``config`` (read by ``invocation``, declared as ``options`` says). d
 every module, the layers their imports follow, and who calls whom during one step.
 """
 
-from atesd.engine.threads import passive_wait
+from atesd.engine.threads import bounded_spin
 
-passive_wait()  # before torch loads: OpenMP threads that wait sleep instead of spinning (engine/threads.py)
+bounded_spin()  # before torch loads: OpenMP threads that wait spin briefly, then sleep (engine/threads.py)

@@ -2,12 +2,14 @@
 
 Two things made CPU runs several times slower than one thread whenever other processes were busy:
 
-- OpenMP's default wait policy spins: a torch thread that waits for its siblings burns its core. With more threads
-  than free cores, the spinning threads take the cores the working ones need (measured: a tiny forward+backward
-  at 2 threads under a load of 4-7 ran 0.08-0.38 it/s with the default policy, 1.2-1.9 it/s with
-  ``OMP_WAIT_POLICY=PASSIVE``, 1.5 it/s on one thread). libgomp reads the policy when it loads, i.e. when torch is
-  imported, so :func:`passive_wait` must run first: ``engine/__init__.py`` calls it (only if torch is not loaded
-  yet and the variable is unset).
+- OpenMP's default wait policy spins: a torch thread that waits for its siblings burns its core (libgomp spins
+  for 300000 iterations before it sleeps). With more threads than free cores, the spinning threads take the cores
+  the working ones need. ``GOMP_SPINCOUNT=1000`` bounds the spin; the main job (20 steps, 100 evaluation problems,
+  2 threads on 2 cores; ``python -m benchmarks.bench_busy --policies``, RESULTS section 16) took, idle / under two
+  competing matmul processes: default spin 19.9 / 225 s, spin 10000 22.0 / 163 s, **spin 1000 23.4 / 74 s**,
+  ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) 40.5 / 81 s, one thread 21.3 / 66 s. libgomp reads these when it
+  loads, i.e. when torch is imported, so :func:`bounded_spin` must run first: ``engine/__init__.py`` calls it (only
+  if torch is not loaded yet and neither variable is set).
 - torch takes one thread per core whatever the load. :func:`choose_threads` takes the free cores instead:
   ``max(1, round(cores - load))`` with ``load`` the cores other processes keep busy, sampled from /proc/stat over
   0.3 s when the command starts (the 1-minute load average trails a load that just started or ended by a minute:
@@ -26,10 +28,10 @@ import time
 from collections.abc import Iterator
 
 
-def passive_wait() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless set, before torch (and its OpenMP runtime) loads."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def bounded_spin() -> None:
+    """``GOMP_SPINCOUNT=1000`` unless the user chose a wait policy, before torch (and its libgomp) loads."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def cores() -> int:
@@ -132,5 +134,10 @@ def describe() -> str:
     """One line for run.log: the thread count, why, and the OpenMP wait policy."""
     import torch
 
-    policy = os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+    if "OMP_WAIT_POLICY" in os.environ:
+        policy = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY'] or '(empty)'}"
+    elif "GOMP_SPINCOUNT" in os.environ:
+        policy = f"spin {os.environ['GOMP_SPINCOUNT']} iterations, then sleep (GOMP_SPINCOUNT)"
+    else:
+        policy = "default (spinning)"
     return f"CPU threads: {torch.get_num_threads()} ({_reason or 'as set by the caller'}); OpenMP wait policy {policy}"

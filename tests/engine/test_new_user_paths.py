@@ -45,16 +45,17 @@ def test_busy_cores_sees_a_load_that_just_started():
     assert busy is not None and busy >= 0.6, busy  # one spinning process keeps about one core busy
 
 
-def test_the_cli_sleeps_waiting_threads_before_torch_loads():
-    # engine/__init__.py sets OpenMP's passive wait before torch (and libgomp) load, unless the user set a policy
+def test_the_cli_bounds_openmp_spinning_before_torch_loads():
+    # engine/__init__.py bounds libgomp's spin before torch (and libgomp) load, unless the user chose a policy
     code = ("import os, sys; import atesd.engine; assert 'torch' not in sys.modules; "
-            "print(os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "PASSIVE", out.stderr[-500:]
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "ACTIVE"
+    assert out.stdout.strip() == "1000", out.stderr[-500:]
+    for mine in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **mine}, cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.stdout.strip() == mine.get("GOMP_SPINCOUNT", "None"), out.stderr[-500:]
 
 
 def _args(model_dir, data, out, *extra):

@@ -11,15 +11,17 @@ too), timed from start to exit:
 - default: what torch does left alone: one thread per core, OpenMP's default wait policy (threads waiting for their
   siblings spin; ``OMP_WAIT_POLICY`` set empty, so the engine's choice does not apply; ``--threads`` = the cores);
 - one thread: ``--threads 1``;
-- engine: nothing set: the free cores, OpenMP's spin bounded to 1000 iterations (what ``make run`` does).
+- engine: nothing set: the free cores at the start, then between steps the count follows the load
+  (engine/threads.py: LoadFollower; what ``make run`` does).
 
 ``--policies`` instead runs every cell at one thread per core under each OpenMP wait policy (the default spin,
 ``GOMP_SPINCOUNT`` 10000 and 1000, ``OMP_WAIT_POLICY=PASSIVE``) beside one thread: what a run that started on an
 idle machine, and so took every core, pays when a load arrives.
 
 The competing load is ``--load`` processes each running fp32 matmuls on torch's default threads (other jobs'
-training), started 5 s before the loaded cells and stopped after them: the three idle cells run first, then the
-three loaded ones; the table gives the busy cores (1 s sample) and the load average at each cell's start.
+training), started 5 s before the loaded cells and stopped after them; then the same load arriving 15 s into each
+job (a run that took every core on an idle machine). The table gives the busy cores (1 s sample) and the load
+average at each cell's start.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from atesd.engine.threads import busy_cores
@@ -38,14 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "default (torch's threads, spinning waits)": ({"OMP_WAIT_POLICY": ""}, ["--threads", str(os.cpu_count() or 2)]),
     "one thread": ({}, ["--threads", "1"]),
-    "engine (free cores, spin 1000)": ({}, []),
+    "engine (free cores, following the load)": ({}, []),
 }
 _ALL = ["--threads", str(os.cpu_count() or 2)]
 POLICIES = {
     "one thread": ({}, ["--threads", "1"]),
     "default spin": ({"OMP_WAIT_POLICY": ""}, _ALL),
     "GOMP_SPINCOUNT=10000": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"}, _ALL),
-    "GOMP_SPINCOUNT=1000 (the engine's)": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "1000"}, _ALL),
+    "GOMP_SPINCOUNT=1000": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "1000"}, _ALL),
     "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, _ALL),
 }
 LOAD = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
@@ -70,28 +73,52 @@ def main_job(flags: list[str], env: dict[str, str], steps: int, eval_problems: i
         return time.perf_counter() - t0
 
 
-def measure(steps: int = 60, eval_problems: int = 400, load: int = 2, configs: dict = CONFIGS) -> list[dict]:
+def _hogs(load: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", LOAD], env=_clean_env({}), stdout=subprocess.DEVNULL)
+            for _ in range(load)]
+
+
+def _start_into(hogs: list[subprocess.Popen], load: int) -> None:
+    hogs.extend(_hogs(load))
+
+
+def measure(steps: int = 60, eval_problems: int = 400, load: int = 2, configs: dict = CONFIGS,
+            arrive_after: float = 15.0) -> list[dict]:
+    """Three phases, each over every config: idle; under ``load`` matmul processes started before the job; and
+    with the load arriving ``arrive_after`` seconds into the job (a run that started on an idle machine)."""
     rows = []
-    for loaded in (False, True):
-        hogs = []
-        if loaded:
-            hogs = [subprocess.Popen([sys.executable, "-c", LOAD], env=_clean_env({}), stdout=subprocess.DEVNULL)
-                    for _ in range(load)]
+    for phase in ("idle", "loaded", "arriving"):
+        hogs: list[subprocess.Popen] = _hogs(load) if phase == "loaded" else []
+        if hogs:
             time.sleep(5)
+        label = {"idle": "idle", "loaded": f"{load} matmul processes",
+                 "arriving": f"{load} matmul processes from {arrive_after:.0f} s in"}[phase]
         try:
             for name, (env, flags) in configs.items():
                 la, busy = os.getloadavg()[0], busy_cores(window=1.0)
-                seconds = main_job(flags, _clean_env(env), steps, eval_problems)
-                rows.append({"load": f"{load} matmul processes" if loaded else "idle", "config": name,
-                             "seconds": seconds, "loadavg_at_start": la,
+                timer = None
+                if phase == "arriving":
+                    timer = threading.Timer(arrive_after, _start_into, (hogs, load))
+                    timer.start()
+                try:
+                    seconds = main_job(flags, _clean_env(env), steps, eval_problems)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                        for p in hogs:
+                            p.kill()
+                            p.wait()
+                        hogs.clear()
+                rows.append({"load": label, "config": name, "seconds": seconds, "loadavg_at_start": la,
                              "busy_at_start": busy})
                 print(rows[-1], file=sys.stderr, flush=True)
+                if phase == "arriving":
+                    time.sleep(5)
         finally:
             for p in hogs:
                 p.kill()
                 p.wait()
-        if not loaded:
-            time.sleep(10)
+        time.sleep(10)
     return rows
 
 

@@ -5,7 +5,3 @@ its run ``run`` (run directory, metrics, evaluations, checkpoints, signals), its
 options are ``config`` (read by ``invocation``, declared as ``options`` says). docs/engine.md ("The house") draws
 every module, the layers their imports follow, and who calls whom during one step.
 """
-
-from atesd.engine.threads import bounded_spin
-
-bounded_spin()  # before torch loads: OpenMP threads that wait spin briefly, then sleep (engine/threads.py)

@@ -429,6 +429,9 @@ def _loop(trainer: Trainer, cfg: Config, metrics_path: str, reporters: Reporters
             if evaluated:
                 m.update(trainer.evaluate(m["step"]))
             stop.agree()  # one rank's Ctrl-C stops every rank after the same step
+            changed = threads.follow_load()  # CPU runs: the thread count follows other processes' load
+            if changed:
+                log.info("%s", changed)
             out.write(json.dumps(m) + "\n")
             out.flush()
             reporters.log(m, m["step"])

@@ -2,20 +2,24 @@
 
 Two things made CPU runs several times slower than one thread whenever other processes were busy:
 
-- OpenMP's default wait policy spins: a torch thread that waits for its siblings burns its core (libgomp spins
-  for 300000 iterations before it sleeps). With more threads than free cores, the spinning threads take the cores
-  the working ones need. ``GOMP_SPINCOUNT=1000`` bounds the spin; the main job (20 steps, 100 evaluation problems,
-  2 threads on 2 cores; ``python -m benchmarks.bench_busy --policies``, RESULTS section 16) took, idle / under two
-  competing matmul processes: default spin 19.9 / 225 s, spin 10000 22.0 / 163 s, **spin 1000 23.4 / 74 s**,
-  ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) 40.5 / 81 s, one thread 21.3 / 66 s. libgomp reads these when it
-  loads, i.e. when torch is imported, so :func:`bounded_spin` must run first: ``engine/__init__.py`` calls it (only
-  if torch is not loaded yet and neither variable is set).
 - torch takes one thread per core whatever the load. :func:`choose_threads` takes the free cores instead:
   ``max(1, round(cores - load))`` with ``load`` the cores other processes keep busy, sampled from /proc/stat over
   0.3 s when the command starts (the 1-minute load average trails a load that just started or ended by a minute:
   right after another job ended it made an idle 2-core machine look half busy).
+- OpenMP's default wait policy spins: a torch thread that waits for its siblings burns its core (libgomp spins
+  300000 iterations before it sleeps), so with more threads than free cores the spinning threads take the cores the
+  working ones need. Spinning is also what makes 2 threads fast on an idle machine, and sleeping at once
+  (``OMP_WAIT_POLICY=PASSIVE``) or soon (``GOMP_SPINCOUNT``) costs more there than it saves under load; on the main
+  job at 2 threads (20 steps, 100 evaluation problems; idle / under two competing matmul processes; RESULTS
+  section 16): default spin 19.9 / 225 s, spin 10000 22.0 / 163 s, spin 1000 23.4 / 74 s, passive 40.5 / 81 s,
+  one thread 21.3 / 66 s; on the full main job spin 1000 took 85 s idle against 48 s (default) and 66 s (one
+  thread). So the policy stays torch's, and the thread count follows the load instead: :class:`LoadFollower`,
+  called between training steps, measures the cores other processes keep busy (the machine's busy time from
+  /proc/stat minus this process's own CPU time) and moves the count to the free cores when two samples in a row
+  agree (logged in run.log).
 
-``--threads N`` (or ``OMP_NUM_THREADS``) overrides the choice; the choice and its reason go to ``run.log``. The
+``--threads N`` (or ``OMP_NUM_THREADS``) overrides the choice and fixes the count; the choice and its reason go to
+``run.log``. The
 command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code calling the library keeps its own.
 """
 
@@ -23,15 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Iterator
-
-
-def bounded_spin() -> None:
-    """``GOMP_SPINCOUNT=1000`` unless the user chose a wait policy, before torch (and its libgomp) loads."""
-    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def cores() -> int:
@@ -102,16 +99,79 @@ def choose_threads(requested: int | None = None, *, n_cores: int | None = None,
 _reason: str | None = None  # why the command line chose the current thread count (None: whoever set it)
 
 
+class LoadFollower:
+    """Between steps: the thread count moves to the free cores while the load changes (a command-line run that chose
+    its threads itself; ``--threads``/``OMP_NUM_THREADS`` fix the count). A sample spans at least ``interval``
+    seconds; the count changes when two samples in a row want the same new one."""
+
+    def __init__(self, processes: int = 1, interval: float = 5.0):
+        try:
+            self.cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = set(range(os.cpu_count() or 1))
+        self.processes, self.interval = processes, interval
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last, self.wanted = self._sample(), None
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(wall s, machine busy CPU s over our cores, this process's CPU s)."""
+        times = _cpu_times(self.cpus)
+        if times is None:
+            return None
+        own = os.times()
+        return time.monotonic(), times[0] / self.tick, own.user + own.system
+
+    def want(self, others: float) -> int:
+        """The thread count for ``others`` cores kept busy by other processes."""
+        n_cores = len(self.cpus)
+        return max(1, max(1, min(n_cores, round(n_cores - others))) // self.processes)
+
+    def __call__(self) -> str | None:
+        """Check the load (cheap when the last sample is recent); returns the log line when the count changed."""
+        import torch
+
+        if self.last is None:
+            return None
+        now = self._sample()
+        if now is None or now[0] - self.last[0] < self.interval:
+            return None
+        wall = now[0] - self.last[0]
+        others = max(0.0, (now[1] - self.last[1]) / wall - (now[2] - self.last[2]) / wall)
+        self.last = now
+        n, current = self.want(others), torch.get_num_threads()
+        if n == current:
+            self.wanted = None
+            return None
+        if self.wanted != n:  # one sample is not a trend
+            self.wanted = n
+            return None
+        global _reason
+        torch.set_num_threads(n)
+        self.wanted = None
+        _reason = f"following the load: other processes keep {others:.1f} of {len(self.cpus)} cores busy"
+        return f"CPU threads {current} -> {n} ({_reason})"
+
+
+_follower: LoadFollower | None = None  # set while a command line's own thread choice is in force
+
+
+def follow_load() -> str | None:
+    """Called between training steps: :class:`LoadFollower` when the command line chose the threads, else nothing."""
+    return _follower() if _follower is not None else None
+
+
 def configure(requested: int | None = None, processes: int = 1) -> int:
     """Set torch's intra-op threads for a command-line run on the CPU (``processes``: ranks sharing this machine,
     which split the free cores); returns the count. Libraries calling :func:`engine.run.train` keep theirs."""
     import torch
 
-    global _reason
+    global _reason, _follower
     n, _reason = choose_threads(requested)
     if not requested and processes > 1:
         n, _reason = max(1, n // processes), f"{_reason}, shared by {processes} processes"
     torch.set_num_threads(n)
+    chosen_here = not requested and _reason is not None and not _reason.startswith("OMP_NUM_THREADS")
+    _follower = LoadFollower(processes) if chosen_here else None
     return n
 
 
@@ -121,13 +181,13 @@ def configured(requested: int | None = None, processes: int = 1) -> Iterator[int
     run in-process (a test, a sweep job) leaves the process's numerics as it found them."""
     import torch
 
-    global _reason
-    saved, saved_reason = torch.get_num_threads(), _reason
+    global _reason, _follower
+    saved, saved_reason, saved_follower = torch.get_num_threads(), _reason, _follower
     try:
         yield configure(requested, processes)
     finally:
         torch.set_num_threads(saved)
-        _reason = saved_reason
+        _reason, _follower = saved_reason, saved_follower
 
 
 def describe() -> str:
@@ -139,5 +199,7 @@ def describe() -> str:
     elif "GOMP_SPINCOUNT" in os.environ:
         policy = f"spin {os.environ['GOMP_SPINCOUNT']} iterations, then sleep (GOMP_SPINCOUNT)"
     else:
-        policy = "default (spinning)"
+        policy = "torch's default (waiting threads spin)"
+    if _follower is not None:
+        policy += "; the count follows the load between steps"
     return f"CPU threads: {torch.get_num_threads()} ({_reason or 'as set by the caller'}); OpenMP wait policy {policy}"

@@ -45,17 +45,35 @@ def test_busy_cores_sees_a_load_that_just_started():
     assert busy is not None and busy >= 0.6, busy  # one spinning process keeps about one core busy
 
 
-def test_the_cli_bounds_openmp_spinning_before_torch_loads():
-    # engine/__init__.py bounds libgomp's spin before torch (and libgomp) load, unless the user chose a policy
-    code = ("import os, sys; import atesd.engine; assert 'torch' not in sys.modules; "
-            "print(os.environ.get('GOMP_SPINCOUNT'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "1000", out.stderr[-500:]
-    for mine in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}):
-        out = subprocess.run([sys.executable, "-c", code], env={**env, **mine}, cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
-        assert out.stdout.strip() == mine.get("GOMP_SPINCOUNT", "None"), out.stderr[-500:]
+def test_threads_follow_a_load_that_arrives_or_leaves(monkeypatch):
+    follower = threads.LoadFollower(interval=5.0)
+    follower.cpus = {0, 1}
+    samples = iter([(0.0, 0.0, 0.0), (6.0, 12.0, 11.0), (12.0, 24.0, 17.0), (18.0, 36.0, 23.0), (24.0, 48.0, 35.0),
+                    (30.0, 60.0, 47.0)])
+    monkeypatch.setattr(follower, "_sample", lambda: next(samples))
+    follower.last = follower._sample()
+    torch.set_num_threads(2)
+    # 0-6 s: the machine busy 2 cores, this process 11/6 of them: others ~0.2, two threads stay
+    assert follower() is None and torch.get_num_threads() == 2
+    # 6-12 s and 12-18 s: this process gets 1 core of the 2 busy ones: others 1.0; the second sample agrees
+    assert follower() is None and torch.get_num_threads() == 2  # one sample is not a trend
+    line = follower()
+    assert torch.get_num_threads() == 1 and line.startswith("CPU threads 2 -> 1") and "1.0 of 2 cores" in line
+    # the load leaves: others 0 twice, back to two threads
+    assert follower() is None and follower().startswith("CPU threads 1 -> 2") and torch.get_num_threads() == 2
+    assert [threads.LoadFollower.want(follower, x) for x in (0.0, 0.6, 1.4, 5.0)] == [2, 1, 1, 1]
+
+
+def test_only_the_commands_own_choice_follows_the_load(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with threads.configured(None):
+        assert threads._follower is not None
+    assert threads._follower is None and threads.follow_load() is None  # the caller's count is its own again
+    with threads.configured(1):
+        assert threads._follower is None  # --threads fixes the count
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with threads.configured(None):
+        assert threads._follower is None
 
 
 def _args(model_dir, data, out, *extra):

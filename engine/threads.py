@@ -19,8 +19,9 @@ Two things made CPU runs several times slower than one thread whenever other pro
   agree (logged in run.log).
 
 ``--threads N`` (or ``OMP_NUM_THREADS``) overrides the choice and fixes the count; the choice and its reason go to
-``run.log``. The
-command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code calling the library keeps its own.
+``run.log``. The command lines (engine.train, engine.evaluate, engine.reproduce) apply it; code calling the library
+keeps its own. A count that changes mid-run changes the order of floating-point sums: a run that must repeat bit for
+bit (an exact resume) fixes it with ``--threads``.
 """
 
 from __future__ import annotations

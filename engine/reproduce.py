@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         rest = ["--model", args.model, *rest]
         cfg, _ = parse(rest)  # every flag checked before anything trains
         kind = distributed.device_of(cfg.device).type
-        on_cpu = threads.configured(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        on_cpu = threads.configured(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), follow=True)
         with distributed.process_group(kind, cfg.dist_timeout), on_cpu if kind == "cpu" else contextlib.nullcontext():
             runs = {m: run_method(m, out, rest) for m in methods}
             table = collect(runs)

@@ -161,9 +161,10 @@ def follow_load() -> str | None:
     return _follower() if _follower is not None else None
 
 
-def configure(requested: int | None = None, processes: int = 1) -> int:
+def configure(requested: int | None = None, processes: int = 1, follow: bool = False) -> int:
     """Set torch's intra-op threads for a command-line run on the CPU (``processes``: ranks sharing this machine,
-    which split the free cores); returns the count. Libraries calling :func:`engine.run.train` keep theirs."""
+    which split the free cores); returns the count. ``follow``: a training run, whose count then follows the load
+    between steps (:func:`follow_load`). Libraries calling :func:`engine.run.train` keep theirs."""
     import torch
 
     global _reason, _follower
@@ -172,12 +173,12 @@ def configure(requested: int | None = None, processes: int = 1) -> int:
         n, _reason = max(1, n // processes), f"{_reason}, shared by {processes} processes"
     torch.set_num_threads(n)
     chosen_here = not requested and _reason is not None and not _reason.startswith("OMP_NUM_THREADS")
-    _follower = LoadFollower(processes) if chosen_here else None
+    _follower = LoadFollower(processes) if follow and chosen_here else None
     return n
 
 
 @contextlib.contextmanager
-def configured(requested: int | None = None, processes: int = 1) -> Iterator[int]:
+def configured(requested: int | None = None, processes: int = 1, follow: bool = False) -> Iterator[int]:
     """:func:`configure` for the length of one command; the caller's thread count comes back after, so a command
     run in-process (a test, a sweep job) leaves the process's numerics as it found them."""
     import torch
@@ -185,7 +186,7 @@ def configured(requested: int | None = None, processes: int = 1) -> Iterator[int
     global _reason, _follower
     saved, saved_reason, saved_follower = torch.get_num_threads(), _reason, _follower
     try:
-        yield configure(requested, processes)
+        yield configure(requested, processes, follow)
     finally:
         torch.set_num_threads(saved)
         _reason, _follower = saved_reason, saved_follower

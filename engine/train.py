@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
         inv = parse_invocation(argv)
         on_cpu = distributed.device_of(inv.config.device).type == "cpu"
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        with threads.configured(inv.config.threads, local_ranks) if on_cpu else contextlib.nullcontext():
+        with threads.configured(inv.config.threads, local_ranks, follow=True) if on_cpu else contextlib.nullcontext():
             run_dir = train(inv.config, inv.resume)
     except UsageError as e:
         if debug:

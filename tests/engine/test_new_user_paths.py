@@ -66,13 +66,16 @@ def test_threads_follow_a_load_that_arrives_or_leaves(monkeypatch):
 
 def test_only_the_commands_own_choice_follows_the_load(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    with threads.configured(None):
+    before = threads._follower
+    with threads.configured(None, follow=True):
         assert threads._follower is not None
-    assert threads._follower is None and threads.follow_load() is None  # the caller's count is its own again
-    with threads.configured(1):
+    assert threads._follower is before  # the caller's state is its own again
+    with threads.configured(None):
+        assert threads._follower is None and threads.follow_load() is None  # engine.evaluate: no steps to follow
+    with threads.configured(1, follow=True):
         assert threads._follower is None  # --threads fixes the count
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with threads.configured(None):
+    with threads.configured(None, follow=True):
         assert threads._follower is None
 
 

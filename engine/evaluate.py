@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setFormatter(_Terminal("%(message)s"))
     terminal.setLevel(logging.INFO if distributed.launched_rank() == 0 else logging.WARNING)
-    level, torch_threads = engine_log.level, torch.get_num_threads()
+    level = engine_log.level
     engine_log.addHandler(terminal)
     engine_log.setLevel(logging.INFO)
     try:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
             kind = torch.device(device).type
         except (RuntimeError, ValueError):
             kind = "cpu"  # _main's checks name the bad --device
-        with distributed.process_group(kind):
+        with distributed.process_group(kind), threads.kept():  # _main's thread choice ends with the command
             return _main(argv)
     except UsageError as e:
         if "--debug" in argv:
@@ -431,7 +431,6 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         engine_log.removeHandler(terminal)
         engine_log.setLevel(level)
-        torch.set_num_threads(torch_threads)  # the command's choice (threads.configure) ends with it
 
 
 def _main(argv: list[str]) -> dict:

@@ -178,18 +178,25 @@ def configure(requested: int | None = None, processes: int = 1, follow: bool = F
 
 
 @contextlib.contextmanager
-def configured(requested: int | None = None, processes: int = 1, follow: bool = False) -> Iterator[int]:
-    """:func:`configure` for the length of one command; the caller's thread count comes back after, so a command
-    run in-process (a test, a sweep job) leaves the process's numerics as it found them."""
+def kept() -> Iterator[None]:
+    """The caller's thread count (and this module's choice and follower) come back on exit: a command run in-process
+    (a test, a sweep job) leaves the process's numerics as it found them."""
     import torch
 
     global _reason, _follower
-    saved, saved_reason, saved_follower = torch.get_num_threads(), _reason, _follower
+    saved = torch.get_num_threads(), _reason, _follower
     try:
-        yield configure(requested, processes, follow)
+        yield
     finally:
-        torch.set_num_threads(saved)
-        _reason, _follower = saved_reason, saved_follower
+        torch.set_num_threads(saved[0])
+        _reason, _follower = saved[1], saved[2]
+
+
+@contextlib.contextmanager
+def configured(requested: int | None = None, processes: int = 1, follow: bool = False) -> Iterator[int]:
+    """:func:`configure` for the length of one command (:func:`kept`)."""
+    with kept():
+        yield configure(requested, processes, follow)
 
 
 def describe() -> str:

@@ -155,6 +155,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _our_backward() -> str:
+    mib = os.environ.get("ATESD_TRITON_BWD_WORKSPACE_MIB", "0") or "0"
+    return "fused (atomics)" if float(mib) <= 0 else f"workspace {mib} MiB (ATESD_TRITON_BWD_WORKSPACE_MIB)"
+
+
 def inputs(n: int, h: int, v: int, trainable_head: bool):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     hs = (torch.randn(n, h, device=DEVICE, generator=g) * 2).to(DTYPE)
@@ -267,7 +272,8 @@ class Table:
         head = [
             f"device: {device}; torch {torch.__version__}; triton {triton_v}; "
             f"dtype {str(DTYPE).removeprefix('torch.')}; "
-            f"T {TEMPERATURE}, clip {CLIP} (ours, chunked, naive); date {time.strftime('%Y-%m-%d %H:%M')}",
+            f"T {TEMPERATURE}, clip {CLIP} (ours, chunked, naive); date {time.strftime('%Y-%m-%d %H:%M')}; "
+            f"ours' backward: {_our_backward()}",
             f"matmul peak ({peak_what}): {peak:.3g} TFLOP/s; command: `{command}`",
             "",
             "| " + " | ".join(self.COLUMNS) + " |",

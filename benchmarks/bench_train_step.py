@@ -82,11 +82,14 @@ def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[
         def wrapper(*a, **kw):
             _sync()
             g0, t0 = _graphs(), time.perf_counter()
+            print(f"[bench_train_step] {name} ...", file=sys.__stderr__, flush=True)  # a timeout shows where
             out = fn(*a, **kw)
             _sync()
             clock[name] += time.perf_counter() - t0
             if graphs is not None:
                 graphs[name] = graphs.get(name, 0) + _graphs() - g0
+            print(f"[bench_train_step] {name} done in {time.perf_counter() - t0:.2f} s, {_graphs() - g0} graphs "
+                  f"compiled", file=sys.__stderr__, flush=True)
             return out
 
         return wrapper

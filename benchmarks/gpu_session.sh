@@ -8,8 +8,8 @@
 #        run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=570)
 #      The script ends itself within GPU_SESSION_BUDGET seconds (default 530) and writes every table under $OUT
 #      as soon as it exists; the tool brings $OUT back (8 files, its limit): summary.md (each step's outcome and
-#      time), device.md, exactness.log, kernels.md, profile.md (+ kernels.log, the log of both), train-step.md
-#      (+ train-step.log).
+#      time), device.md, kernels.md, profile.md, workspace.md, train-step.md, and session.log (every step's output
+#      after the device step's, each part headed "=== step").
 #   3. give_back (unless rerunning at once), then copy the tables into benchmarks/RESULTS.md with the device, the
 #      date, the versions (device.md) and the exact command (summary.md's first line).
 #
@@ -23,11 +23,11 @@
 #            carry=[".whl"], timeout_s=250)
 #
 # Steps (key, name), each under its own `timeout` (a step that fails or times out is marked in summary.md; the next
-# one runs); the default is all of them in this order (GPU_SESSION_STEPS=a,b,c,c-profile,d):
+# one runs); the default is all of them in this order (GPU_SESSION_STEPS=a,b,c,c-profile,w,d):
 #   a  a-device     device and versions                                          device.md         cap 30 s
 #   b  b-exactness  CUDA exactness of the op: tests/kernels/test_cuda_exactness.py (bf16 and fp32, V=151936, clip,
 #                   beta 0 and 0.5, masked rows, a trainable head, extreme logits, NaN/inf rows) under one pinned
-#                   Triton config (no autotuning: ~17 kernel compiles)           exactness.log     cap 120 s
+#                   Triton config (no autotuning: ~17 kernel compiles)           session.log       cap 120 s
 #   c  c-kernels    the op vs Liger's LigerFusedLinearJSDLoss (beta 0) vs chunked torch at N=8192, H=4096,
 #                   V=151936, bf16, T 1.1, clip 0.06, frozen then trainable head: ms, tokens/s, peak extra memory,
 #                   TFLOP/s on each one's own FLOP count and on the 6NVH yardstick, % of the bf16 matmul peak
@@ -38,9 +38,16 @@
 #                   backward's atomics isolated, a logits-only control, the epilogue against the matmul
 #                   (~22 autotuning compiles, ~10 s of timed runs; the 2026-12-04 session missed the op's targets
 #                   and issue 23 asks which kernel)                               profile.md        cap 120 s
+#   w  w-workspace  the op's backward, fused (atomics) vs the workspace backward at 128-1024 MiB
+#                   (benchmarks/bench_bwd_workspace.py): ms, tokens/s, peak memory, difference to the fused
+#                   gradients; the 2026-12-04 18:07 profile put the fused backward's atomics at 8-19% of peak
+#                                                                                workspace.md      cap 120 s
 #   d  d-train-step one engine.train step at the Qwen3-1.7B shape by phase, graphs compiled per phase (step 2's
 #                   are recompiles), the rollout engine and attention that ran (benchmarks/bench_train_step.py;
-#                   step 1's figures are written before step 2 runs)            train-step.md     the rest
+#                   step 1's figures are written before step 2 runs; each phase's start and end is logged)
+#                                                                                train-step.md     the rest
+# ATESD_TRITON_BWD_WORKSPACE_MIB, when set for the command, reaches every step (b, c and d then run the op's
+# workspace backward; w sets it per row itself).
 # Rollouts and prefix sharing: benchmarks/gpu_session_2.sh, for a later lent session.
 #
 # CPU dry run (tests/test_gpu_session.py runs it in CI): GPU_SESSION_DRY=1 OUT=/tmp/x bash benchmarks/gpu_session.sh
@@ -53,9 +60,9 @@ fi
 
 source benchmarks/gpu_session_lib.sh
 if [ "$DRY" = 1 ]; then
-  KERNEL_SHAPE=64x32x300 ROUNDS=1 TRAIN_SHAPE=smoke
+  KERNEL_SHAPE=64x32x300 ROUNDS=1 TRAIN_SHAPE=smoke WORKSPACE_MIBS=0,0.02
 else
-  KERNEL_SHAPE=8192x4096x151936 ROUNDS=5 TRAIN_SHAPE=1.7b
+  KERNEL_SHAPE=8192x4096x151936 ROUNDS=5 TRAIN_SHAPE=1.7b WORKSPACE_MIBS=0,128,256,512,1024
 fi
 
 exactness() {  # one pinned config: autotuning every variant would cost ~20 compiles each
@@ -64,18 +71,20 @@ exactness() {  # one pinned config: autotuning every variant would cost ~20 comp
 }
 export -f exactness
 
-steps=$(select_steps "${GPU_SESSION_STEPS-a,b,c,c-profile,d}" a=a-device b=b-exactness c=c-kernels \
-  c-profile=c-profile d=d-train-step) || exit 2
+steps=$(select_steps "${GPU_SESSION_STEPS-a,b,c,c-profile,w,d}" a=a-device b=b-exactness c=c-kernels \
+  c-profile=c-profile w=w-workspace d=d-train-step) || exit 2
 start_summary "${GPU_SESSION_STEPS+GPU_SESSION_STEPS=$GPU_SESSION_STEPS }bash benchmarks/gpu_session.sh"
 for name in $steps; do
   case $name in
     a-device) step a-device 30 device.md "" -- versions ;;
-    b-exactness) step b-exactness 120 exactness.log "" -- exactness ;;
-    c-kernels) step c-kernels 200 kernels.log kernels.md -- "$PY" -m benchmarks.bench_kernels --shapes "$KERNEL_SHAPE" \
+    b-exactness) step b-exactness 120 session.log "" -- exactness ;;
+    c-kernels) step c-kernels 200 session.log kernels.md -- "$PY" -m benchmarks.bench_kernels --shapes "$KERNEL_SHAPE" \
       --impls ours,liger,chunked --heads frozen,trainable --rounds "$ROUNDS" --out "$out/kernels.md" ;;
-    c-profile) step c-profile 120 kernels.log profile.md -- "$PY" -m benchmarks.profile_op --shape "$KERNEL_SHAPE" \
+    c-profile) step c-profile 120 session.log profile.md -- "$PY" -m benchmarks.profile_op --shape "$KERNEL_SHAPE" \
       --rounds "$ROUNDS" --out "$out/profile.md" ;;
-    d-train-step) step d-train-step 600 train-step.log train-step.md -- "$PY" -m benchmarks.bench_train_step \
+    w-workspace) step w-workspace 120 session.log workspace.md -- "$PY" -m benchmarks.bench_bwd_workspace \
+      --shape "$KERNEL_SHAPE" --rounds "$ROUNDS" --mib "$WORKSPACE_MIBS" --out "$out/workspace.md" ;;
+    d-train-step) step d-train-step 600 session.log train-step.md -- "$PY" -m benchmarks.bench_train_step \
       --shape "$TRAIN_SHAPE" --out "$out/train-step.md" ;;
   esac
 done

@@ -107,8 +107,10 @@ def plan(m: Shape, gpus: int, mode: str) -> dict[str, float]:
     out["teacher pass (transient) + kept teacher states"] = (
         teacher * m.hidden * 2 + m.layer_working_set(teacher) + scored * m.hidden * 2
     ) / GIB
-    # the fused op: fp32 grad of the student hidden states + O(N) partials (no N x V tensor)
-    out["fused KL op extra"] = (scored * m.hidden * 4 + scored * 64 * 4 * 4) / GIB
+    # the fused op: fp32 grad of the student hidden states + O(N) partials + the backward's bf16 dz workspace
+    # (ATESD_TRITON_BWD_WORKSPACE_MIB, 512 MiB by default: at most 1728 rows of V)
+    workspace_rows = min(scored, 512 * 2**20 // (V * 2) // 64 * 64)
+    out["fused KL op extra"] = (scored * m.hidden * 4 + scored * 64 * 4 * 4 + workspace_rows * V * 2) / GIB
     layer = 2 * m.layer_params()
     out["FSDP gathers in training (2 layers + head)"] = (
         (2 * layer + (0 if m.tied else head)) / GIB if mode == "full" and gpus > 1 else 0.0

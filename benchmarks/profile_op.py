@@ -6,7 +6,8 @@
 (TRITON_INTERPRET is read when ``kernels/triton_kl.py`` is imported, i.e. when this module is.)
 
 The op's launchers (``kernels/triton_kl.py``: ``forward`` runs ``_stats_kernel`` then, with a finite clip or a JSD,
-``_loss_kernel``; ``backward`` runs ``_bwd_kernel``) are called directly, with the three autotuned kernels swapped
+``_loss_kernel``; ``backward`` runs ``_bwd_kernel``, the fused backward, which this script selects with
+ATESD_TRITON_BWD_WORKSPACE_MIB=0) are called directly, with the three autotuned kernels swapped
 for proxies that time every launch (CUDA events around the launch on a GPU, read after a synchronize;
 ``perf_counter`` on the CPU, where the interpreter runs synchronously) and keep the compiled kernel it returns. The
 proxies change nothing that is launched. What a launcher spends outside its kernels (torch ops merging the
@@ -580,6 +581,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--heads takes frozen and/or trainable, got {','.join(args.heads)!r}")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    # the fused backward's kernels are what this profiles; the default workspace backward (cuBLAS products) is
+    # measured against it by benchmarks/bench_bwd_workspace.py
+    os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = "0"
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("no CUDA device: set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter (a dry run)")
     report = Report(args.out)

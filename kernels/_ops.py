@@ -20,7 +20,9 @@ Two ops, both in namespace ``atesd`` (``torch.ops.atesd.*``), with fake (meta) i
         dz[n, v] = grad[n] * (c_v gp_v - ps_v g[n]) / T
     and grad_hs = dz w  ([N, H], dtype of hs), grad_w = dz^T hs ([V, H] fp32, or a 0-element tensor unless
     need_grad_w), grad_b = sum_n dz ([V] fp32, or 0-element unless need_grad_b).
-    No backend may allocate an N x V (or chunk x V on GPU) tensor, nor synchronise with the host.
+    No backend may allocate an N x V tensor, nor synchronise with the host. The one bounded exception: the Triton
+    backward's dz workspace, rows x V elements within ATESD_TRITON_BWD_WORKSPACE_MIB (default 512 MiB, whatever N
+    is; 0 turns it off), logged when used.
 
 Non-finite inputs (every backend, as the reference): a NaN or +-inf in a row's inputs makes its loss and kl NaN
 (or non-finite) and its g NaN; a pointwise term l that is NaN is never clipped (c_v = [not (l_v > clip)], and
@@ -93,7 +95,11 @@ def describe_backend(device: torch.device | str) -> str:
     if backend == "triton":
         import triton
 
-        return f"triton (GPU kernels, triton {triton.__version__}) on {device}"
+        from atesd.kernels.triton_kl import workspace_mib
+
+        mib = workspace_mib()
+        bwd = f"backward dz workspace {mib:g} MiB" if mib > 0 else "fused backward"
+        return f"triton (GPU kernels, triton {triton.__version__}; {bwd}) on {device}"
     if backend == "native":
         return f"native (C++ CPU kernel {getattr(_NATIVE, 'LIBRARY', '?')}) on {device}"
     if device.type == "cuda":

@@ -1,8 +1,13 @@
 """Triton (GPU) backend of the fused linear clipped-KL op: ``forward``/``backward`` of the _ops.py contract.
 
 Logits are computed tile by tile with ``tl.dot`` (fp32 accumulation, K loop over H) and never stored: no N x V
-or chunk x V tensor exists; the extra memory is [k, N, n_splits] fp32 partials plus, in the backward, the fp32
-[N, H] grad_hs accumulator (and the [V, H] / [V] weight/bias gradients the contract returns).
+tensor exists. The forward's extra memory is [k, N, n_splits] fp32 partials. The backward, by default, writes dz
+for a block of rows into a workspace of at most ATESD_TRITON_BWD_WORKSPACE_MIB (512 MiB: 1728 rows at V=151936,
+bf16; the size never grows with N) and lets cuBLAS form dz W and dz^T hs; with the knob at 0 it is the fused
+kernel below, which needs only the fp32 [N, H] grad_hs accumulator but adds every (token tile, vocab tile) block
+to it by atomics. Measured on an H200 at the Qwen3-8B head (benchmarks/RESULTS.md section 17): the fused
+backward 111 ms frozen / 284 ms trainable, the workspace one 60 / 79 ms. Both return the [V, H] / [V] fp32
+weight/bias gradients the contract asks for.
 
 Layout. Every kernel runs a 1D grid over (token tile of BLOCK_N rows) x (vocab split). A split is a contiguous
 vocab range of ``split_len`` columns (a multiple of every BLOCK_V in use, so tiles never straddle splits) that
@@ -17,7 +22,10 @@ fastest), so programs resident together read the same W tiles and only a few hs 
     pass 2 (_loss_kernel): only when clip is finite or 0 < beta < 1. With the final lse, recompute the logits
         and sum l, min(l, clip) and c * dl/dlog ps per (row, split). Otherwise loss = kl and g = -1 (beta=0)
         or kl + 1 (beta=1) come for free.
-    backward (_bwd_kernel): recompute both logit tiles, dz = grad[n] (c gp - ps g[n]) / T, then loop over H
+    backward, workspace (default; _dz_kernel + cuBLAS): per block of rows, recompute both logit tiles, write dz
+        (input dtype) to the workspace, then grad_hs[block] = dz W and grad_w += dz^T hs[block] (fp32 output).
+    backward, fused (ATESD_TRITON_BWD_WORKSPACE_MIB=0; _bwd_kernel): recompute both logit tiles,
+        dz = grad[n] (c gp - ps g[n]) / T, then loop over H
         in BLOCK_K chunks: grad_hs[rows] += dz @ W[tile] and, if needed, grad_w[tile] += dz^T @ hs[rows], by
         fp32 atomics (so the last bits vary from run to run); grad_b gets exact column sums of dz (atomics
         too). dz is cast to the input dtype for the tensor-core dot, as in Cut Cross-Entropy. The atomics are
@@ -25,11 +33,11 @@ fastest), so programs resident together read the same W tiles and only a few hs 
         and the default acq_rel wraps every vector atomic in a GPU-wide fence and an L1 flush on sm_90 (MEMBAR.GPU,
         CCTL.IVALL) where relaxed ones compile to plain REDG.
 
-Gradient filtering. A backward tile whose dz is negligible skips both H loops and their atomics. The test is
-an L1 budget, which bounds the error whatever the vocabulary size: per row, the skipped sum_v |c gp - ps g|
-(the logit gradient before the grad[n]/T scale) over all skipped tiles of all splits is <= eps, so each
-coordinate of a grad_hs row is off by <= eps * |grad[n]| / T * max|W| (grad_w: the same per row, summed over
-rows).
+Gradient filtering (the fused backward only; the workspace one writes every dz). A backward tile whose dz is
+negligible skips both H loops and their atomics. The test is an L1 budget, which bounds the error whatever the
+vocabulary size: per row, the skipped sum_v |c gp - ps g| (the logit gradient before the grad[n]/T scale) over
+all skipped tiles of all splits is <= eps, so each coordinate of a grad_hs row is off by
+<= eps * |grad[n]| / T * max|W| (grad_w: the same per row, summed over rows).
 Rows with grad[n] == 0 (masked tokens) cost nothing. Defaults: eps = 0 for fp32 (skips exact zeros only: the
 result is exact); eps = 2^-20 for bf16/fp16, far below the bf16 rounding (2^-9 relative) of any row whose
 logit gradient has an L1 mass above ~1e-3. ATESD_GRAD_FILTER_EPS overrides it (0 disables lossy filtering).
@@ -40,6 +48,7 @@ Knobs (environment, read at each call unless noted):
     ATESD_TRITON_TF32=1     let fp32 inputs use TF32 tensor cores (default IEEE fp32).
     ATESD_TRITON_CONFIG     "BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages": one config, no autotuning
                             (read at import).
+    ATESD_TRITON_BWD_WORKSPACE_MIB  the backward's dz workspace in MiB (default 512; 0: the fused backward).
 Autotuning keys on H, V, the divergence mode, shared head, the dot precision (and need_grad_w in the backward);
 the first call per key benchmarks the configs of its precision: 8 forward and 3 backward ones on tensor cores
 (bf16/fp16, TF32), one for IEEE fp32 (register budget: comment at ``_TC_FWD``). Under TRITON_INTERPRET=1 a single
@@ -48,8 +57,10 @@ small config is used.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -80,6 +91,7 @@ def _cfg(bn: int, bv: int, bk: int, warps: int, stages: int) -> triton.Config:
 _TC_FWD = [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3), (128, 64, 64, 8, 3),
            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]
 _TC_BWD = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 8, 3)]
+_TC_DZ = [(64, 128, 64, 8, 4), (64, 128, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]  # no spills (sm_90a)
 _IEEE = [(64, 64, 32, 8, 3)]
 
 
@@ -106,9 +118,10 @@ def _for_precision(configs, named_args, **kwargs):
 
 _CONFIGS = _configs(_TC_FWD)
 _BWD_CONFIGS = _configs(_TC_BWD)
+_DZ_CONFIGS = _configs(_TC_DZ)
 _PRUNE = {"early_config_prune": _for_precision}
-_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS + _BWD_CONFIGS)
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS + _BWD_CONFIGS)
+_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS + _BWD_CONFIGS + _DZ_CONFIGS)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS + _BWD_CONFIGS + _DZ_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,6 +387,44 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
         skipped = tl.where(over, skipped, new_skipped)
 
 
+@triton.autotune(configs=_DZ_CONFIGS, key=["H", "HT", "V", "MODE", "SHARED_W", "DOT_PREC", "DOT_PREC_T"],
+                 reset_to_zero=["gb_ptr"], prune_configs_by=_PRUNE)
+@triton.jit
+def _dz_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, g_ptr, dz_ptr, gb_ptr,
+               N, V, H, HT, ld_dz, n_splits, split_len, inv_t, clip, beta, log_beta, log_1mbeta,
+               MODE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+               SHARED_W: tl.constexpr, NEED_B: tl.constexpr, DOT_PREC: tl.constexpr, DOT_PREC_T: tl.constexpr,
+               GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The workspace backward's first half: dz of a block of rows into dz_ptr [N, ld_dz] (input dtype), every
+    column < V written (0 for masked rows); the products with W and hs are left to cuBLAS."""
+    pid_n, pid_s = _tile_ids(N, n_splits, split_len, BLOCK_N, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v_lo = pid_s * split_len
+    v_hi = tl.minimum(v_lo + split_len, V)
+    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
+    gn = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=rmask, other=0.0)
+    live = rmask & (grad != 0.0)
+    scale = grad * inv_t
+    out_row = rows.to(tl.int64) * ld_dz
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
+                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
+        valid = live[:, None] & cmask[None, :]
+        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+        if HAS_CLIP:
+            gp = tl.where(lv > clip, 0.0, gp)
+        dz = tl.where(valid, gp - ps * gn[:, None], 0.0) * scale[:, None]
+        if NEED_B:
+            tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask, sem="relaxed")
+        tl.store(dz_ptr + out_row[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host wrappers
 
@@ -518,6 +569,10 @@ def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Te
     if n == 0:
         return ghs.to(hs.dtype), gw, gb
     ptrs, sc = _common(hs, ht, w, wt, bs, bt, temperature, clip, beta)
+    rows = workspace_rows(n, v, hs.dtype)
+    if rows:
+        grad_hs = _backward_workspace(rows, grad, ptrs, sc, lse_s, lse_t, g, gw, gb, n, v, h, ht.shape[1])
+        return grad_hs, gw, gb
     n_splits, split_len = _splits(n, v, dev)
     budget = filter_eps(hs.dtype) / n_splits
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)
@@ -530,3 +585,106 @@ def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Te
                       DOT_PREC_T=sc["DOT_PREC_T"],
                       GROUP_N=_GROUP_N)
     return (ghs if hs.dtype == torch.float32 else ghs.to(hs.dtype)), gw, gb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the workspace backward: dz of a bounded block of rows materialised, its products by cuBLAS
+
+_DEFAULT_WORKSPACE_MIB = "512"  # 693 MiB peak extra at the 8B head (RESULTS.md section 17): a quarter of Liger's
+_WORKSPACE_LOGGED: set = set()
+_ADDMM_FP32_OK: dict = {}
+
+
+def workspace_mib() -> float:
+    """ATESD_TRITON_BWD_WORKSPACE_MIB as a number (default 512); a one-line error for anything else."""
+    raw = os.environ.get("ATESD_TRITON_BWD_WORKSPACE_MIB", _DEFAULT_WORKSPACE_MIB).strip() or "0"
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"ATESD_TRITON_BWD_WORKSPACE_MIB must be a number of MiB (0: none), got {raw!r}") from None
+    if not math.isfinite(mib):
+        raise ValueError(f"ATESD_TRITON_BWD_WORKSPACE_MIB must be finite, got {raw!r}")
+    return mib
+
+
+def workspace_rows(n: int, v: int, dtype: torch.dtype) -> int:
+    """Rows of dz the backward materialises at a time: ATESD_TRITON_BWD_WORKSPACE_MIB (default 512; 0: none, the
+    fused atomics backward) // (row bytes), a multiple of 64 (at least 64), at most n."""
+    mib = workspace_mib()
+    if mib <= 0:
+        return 0
+    row_bytes = triton.cdiv(v, 8) * 8 * torch.empty((), dtype=dtype).element_size()
+    rows = max(64, int(mib * 2**20) // row_bytes // 64 * 64)
+    return min(rows, n)
+
+
+def _addmm_fp32_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(c, a, b, torch.float32, out=c)`` accumulates bf16 products into fp32 c in place on
+    this device (CUDA's cuBLAS path; checked once on a small case against an fp32 product)."""
+    if device.type not in _ADDMM_FP32_OK:
+        a = torch.randn(64, 48, device=device).to(torch.bfloat16)
+        b = torch.randn(48, 32, device=device).to(torch.bfloat16)
+        c = torch.randn(64, 32, device=device)
+        expect = c + a.float() @ b.float()
+        try:
+            torch.addmm(c, a, b, torch.float32, out=c)
+            ok = bool(torch.allclose(c, expect, rtol=1e-4, atol=1e-4))
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _ADDMM_FP32_OK[device.type] = ok
+    return _ADDMM_FP32_OK[device.type]
+
+
+def _accumulate_grad_w(gw: torch.Tensor, dz: torch.Tensor, hs_rows: torch.Tensor) -> None:
+    """gw [V, H] fp32 += dz^T [V, R] @ hs_rows [R, H]: one cuBLAS call with fp32 output where it exists, else in
+    vocabulary blocks through fp32 copies (logged once)."""
+    if dz.dtype == torch.float32:
+        gw.addmm_(dz.t(), hs_rows)
+    elif _addmm_fp32_works(dz.device):
+        torch.addmm(gw, dz.t(), hs_rows, torch.float32, out=gw)
+    else:
+        _log_once("fp32-out", f"the workspace backward accumulates grad_w through fp32 copies on {dz.device.type} "
+                  "(no bf16 x bf16 -> fp32 addmm there): slower", slower=True)
+        hs32 = hs_rows.float()
+        for lo in range(0, gw.shape[0], 8192):
+            gw[lo:lo + 8192].addmm_(dz[:, lo:lo + 8192].t().float(), hs32)
+
+
+def _log_once(key: str, message: str, slower: bool = False) -> None:
+    """A materialising path is logged (info) once per process; a slower one warns once."""
+    if key not in _WORKSPACE_LOGGED:
+        _WORKSPACE_LOGGED.add(key)
+        if slower:
+            warnings.warn(message, stacklevel=3)
+        else:
+            logging.getLogger(__name__).info(message)
+
+
+def _backward_workspace(rows, grad, ptrs, sc, lse_s, lse_t, g, gw, gb, n, v, h, ht_width) -> torch.Tensor:
+    """Backward in blocks of ``rows`` tokens: ``_dz_kernel`` writes the block's dz [rows, V] (input dtype, the
+    precision the fused kernel's tensor-core dots use too), then grad_hs[block] = dz @ W and grad_w += dz^T hs by
+    cuBLAS. Extra memory: the workspace, rows x V elements, whatever N is."""
+    hs, ht, w = ptrs[0], ptrs[1], ptrs[2]
+    ld = triton.cdiv(v, 8) * 8  # cuBLAS wants 16-byte aligned leading dimensions
+    _log_once("workspace", f"the fused op's backward materialises dz for {rows} rows at a time "
+              f"({rows * ld * hs.element_size() / 2**20:.3g} MiB, ATESD_TRITON_BWD_WORKSPACE_MIB)")
+    work = torch.empty((rows, ld), device=hs.device, dtype=hs.dtype)
+    grad_hs = torch.empty_like(hs)
+    grad = grad.contiguous().float()
+    lse_s, lse_t, g = lse_s.contiguous(), lse_t.contiguous(), g.contiguous()
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        m = hi - lo
+        n_splits, split_len = _splits(m, v, hs.device)
+        dz = work[:m, :v]
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]) * n_splits,)  # noqa: E731, B023
+        _dz_kernel[grid](grad[lo:hi], hs[lo:hi], ht[lo:hi], *ptrs[2:], lse_s[lo:hi], lse_t[lo:hi], g[lo:hi], work,
+                         gb, m, v, h, ht_width, ld, n_splits, split_len, sc["inv_t"], sc["clip"], sc["beta"],
+                         sc["log_beta"], sc["log_1mbeta"], MODE=sc["MODE"], HAS_CLIP=sc["HAS_CLIP"],
+                         HAS_BS=sc["HAS_BS"], HAS_BT=sc["HAS_BT"], SHARED_W=sc["SHARED_W"],
+                         NEED_B=gb.numel() > 0, DOT_PREC=sc["DOT_PREC"], DOT_PREC_T=sc["DOT_PREC_T"],
+                         GROUP_N=_GROUP_N)
+        torch.mm(dz, w, out=grad_hs[lo:hi])
+        if gw.numel():
+            _accumulate_grad_w(gw, dz, hs[lo:hi])
+    return grad_hs

@@ -74,11 +74,11 @@ def check_profile(profile: str) -> None:
 def test_gpu_session_dry_run(tmp_path):
     out, summary = dry_run("gpu_session.sh", tmp_path)
     assert outcomes(summary) == {"a-device": "ok", "b-exactness": "ok", "c-kernels": "ok", "c-profile": "ok",
-                                 "d-train-step": "ok"}, summary
+                                 "w-workspace": "ok", "d-train-step": "ok"}, summary
     assert "`bash benchmarks/gpu_session.sh`" in summary
     assert "CPU dry run" in summary and re.search(r"^total \d+ s$", summary, re.M)
     assert "torch " in (out / "device.md").read_text()
-    assert re.search(r"\b9 passed\b", (out / "exactness.log").read_text())  # the session's exactness list
+    assert re.search(r"\b9 passed\b", (out / "session.log").read_text())  # the session's exactness list
     kernels = (out / "kernels.md").read_text()
     assert "matmul peak" in kernels
     for head in ("frozen", "trainable"):
@@ -89,8 +89,14 @@ def test_gpu_session_dry_run(tmp_path):
                           or re.fullmatch(r"[\d.]+", liger.group(1).strip())), kernels
     assert re.search(r"^\| 64 \| 32 \| 300 \| frozen \| ours \| .* \| 14NVH \|", kernels, re.M)
     check_profile((out / "profile.md").read_text())
-    log = (out / "kernels.log").read_text()  # c-kernels' log, then c-profile's appended
+    log = (out / "session.log").read_text()  # b's log, then c-kernels', c-profile's, ... appended
     assert "| frozen | ours |" in log and "\n=== c-profile\n" in log and "| _stats_kernel |" in log
+    workspace = (out / "workspace.md").read_text()
+    for head in ("frozen", "trainable"):
+        assert re.search(rf"^\| {head} \| fused \(atomics\) \|  \| [\d.]+ \|", workspace, re.M), workspace
+        assert re.search(rf"^\| {head} \| workspace 0.02 MiB \| 64 \| [\d.]+ \| .* \| \d\.\de-\d\d \|", workspace,
+                         re.M), workspace
+    assert "[bench_train_step] rollout done in" in log
     train = (out / "train-step.md").read_text()
     assert "| rollout |" in train and "graphs compiled (any is a recompile)" in train
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
@@ -101,15 +107,15 @@ def test_gpu_session_step_list(tmp_path):
     out, summary = dry_run("gpu_session.sh", tmp_path, GPU_SESSION_STEPS="c-profile,a")
     assert list(outcomes(summary).items()) == [("c-profile", "ok"), ("a-device", "ok")], summary
     assert "`GPU_SESSION_STEPS=c-profile,a bash benchmarks/gpu_session.sh`" in summary
-    assert sorted(p.name for p in out.iterdir()) == ["device.md", "kernels.log", "profile.md", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["device.md", "profile.md", "session.log", "summary.md"]
     check_profile((out / "profile.md").read_text())
-    assert not (out / "kernels.log").read_text().startswith("=== ")  # its first writer: not appended to
+    assert not (out / "session.log").read_text().startswith("=== ")  # its first writer: not appended to
 
 
 def test_gpu_session_bad_step_list(tmp_path):
     """An unknown, repeated or empty step list stops the script at once with one line naming it; no step runs."""
     for steps, message in (("a,c-kernel", "unknown step 'c-kernel' (known steps: a (a-device), b (b-exactness), "
-                                          "c (c-kernels), c-profile, d (d-train-step))"),
+                                          "c (c-kernels), c-profile, w (w-workspace), d (d-train-step))"),
                            ("c,c-kernels", "step 'c-kernels' listed twice"), ("", "GPU_SESSION_STEPS is empty")):
         proc, out = session("gpu_session.sh", tmp_path, GPU_SESSION_STEPS=steps)
         assert proc.returncode == 2 and message in proc.stderr, (steps, proc.stderr)

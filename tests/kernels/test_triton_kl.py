@@ -24,6 +24,13 @@ INF = math.inf
 OUT_NAMES = ("loss", "kl", "lse_s", "lse_t", "g", "agree", "maxp", "ent")
 
 
+@pytest.fixture(autouse=True)
+def _fused_backward_unless_asked(monkeypatch):
+    """The tests below the workspace section check the fused backward (its gradient filter, atomics); the default
+    (a dz workspace) has tests of its own at the end of this file."""
+    monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", "0")
+
+
 def make(n=37, h=40, v=291, dtype=torch.float32, teacher_noise=0.5, wscale=0.4, seed=0, sep_w=False,
          bias=False, sep_bias=False):
     """Random inputs; V=291 and N=37, H=40 are multiples of no tile size."""
@@ -251,7 +258,8 @@ def test_backward_atomics_are_relaxed():
 
     from atesd.kernels import triton_topk
 
-    for module, count in ((triton_kl, 3), (triton_topk, 5)):  # grad_b, grad_hs, grad_w (+ the top-k's sparse pair)
+    # grad_b (twice: the fused and the workspace backward), grad_hs, grad_w; the top-k's sparse pair too
+    for module, count in ((triton_kl, 4), (triton_topk, 5)):
         calls = [node for node in ast.walk(ast.parse(inspect.getsource(module)))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                  and node.func.attr.startswith("atomic_")]
@@ -277,11 +285,11 @@ def compile(kernel, cfg, consts, dtype="*bf16"):
         if a in consts:
             return "constexpr"
         if a.endswith("_ptr"):
-            return dtype if a in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr") else "*fp32"
-        return "i32" if a in ("N", "V", "H", "HT", "n_splits", "split_len") else "fp32"
+            return dtype if a in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr", "dz_ptr") else "*fp32"
+        return "i32" if a in ("N", "V", "H", "HT", "n_splits", "split_len", "ld_dz") else "fp32"
     sig = {a: kind(a) for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in ("N", "V", "H", "HT", "split_len")}
+             if sig[a].startswith("*") or a in ("N", "V", "H", "HT", "split_len", "ld_dz")}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
@@ -319,6 +327,13 @@ for c in tk._BWD_CONFIGS:
     consts = dict(bwd, DOT_PREC="ieee", DOT_PREC_T="ieee") if ieee else bwd
     spilled = spill_bytes(compile(tk._bwd_kernel, c, consts, "*fp32" if ieee else "*bf16"))
     print("spills", c.kwargs, c.num_warps, spilled)
+# the workspace backward's dz kernel: every config it may pick
+dzc = dict(common, MODE=0, HAS_CLIP=True, NEED_B=True, HAS_BS=False, HAS_BT=False)
+for c in tk._DZ_CONFIGS:
+    ieee = tk._is_ieee(c)
+    consts = dict(dzc, DOT_PREC="ieee", DOT_PREC_T="ieee") if ieee else dzc
+    spilled = spill_bytes(compile(tk._dz_kernel, c, consts, "*fp32" if ieee else "*bf16"))
+    print("dzspills", c.kwargs, c.num_warps, spilled)
 """
 
 
@@ -344,5 +359,66 @@ def test_kernels_compile_for_h100():
     if fences:  # cuobjdump ships with the wheel
         assert int(fences.group(1)) == 0 and int(fences.group(2)) > 0, proc.stdout
     # the dropped configs spilled 60-700 bytes per thread (triton_kl.py, at _TC_FWD); a few bytes vary with ptxas
-    spills = re.findall(r"spills (.*) (\d+)$", proc.stdout, re.M)
+    spills = re.findall(r"^spills (.*) (\d+)$", proc.stdout, re.M)
     assert len(spills) == len(triton_kl._TC_BWD + triton_kl._IEEE) and all(int(b) <= 16 for _, b in spills), spills
+    spills = re.findall(r"^dzspills (.*) (\d+)$", proc.stdout, re.M)
+    assert len(spills) == len(triton_kl._TC_DZ + triton_kl._IEEE) and all(int(b) <= 16 for _, b in spills), spills
+
+
+# the workspace backward (ATESD_TRITON_BWD_WORKSPACE_MIB > 0): dz of a block of rows materialised, cuBLAS products
+
+
+def _workspace(monkeypatch, rows: int, v: int, dtype=torch.float32) -> None:
+    """Set the workspace budget so the backward takes ``rows`` rows at a time (a multiple of 64)."""
+    row_bytes = -(-v // 8) * 8 * torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", str(rows * row_bytes / 2**20))
+    assert triton_kl.workspace_rows(10**6, v, dtype) == rows
+
+
+@pytest.mark.parametrize("beta,clip,temperature", [(0.0, INF, 1.0), (0.0, 0.05, 1.1), (0.5, 0.05, 1.1),
+                                                   (1.0, INF, 1.0)])
+def test_workspace_backward_matches_reference(monkeypatch, beta, clip, temperature):
+    _workspace(monkeypatch, 64, 291)
+    check_all(make(n=150, bias=True, seed=23), temperature, clip, beta)  # 3 blocks of rows, the last one short
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_workspace_backward_half_precision(monkeypatch, dtype):
+    _workspace(monkeypatch, 64, 291, dtype)
+    check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3, grad_rtol=2e-2)
+
+
+def test_workspace_backward_separate_head_masked_and_nan_rows(monkeypatch):
+    _workspace(monkeypatch, 64, 291)
+    check_all(make(n=90, sep_w=True, bias=True, sep_bias=True, seed=3), 1.1, 0.05, 0.0)
+    args = make(n=130, bias=True, seed=17)
+    grad = torch.randn(130, generator=torch.Generator().manual_seed(3))
+    grad[::3] = 0.0
+    grad = grad.to(DEV)
+    fwd, (ghs, gw, gb) = run_both(args, 1.0, 0.05, 0.0, grad, True, True)
+    want = expected(*args, 1.0, 0.05, 0.0, grad=grad, need_w=True, need_b=True)
+    assert (ghs[::3] == 0).all()  # masked rows: exactly zero, in every block
+    assert_near(ghs, want["grad_hs"], 1e-4, "grad_hs")
+    assert_near(gw, want["grad_w"], 1e-4, "grad_w")
+    assert_near(gb, want["grad_b"], 1e-4, "grad_b")
+    hs, ht, w, *_ = make(n=100, seed=5)
+    hs[70, 3] = math.nan  # in the second block
+    grad = torch.ones(100, device=DEV)
+    fwd, (ghs, gw, _) = run_both((hs, ht, w, None, None, None), 1.0, 0.05, 0.0, grad, True, False)
+    assert torch.isnan(ghs[70]).all() and torch.isfinite(ghs[torch.arange(100) != 70]).all()
+    assert torch.isnan(gw).any()
+
+
+def test_workspace_rows_follow_the_budget(monkeypatch):
+    monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", "0")
+    assert triton_kl.workspace_rows(8192, 151936, torch.bfloat16) == 0  # 0: the fused backward
+    monkeypatch.delenv("ATESD_TRITON_BWD_WORKSPACE_MIB")
+    assert triton_kl.workspace_rows(8192, 151936, torch.bfloat16) == 1728  # default 512 MiB / (151936 x 2 B)
+    assert triton_kl.workspace_rows(8192, 151936, torch.float32) == 832
+    assert triton_kl.workspace_rows(100, 151936, torch.bfloat16) == 100  # never more rows than there are
+    monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", "0.001")
+    assert triton_kl.workspace_rows(8192, 151936, torch.bfloat16) == 64  # at least one block
+    for bad in ("lots", "nan"):
+        monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", bad)
+        with pytest.raises(ValueError, match="ATESD_TRITON_BWD_WORKSPACE_MIB must be"):
+            triton_kl.workspace_rows(8192, 151936, torch.bfloat16)

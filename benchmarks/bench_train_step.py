@@ -116,6 +116,30 @@ def phase_clock(trainer, graphs: dict[str, int] | None = None) -> Iterator[dict[
                 setattr(obj, attr, own[name])
 
 
+def log_decode_steps(rollout) -> None:
+    """Print the static decoder's decode steps 1, 2, 4, 8, ... and every 128th with the seconds since step 1
+    began and the graphs compiled so far, so a timeout inside a rollout says whether compiling or decoding took the
+    time (the HF loop has no per-step hook: nothing is printed for it)."""
+    step_fn = getattr(rollout, "_step", None)
+    if step_fn is None:
+        return
+    count, start = [0], [0.0]
+
+    def logged(*args, **kwargs):
+        if count[0] == 0:
+            start[0] = time.perf_counter()
+        out = step_fn(*args, **kwargs)
+        count[0] += 1
+        n = count[0]
+        if n & (n - 1) == 0 or n % 128 == 0:
+            _sync()
+            print(f"[bench_train_step] decode step {n}: {time.perf_counter() - start[0]:.1f} s since step 1 began, "
+                  f"{_graphs()} graphs compiled in all", file=sys.__stderr__, flush=True)
+        return out
+
+    rollout._step = logged
+
+
 def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> dict:
     """Per-phase seconds of step 2 (and step 1's total), graphs compiled per phase and step, rollout tokens,
     tokens/s, peak memory, the rollout engine and the attention that ran. ``on_step(partial_result)`` is called
@@ -132,6 +156,7 @@ def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> d
                     "--eval-problems", "0", "--exposure", "fixed:0.5", "--save-every", "1000",
                     "--output-dir", os.path.join(root, "run"), "--no-progress"])  # fmt: skip
     trainer = train_mod.Trainer(cfg, os.path.join(root, "run"))
+    log_decode_steps(trainer.rollout)
     totals = []
     compiled = [{}, {}]  # graphs built per phase, step 1 and step 2
     for i in range(2):

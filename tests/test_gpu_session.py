@@ -96,7 +96,7 @@ def test_gpu_session_dry_run(tmp_path):
         assert re.search(rf"^\| {head} \| fused \(atomics\) \|  \| [\d.]+ \|", workspace, re.M), workspace
         assert re.search(rf"^\| {head} \| workspace 0.02 MiB \| 64 \| [\d.]+ \| .* \| \d\.\de-\d\d \|", workspace,
                          re.M), workspace
-    assert "[bench_train_step] rollout done in" in log
+    assert "[bench_train_step] rollout done in" in log and "[bench_train_step] decode step 1: " in log
     train = (out / "train-step.md").read_text()
     assert "| rollout |" in train and "graphs compiled (any is a recompile)" in train
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT

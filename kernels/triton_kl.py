@@ -216,6 +216,32 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
     return lv, gp, ps
 
 
+@triton.jit
+def _row_state(grad_ptr, lse_s_ptr, lse_t_ptr, g_ptr, rows, rmask, inv_t):
+    """The backward's per-row inputs: lse_s, lse_t, g, live (in range, grad != 0) and grad / T, each [BLOCK_N]."""
+    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
+    gn = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=rmask, other=0.0)
+    return lse_s, lse_t, gn, rmask & (grad != 0.0), grad * inv_t
+
+
+@triton.jit
+def _logit_grad(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, live, lse_s, lse_t, gn, N, V, H, HT,
+                inv_t, clip, beta, log_beta, log_1mbeta, MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SHARED_W: tl.constexpr, DOT_PREC: tl.constexpr,
+                DOT_PREC_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] c gp - ps g[n] (the logit gradient before the grad[n]/T scale) of one tile, from
+    recomputed logits; exactly 0 outside live rows and columns < V."""
+    zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
+                          HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
+    valid = live[:, None] & (cols < V)[None, :]
+    lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
+    if HAS_CLIP:
+        gp = tl.where(lv > clip, 0.0, gp)
+    return tl.where(valid, gp - ps * gn[:, None], 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -341,25 +367,16 @@ def _bwd_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_p
     rmask = rows < N
     v_lo = pid_s * split_len
     v_hi = tl.minimum(v_lo + split_len, V)
-    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
-    gn = tl.load(g_ptr + rows, mask=rmask, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=rmask, other=0.0)
-    live = rmask & (grad != 0.0)
-    scale = grad * inv_t
+    lse_s, lse_t, gn, live, scale = _row_state(grad_ptr, lse_s_ptr, lse_t_ptr, g_ptr, rows, rmask, inv_t)
     skipped = tl.zeros((BLOCK_N,), tl.float32)
     row_off = rows.to(tl.int64) * H
     offs_k = tl.arange(0, BLOCK_K)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
-                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
-        valid = live[:, None] & cmask[None, :]
-        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
-        if HAS_CLIP:
-            gp = tl.where(lv > clip, 0.0, gp)
-        dzu = tl.where(valid, gp - ps * gn[:, None], 0.0)
+        dzu = _logit_grad(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, live, lse_s, lse_t, gn, N, V, H,
+                          HT, inv_t, clip, beta, log_beta, log_1mbeta, MODE, HAS_CLIP, HAS_BS, HAS_BT, SHARED_W,
+                          DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
         dz = dzu * scale[:, None]
         if NEED_B:
             tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask, sem="relaxed")
@@ -402,23 +419,14 @@ def _dz_kernel(grad_ptr, hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_pt
     rmask = rows < N
     v_lo = pid_s * split_len
     v_hi = tl.minimum(v_lo + split_len, V)
-    lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
-    gn = tl.load(g_ptr + rows, mask=rmask, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=rmask, other=0.0)
-    live = rmask & (grad != 0.0)
-    scale = grad * inv_t
+    lse_s, lse_t, gn, live, scale = _row_state(grad_ptr, lse_s_ptr, lse_t_ptr, g_ptr, rows, rmask, inv_t)
     out_row = rows.to(tl.int64) * ld_dz
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        zs, zt = _logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, N, V, H, HT, inv_t,
-                              HAS_BS, HAS_BT, SHARED_W, DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K)
-        valid = live[:, None] & cmask[None, :]
-        lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
-        if HAS_CLIP:
-            gp = tl.where(lv > clip, 0.0, gp)
-        dz = tl.where(valid, gp - ps * gn[:, None], 0.0) * scale[:, None]
+        dz = _logit_grad(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, live, lse_s, lse_t, gn, N, V, H,
+                         HT, inv_t, clip, beta, log_beta, log_1mbeta, MODE, HAS_CLIP, HAS_BS, HAS_BT, SHARED_W,
+                         DOT_PREC, DOT_PREC_T, BLOCK_N, BLOCK_V, BLOCK_K) * scale[:, None]
         if NEED_B:
             tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=cmask, sem="relaxed")
         tl.store(dz_ptr + out_row[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty),

@@ -571,16 +571,16 @@ def backward(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Te
     n, h = hs.shape
     v = w.shape[0]
     dev = hs.device
-    ghs = torch.zeros((n, h), device=dev, dtype=torch.float32)
     gw = torch.zeros((v, h) if need_grad_w else (0,), device=dev, dtype=torch.float32)
     gb = torch.zeros((v,) if need_grad_b else (0,), device=dev, dtype=torch.float32)
     if n == 0:
-        return ghs.to(hs.dtype), gw, gb
+        return torch.zeros_like(hs), gw, gb
     ptrs, sc = _common(hs, ht, w, wt, bs, bt, temperature, clip, beta)
     rows = workspace_rows(n, v, hs.dtype)
     if rows:
         grad_hs = _backward_workspace(rows, grad, ptrs, sc, lse_s, lse_t, g, gw, gb, n, v, h, ht.shape[1])
         return grad_hs, gw, gb
+    ghs = torch.zeros((n, h), device=dev, dtype=torch.float32)  # the fused backward's atomic accumulator
     n_splits, split_len = _splits(n, v, dev)
     budget = filter_eps(hs.dtype) / n_splits
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)

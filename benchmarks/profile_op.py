@@ -6,9 +6,10 @@
 (TRITON_INTERPRET is read when ``kernels/triton_kl.py`` is imported, i.e. when this module is.)
 
 The op's launchers (``kernels/triton_kl.py``: ``forward`` runs ``_stats_kernel`` then, with a finite clip or a JSD,
-``_loss_kernel``; ``backward`` runs ``_bwd_kernel``, the fused backward, which this script selects with
-ATESD_TRITON_BWD_WORKSPACE_MIB=0) are called directly, with the three autotuned kernels swapped
-for proxies that time every launch (CUDA events around the launch on a GPU, read after a synchronize;
+``_loss_kernel``; ``backward`` runs, by default, the workspace backward: ``_dz_kernel`` per block of rows, then cuBLAS
+products; with ATESD_TRITON_BWD_WORKSPACE_MIB=0 the fused ``_bwd_kernel``; ``--backward`` says which of the two this
+script profiles, each selected by setting that knob around its calls) are called directly, with the four autotuned
+kernels swapped for proxies that time every launch (CUDA events around the launch on a GPU, read after a synchronize;
 ``perf_counter`` on the CPU, where the interpreter runs synchronously) and keep the compiled kernel it returns. The
 proxies change nothing that is launched. What a launcher spends outside its kernels (torch ops merging the
 vocabulary splits, zero-filling the fp32 gradient accumulators, casts) is the "torch glue" row.
@@ -16,9 +17,12 @@ vocabulary splits, zero-filling the fp32 gradient accumulators, casts) is the "t
 Rows (medians over ``--rounds`` after one warm-up call that autotunes; written to ``--out`` as measured):
 - ``torch.mm hs W^T``: cuBLAS on the same logits shape and dtype, the matmul the op's tiles replace;
 - each kernel of the forward, the forward's glue, the forward;
-- ``_bwd_kernel`` per head, the backward's glue, the backward; ``every row masked``: the backward with grad = 0, so
-  every tile is filtered and only the logits recomputation and the pointwise math run; the difference to the full
-  backward is what ``dz W`` and its atomics cost (and ``dz^T hs`` with its atomics: trainable minus frozen);
+- the workspace backward per head: ``_dz_kernel`` (summed over the blocks of rows), the rest of the backward (the
+  cuBLAS products ``dz W`` and, trainable, ``dz^T hs``, with the launcher's glue), the backward, forward + backward;
+- the fused backward: ``_bwd_kernel`` per head, the backward's glue, the backward; ``every row masked``: the
+  backward with grad = 0, so every tile is filtered and only the logits recomputation and the pointwise math run;
+  the difference to the full backward is what ``dz W`` and its atomics cost (and ``dz^T hs`` with its atomics:
+  trainable minus frozen);
 - ``logits only``: a control kernel in this file that calls the op's own ``_logit_tiles`` with the statistics
   pass's chosen config and keeps one max per row and tile (both sides, then the student side alone): the op's tile
   loop with almost no epilogue. ``_stats_kernel`` minus it is the statistics pass's epilogue.
@@ -63,7 +67,8 @@ from atesd.kernels.triton_kl import _logit_tiles, _tile_ids
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-KERNELS = ("_stats_kernel", "_loss_kernel", "_bwd_kernel")
+KERNELS = ("_stats_kernel", "_loss_kernel", "_bwd_kernel", "_dz_kernel")
+BACKWARDS = ("workspace", "fused")  # ATESD_TRITON_BWD_WORKSPACE_MIB: the default (512), 0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H200 = dict(sms=132, clock_mhz=1980)  # assumed where no GPU answers (datasheet maximum SM clock)
 MUFU_PER_CLK_SM = 16  # exp2 / log2 results per clock per SM (CUDA guide, compute capability 9.0)
@@ -167,6 +172,24 @@ def timed_kernels(timeline: Timeline):
     finally:
         for name, proxy in proxies.items():
             setattr(triton_kl, name, proxy.kernel)
+
+
+@contextlib.contextmanager
+def backward_path(path: str):
+    """ATESD_TRITON_BWD_WORKSPACE_MIB set for ``path``: "fused" = 0; "workspace" = as the environment has it, or the
+    default (512) where it is unset or 0. Restored afterwards."""
+    old = os.environ.get("ATESD_TRITON_BWD_WORKSPACE_MIB")
+    if path == "fused":
+        os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = "0"
+    elif old is None or triton_kl.workspace_mib() <= 0:
+        os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = triton_kl._DEFAULT_WORKSPACE_MIB
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATESD_TRITON_BWD_WORKSPACE_MIB", None)
+        else:
+            os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = old
 
 
 def medians(timeline: Timeline, call, rounds: int) -> dict[str, float]:
@@ -283,7 +306,10 @@ class Profile:
         r.line(f"N={self.n}, H={self.h}, V={self.v}, {a.dtype}, T {a.temperature}, clip {a.clip}, beta {a.beta}; "
                f"{self.n_splits} vocab splits of {self.split_len}; gradient filter eps {eps:.3g} per row "
                f"({eps / self.n_splits:.3g} per split); medians of {a.rounds} rounds after a warm-up")
-        r.line(f"matmul peak ({self.peak_what}): {self.peak:.3g} TFLOP/s; command: `{command}`")
+        with backward_path("workspace"):
+            rows, mib = triton_kl.workspace_rows(self.n, self.v, self.dtype), triton_kl.workspace_mib()
+        r.line(f"workspace backward: blocks of {rows} rows (ATESD_TRITON_BWD_WORKSPACE_MIB {mib:g}); "
+               f"matmul peak ({self.peak_what}): {self.peak:.3g} TFLOP/s; command: `{command}`")
         r.line()
         r.line("| " + " | ".join(COLUMNS) + " |")
         r.line("|" + "---|" * len(COLUMNS))
@@ -355,7 +381,7 @@ class Profile:
         self.row("forward torch glue (split merge)", "", ms["forward"] - kernel_ms, None)
         self.row("forward (launcher)", "", ms["forward"], 4 * sum(name in ms for name in KERNELS[:2]))
 
-    def backward_rows(self, head: str, masked: bool = False) -> None:
+    def backward_rows(self, head: str, path: str = "fused", masked: bool = False) -> None:
         a = self.args
         need_w = head == "trainable"
         grad = torch.zeros_like(self.grad) if masked else self.grad
@@ -365,8 +391,20 @@ class Profile:
                 triton_kl.backward(grad, self.hs, self.ht, self.w, None, None, None, *self.saved, a.temperature,
                                    a.clip, a.beta, need_w, False)
 
-        with timed_kernels(self.timeline) as proxies:
+        with backward_path(path), timed_kernels(self.timeline) as proxies:
             ms = medians(self.timeline, call, a.rounds)
+        nvh = 6 + 2 * need_w
+        if path == "workspace":
+            key = f"_dz_kernel {head}"
+            self.remember(key, proxies["_dz_kernel"])
+            self.row("_dz_kernel (workspace backward)", head, ms["_dz_kernel"], 4, key)
+            products = "dz W, dz^T hs" if need_w else "dz W"
+            self.row(f"cuBLAS {products} + glue (workspace backward - _dz_kernel)", head,
+                     ms["backward"] - ms["_dz_kernel"], 2 + 2 * need_w)
+            self.row("backward, workspace (launcher)", head, ms["backward"], nvh)
+            self.row("forward + backward, workspace (launchers)", head,
+                     self.ms[("forward (launcher)", "")] + ms["backward"], self.op_nvh(need_w))
+            return
         key = f"_bwd_kernel {head}"
         self.remember(key, proxies["_bwd_kernel"])
         if masked:
@@ -377,14 +415,13 @@ class Profile:
                 what = "dz W, dz^T hs + their atomics" if need_w else "dz W + its atomics"
                 self.row(f"{what} (_bwd_kernel - masked)", head, full - ms["_bwd_kernel"], 2 + 2 * need_w)
             return
-        nvh = 6 + 2 * need_w
         self.row("_bwd_kernel", head, ms["_bwd_kernel"], nvh, key)
         self.row("backward torch glue (zero-fill, casts)", head, ms["backward"] - ms["_bwd_kernel"], None)
-        self.row("backward (launcher)", head, ms["backward"], nvh)
+        self.row("backward, fused (launcher)", head, ms["backward"], nvh)
         frozen = self.ms.get(("_bwd_kernel", "frozen"))
         if need_w and frozen is not None:
             self.row("dz^T hs + its atomics (trainable - frozen _bwd_kernel)", head, ms["_bwd_kernel"] - frozen, 2)
-        self.row("forward + backward (launchers)", head, self.ms[("forward (launcher)", "")] + ms["backward"],
+        self.row("forward + backward, fused (launchers)", head, self.ms[("forward (launcher)", "")] + ms["backward"],
                  self.op_nvh(need_w))
 
     def op_nvh(self, need_w: bool) -> int:
@@ -511,12 +548,13 @@ class Profile:
                          "every tile as done.")
 
     def profiler_lines(self) -> None:
-        """The kernels (CUDA) or aten ops (CPU) torch.profiler sees in one forward + backward per head."""
+        """The kernels (CUDA) or aten ops (CPU) torch.profiler sees in one forward + backward per head (the backward
+        the first of ``--backward`` names)."""
         from torch.profiler import ProfilerActivity, profile
 
         a = self.args
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
-        with profile(activities=activities) as prof:
+        with backward_path(a.backward[0]), profile(activities=activities) as prof:
             out = triton_kl.forward(self.hs, self.ht, self.w, None, None, None, a.temperature, a.clip, a.beta)
             for head in a.heads:
                 triton_kl.backward(self.grad, self.hs, self.ht, self.w, None, None, None, out[2], out[3], out[4],
@@ -528,7 +566,7 @@ class Profile:
         events = [e for e in events if getattr(e, attr, 0.0) > 0][:12]
         r = self.report
         r.line()
-        r.line(f"torch.profiler, one forward + backward ({', '.join(a.heads)}), by "
+        r.line(f"torch.profiler, one forward + {a.backward[0]} backward ({', '.join(a.heads)}), by "
                f"{'device' if CUDA else 'CPU (aten ops; interpreted kernels are not ops)'} time:")
         r.line()
         r.line("| name | calls | ms |")
@@ -567,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.1)
     ap.add_argument("--clip", type=float, default=0.06, help="inf: no clipping (no second forward pass)")
     ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--backward", default=",".join(BACKWARDS),
+                    help="comma-separated: workspace (the default backward), fused (ATESD_TRITON_BWD_WORKSPACE_MIB=0)")
     ap.add_argument("--rounds", type=int, default=5 if CUDA else 1)
     ap.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler table")
     ap.add_argument("--out", default=None, help="markdown file, written as measured (default: print only)")
@@ -579,11 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     args.heads = args.heads.split(",")
     if set(args.heads) - {"frozen", "trainable"} or not args.heads:
         ap.error(f"--heads takes frozen and/or trainable, got {','.join(args.heads)!r}")
+    args.backward = args.backward.split(",")
+    if set(args.backward) - set(BACKWARDS) or not args.backward:
+        ap.error(f"--backward takes workspace and/or fused, got {','.join(args.backward)!r}")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    # the fused backward's kernels are what this profiles; the default workspace backward (cuBLAS products) is
-    # measured against it by benchmarks/bench_bwd_workspace.py
-    os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = "0"
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("no CUDA device: set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter (a dry run)")
     report = Report(args.out)
@@ -591,10 +631,13 @@ def main(argv: list[str] | None = None) -> None:
     prof.header("python -m benchmarks.profile_op " + " ".join(argv if argv is not None else sys.argv[1:]))
     prof.matmul_row()
     prof.forward_rows()
-    for head in ("frozen", "trainable"):
-        if head in args.heads:
-            prof.backward_rows(head)
-    prof.backward_rows(args.heads[0], masked=True)
+    for path in BACKWARDS:
+        if path in args.backward:
+            for head in ("frozen", "trainable"):
+                if head in args.heads:
+                    prof.backward_rows(head, path)
+    if "fused" in args.backward:
+        prof.backward_rows(args.heads[0], "fused", masked=True)
     prof.control_rows()
     prof.autotune_lines()
     prof.epilogue_lines()

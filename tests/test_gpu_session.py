@@ -49,12 +49,21 @@ def outcomes(summary: str) -> dict[str, str]:
 def check_profile(profile: str) -> None:
     """profile.md of benchmarks/profile_op.py at the dry run's 64x32x300: every row and section, in the interpreter."""
     assert "N=64, H=32, V=300, bf16, T 1.1, clip 0.06" in profile and "matmul peak" in profile, profile
+    assert "workspace backward: blocks of 64 rows (ATESD_TRITON_BWD_WORKSPACE_MIB 512)" in profile, profile
     number = r"-?[\d.]+(?:e[-+]?\d+)?"
     rows = [("torch.mm hs W^T (same logits shape)", "", "2NVH"), ("_stats_kernel", "", "4NVH"),
             ("_loss_kernel", "", "4NVH"), ("forward torch glue (split merge)", "", ""),
             ("forward (launcher)", "", "8NVH"), ("_bwd_kernel", "frozen", "6NVH"), ("_bwd_kernel", "trainable", "8NVH"),
-            ("backward (launcher)", "trainable", "8NVH"), ("forward + backward (launchers)", "frozen", "14NVH"),
-            ("forward + backward (launchers)", "trainable", "16NVH"),
+            ("backward, fused (launcher)", "trainable", "8NVH"),
+            ("forward + backward, fused (launchers)", "frozen", "14NVH"),
+            ("forward + backward, fused (launchers)", "trainable", "16NVH"),
+            ("_dz_kernel (workspace backward)", "frozen", "4NVH"),
+            ("_dz_kernel (workspace backward)", "trainable", "4NVH"),
+            ("cuBLAS dz W + glue (workspace backward - _dz_kernel)", "frozen", "2NVH"),
+            ("cuBLAS dz W, dz^T hs + glue (workspace backward - _dz_kernel)", "trainable", "4NVH"),
+            ("backward, workspace (launcher)", "frozen", "6NVH"),
+            ("forward + backward, workspace (launchers)", "frozen", "14NVH"),
+            ("forward + backward, workspace (launchers)", "trainable", "16NVH"),
             ("dz^T hs + its atomics (trainable - frozen _bwd_kernel)", "trainable", "2NVH"),
             ("_bwd_kernel, every row masked (recompute + pointwise; every tile filtered)", "frozen", "4NVH"),
             ("dz W + its atomics (_bwd_kernel - masked)", "frozen", "2NVH"),

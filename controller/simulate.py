@@ -4,6 +4,7 @@ every run length.
     python -m controller.simulate                        # the grid of docs/controller.md (minutes)
     python -m controller.simulate --budgets 100 --seeds 3 --noise 1 --students low,high   # a quick look
     python -m controller.simulate --out docs/controller_sim.png --markdown docs-tables.md  # the docs' figure
+    python -m controller.simulate --bounds --noise 0.3,1,10                              # what any learner could reach
 
 A student has a hidden competence c in [0, 1] (starts at c0), an unrealised-knowledge buffer q and a superficial
 fit h. Its best exposure alpha*(c) = clip(a0 + a1 c) is fixed (a1 = 0) or moves as it learns. One student step
@@ -34,8 +35,13 @@ is the cumulative skill, the mean over the run of c_t - c_0 (the area under the 
 deterministic given the alphas: noise only enters what the policy observes, so `full` and `best-fixed` do not
 vary with the seed and `random` varies with its own seed only.
 
-Students: TUNING (designed first, the defaults were chosen on them) and HELD_BACK (written after the defaults were
-fixed, never tuned on; docs/controller.md reports them as they came).
+Bounds (``--bounds``): explore-then-commit (the prior for a share of the run, then the best fixed alpha known in
+hindsight: the score of a learner that identified the best exposure that early) and the default update fed an
+oracle loss that falls by the usefulness of each exposure at once (no delay, lure or mismatch; the same noise).
+
+Students: TUNING (designed first, the defaults were chosen on them), HELD_BACK (written after the defaults were
+fixed, never tuned on; docs/controller.md reports them as they came) and HELD_BACK_2 (written before the change to
+several accuracy measurements per decision was judged on any of them).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import torch
 
 from atesd.controller import build
 from atesd.controller.base import ExposurePolicy
+from atesd.controller.presets import resolve
 
 BUDGETS = (50, 100, 300, 1200, 2000)
 NOISE = (0.3, 1.0, 3.0, 10.0, 30.0)
@@ -98,9 +105,19 @@ HELD_BACK: dict[str, Design] = {
     "edge-low": Design(c0=0.15, a0=0.05, w_lo=0.2, w_hi=0.25, floor=0.25, tau=6,
                        note="best 0.05 (answer only), delay 6"),
 }
+# A second held-back set, written (2026-12-04, before any run on them) ahead of the change it judges: accuracy
+# measured several times per decision on long runs (`probe_points`), chosen on the TUNING students only.
+HELD_BACK_2: dict[str, Design] = {
+    "mid-lure": Design(c0=0.3, a0=0.45, w_lo=0.15, w_hi=0.15, floor=0.2, tau=3, phi=3.0,
+                       note="best 0.45, a strong low-exposure lure"),
+    "high-rising": Design(c0=0.3, a0=0.5, a1=0.5, w_lo=0.2, w_hi=0.2, floor=0.25, tau=2,
+                          note="best 0.65 rising with competence toward full exposure"),
+    "flat-low": Design(c0=0.25, a0=0.15, w_lo=0.3, w_hi=0.35, floor=0.5, tau=4,
+                       note="best 0.15, a weak preference (little to gain from adapting)"),
+}
 PURE_NOISE = Design(c0=0.3, a0=0.5, floor=1.0, phi=0.0, credit_alpha=0.0, tau=3, informative=False,
                     note="learns the same whatever alpha")
-STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, "pure-noise": PURE_NOISE}
+STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, **HELD_BACK_2, "pure-noise": PURE_NOISE}
 
 
 @dataclass
@@ -110,9 +127,11 @@ class Student:
     noise: float = 1.0  # x the per-step change of each signal at the best exposure at the start
     seed: int = 0
     probe_every: int = 5
+    oracle: bool = False  # report an oracle loss (below) instead of the student's: for `bounds` only
     c: float = field(init=False)
     q: float = field(init=False, default=0.0)
     h: float = field(init=False, default=0.0)
+    taught: float = field(init=False, default=0.0)  # sum of the usefulness of the exposures so far
 
     def __post_init__(self) -> None:
         d = self.design
@@ -153,6 +172,9 @@ class Student:
             "credit": -1.2 + d.credit_alpha * alpha + 0.3 * self.c + g(0.0, d.credit_noise),
             "progress": (t + 1) / self.steps,
         }
+        if self.oracle:  # falls by mu x the usefulness of each exposure at once: no delay, lure or mismatch
+            stats["loss"] = 1.0 - self.mu * self.taught + g(0.0, self.loss_sd)
+        self.taught += self.usefulness(alpha)
         self.q += self.eta * (1 - self.c) * self.usefulness(alpha)
         self.c = min(1.0, max(0.0, self.c + self.q / d.tau))
         self.q -= self.q / d.tau
@@ -177,10 +199,11 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
     return build(spec, seed=seed, **kw)
 
 
-def run(policy: ExposurePolicy, design: Design, steps: int, seed: int, noise: float) -> dict:
+def run(policy: ExposurePolicy, design: Design, steps: int, seed: int, noise: float, oracle: bool = False) -> dict:
     """Train one student for ``steps`` under ``policy``, driven as engine.train drives it (probe accuracy before a
-    step when asked, probe NLL after its update when asked and every probe_every steps)."""
-    s = Student(design, steps, noise, seed)
+    step when asked, probe NLL after its update when asked and every probe_every steps). ``oracle``: the reported
+    loss is the oracle one (``Student.oracle``)."""
+    s = Student(design, steps, noise, seed, oracle=oracle)
     alphas, best, skill = [], [], 0.0
     for t in range(steps):
         before = {"probe_accuracy": s.accuracy()} if policy.wants("probe_accuracy") else {}
@@ -264,6 +287,104 @@ def wins(cell: Cell, method: str, ref: str) -> tuple[int, int]:
     return sum(x["skill"] > y["skill"] for x, y in zip(a, b)), len(a)
 
 
+# ---- bounds: what any learner of these students could reach ---------------------------------------------
+EXPLORE = (0.25, 0.5, 0.75)  # shares of the run the explore-then-commit bound spends at the prior
+
+
+class ExploreThenCommit(ExposurePolicy):
+    """A bound, not a policy: the adaptive controller's prior (Beta(2, 2), one draw held ``hold`` steps) for the
+    first ``explore`` steps, then ``commit`` (the best fixed alpha, known in hindsight) to the end: what a learner
+    that had identified the best exposure after ``explore`` steps, and then committed to it, would score."""
+
+    def __init__(self, explore: int, commit: float, hold: int, seed: int = 0) -> None:
+        self.explore, self.commit, self.hold = int(explore), float(commit), int(hold)
+        self._rng = random.Random(10_007 + seed)
+        self._t, self._alpha = 0, None
+
+    def exposure(self) -> float:
+        if self._t >= self.explore:
+            return self.commit
+        if self._alpha is None:
+            self._alpha = self._rng.betavariate(2.0, 2.0)
+        return self._alpha
+
+    def observe(self, stats) -> None:
+        self._t += 1
+        if self._t % self.hold == 0:
+            self._alpha = None
+
+
+def _oracle_methods(steps: int) -> dict[str, tuple]:
+    """name -> (policy factory of the seed, whether the student reports the oracle loss). The oracle loss is
+    scored with the loss signal and a lookahead of K + 1 (its segment intercepts leave K same-alpha steps)."""
+    k = resolve(None, steps)["hold"]
+    return {
+        "defaults, their own signal": (lambda sd: make_policy("adaptive", steps, sd), False),
+        "defaults, oracle loss": (lambda sd: build("adaptive", seed=sd, total_steps=steps, signal="loss",
+                                                   lookahead=k + 1), True),
+        "no gate, oracle loss": (lambda sd: build("adaptive", seed=sd, total_steps=steps, signal="loss",
+                                                  lookahead=k + 1, snr_gate=False), True),
+    }
+
+
+def _tally(acc: list[int], skills: list[float], rnd: list[float], full: float) -> None:
+    """acc += (1 if the seeds beat random and full in at least 80% of seeds, seeds beating random)."""
+    r = sum(a > b for a, b in zip(skills, rnd))
+    f = sum(a > full for a in skills)
+    acc[0] += min(r, f) >= 0.8 * len(skills)
+    acc[1] += r
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def bounds(students: list[str], budgets: list[int], noises: list[float], seeds: int,
+           explore: tuple[float, ...] = EXPLORE) -> str:
+    """Markdown: two bounds on the target (beating random and full in 80% of seeds), per budget, pooled over the
+    learning ``students``: (1) explore-then-commit to the hindsight-best alpha after each share of the run in
+    ``explore`` (no noise enters); (2) per noise level, the default update fed an oracle reward (the loss falls by
+    the usefulness of each exposure at once: no delay, lure or mismatch, the same noise), with and without its
+    gate, beside the defaults on the student's own signals."""
+    learners = [n for n in students if STUDENTS[n].informative]
+    oracle_names = list(_oracle_methods(max(budgets)))
+    head1 = ["T", "K (decisions)"] + [f"commit after {f:.0%}: {x}" for f in explore
+                                      for x in ("students at target", "seeds > random")]
+    head2 = ["T", "noise"] + [f"{m}: {x}" for m in oracle_names for x in ("students at target", "seeds > random")]
+    rows1, rows2 = [], []
+    n, total = len(learners), len(learners) * seeds
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for steps in budgets:
+            k = resolve(None, steps)["hold"]
+            commit = {f: [0, 0] for f in explore}
+            oracle = {(m, x): [0, 0] for m in oracle_names for x in noises}
+            for name in learners:
+                d = STUDENTS[name]
+                best, _ = best_fixed(d, steps)
+                full = run(build("full"), d, steps, 0, 0.0)["skill"]
+                rnd = [run(make_policy("random", steps, sd), d, steps, sd, 1.0)["skill"] for sd in range(seeds)]
+                for share in explore:
+                    _tally(commit[share], [run(ExploreThenCommit(round(share * steps), best, k, sd), d, steps, sd,
+                                               1.0)["skill"] for sd in range(seeds)], rnd, full)
+                for x in noises:
+                    for m, (make, use_oracle) in _oracle_methods(steps).items():
+                        _tally(oracle[m, x], [run(make(sd), d, steps, sd, x, oracle=use_oracle)["skill"]
+                                              for sd in range(seeds)], rnd, full)
+            rows1.append([str(steps), f"{k} ({math.ceil(steps / k)})"] + [
+                v for f in explore for v in (f"{commit[f][0]}/{n}", f"{commit[f][1]}/{total}")])
+            rows2 += [[str(steps), f"{x:g}"] + [v for m in oracle_names for v in (
+                f"{oracle[m, x][0]}/{n}", f"{oracle[m, x][1]}/{total}")] for x in noises]
+    finally:
+        torch.set_num_threads(nt)
+    return "\n".join([
+        f"### bound 1: explore at the prior, then commit to the best fixed alpha ({', '.join(learners)}; "
+        f"{seeds} seeds)", "", _md_table(head1, rows1), "",
+        "### bound 2: the default update fed an oracle reward", "", _md_table(head2, rows2)])
+
+
 def _parse_list(text: str, kind: type) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
@@ -277,13 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", default=",".join(f"{x:g}" for x in NOISE),
                     help="comma list of noise levels, x the per-step progress at the best exposure")
     ap.add_argument("--students", default="all",
-                    help=f"comma list of {', '.join(STUDENTS)}; or all, tuning, held-back")
+                    help=f"comma list of {', '.join(STUDENTS)}; or all, tuning, held-back, held-back-2")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list of methods (adaptive, paper, random, full, best-fixed) or build specs with "
                          "settings, e.g. 'adaptive?decisions=32'")
     ap.add_argument("--out", default="runs/controller_sim.png",
                     help="PNG path ('' to skip the figure); the docs' figure, docs/controller_sim.png, only when named")
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
+    ap.add_argument("--bounds", action="store_true",
+                    help="instead of the grid: the two bounds on the target (explore-then-commit with the hindsight-"
+                         "best alpha; the default update fed an oracle reward, at each --noise), --methods ignored")
     return ap
 
 
@@ -292,13 +416,22 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     budgets = [args.steps] if args.steps else _parse_list(args.budgets, int)
     noises = _parse_list(args.noise, float)
-    groups = {"all": list(STUDENTS), "tuning": list(TUNING), "held-back": list(HELD_BACK)}
+    groups = {"all": list(STUDENTS), "tuning": list(TUNING), "held-back": list(HELD_BACK),
+              "held-back-2": list(HELD_BACK_2)}
     students = groups.get(args.students) or _parse_list(args.students, str)
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
         ap.error(f"unknown student(s) {unknown}; choose from {', '.join(STUDENTS)}")
     methods = tuple(_parse_list(args.methods, str))
     t = time.perf_counter()
+    if args.bounds:
+        text = bounds(students, budgets, noises, args.seeds)
+        text += f"\n\n{args.seeds} seeds, {time.perf_counter() - t:.0f} s\n"
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(text)
+        return
     cells = grid(students, budgets, noises, args.seeds, methods)
     text = report(cells, [m for m in methods if m not in ("random", "full", "best-fixed")])
     text += f"\n\n{len(cells)} cells, {args.seeds} seeds, {time.perf_counter() - t:.0f} s\n"
@@ -392,7 +525,8 @@ def report(cells: list[Cell], methods: list[str]) -> str:
     """Markdown: summary per group of students, per-student win table of the first method, skills, pure noise."""
     parts = []
     noisy = [c for c in cells if c.student == "pure-noise"]
-    for title, names in (("tuning students", TUNING), ("held-back students", HELD_BACK)):
+    for title, names in (("tuning students", TUNING), ("held-back students", HELD_BACK),
+                         ("held-back students, second set", HELD_BACK_2)):
         cs = [c for c in cells if c.student in names]
         if cs and methods:
             parts += [f"### {title}: seeds beating random / full (cumulative skill, paired by seed)", "",
@@ -426,6 +560,7 @@ def plot(cells: list[Cell], path: str) -> None:
     groups = [(t, [c for c in cells if c.student in names]) for t, names in (
         ("tuning students: seeds beating random and full", TUNING),
         ("held-back students: seeds beating random and full", HELD_BACK),
+        ("held-back, second set: seeds beating random and full", HELD_BACK_2),
         ("pure noise: seeds ending broad", {"pure-noise": PURE_NOISE}))]
     groups = [(t, cs) for t, cs in groups if cs]
     if not methods or not groups:
@@ -459,8 +594,8 @@ def plot(cells: list[Cell], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BUDGETS", "HELD_BACK", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING", "Design", "Student",
-           "grid", "main", "report", "run"]
+__all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING",
+           "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
 
 
 if __name__ == "__main__":

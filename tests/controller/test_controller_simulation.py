@@ -7,11 +7,15 @@ import pytest
 from atesd.controller import build
 from atesd.controller.simulate import (
     HELD_BACK,
+    HELD_BACK_2,
     PURE_NOISE,
     STUDENTS,
     TUNING,
     Design,
+    ExploreThenCommit,
     Student,
+    best_fixed,
+    bounds,
     grid,
     main,
     make_policy,
@@ -43,7 +47,7 @@ def test_gains_land_with_the_delay(tau):
 
 
 def test_best_exposure_teaches_most_and_pure_noise_does_not_care():
-    for name, d in {**TUNING, **HELD_BACK}.items():
+    for name, d in {**TUNING, **HELD_BACK, **HELD_BACK_2}.items():
         s = Student(d, 300)
         star = s.best_alpha()
         assert all(s.usefulness(star) >= s.usefulness(a) for a in (0.0, 0.25, 0.5, 0.75, 1.0)), name
@@ -107,5 +111,52 @@ def test_cli_writes_tables_and_figure(tmp_path, capsys):
 
 def test_held_back_students_are_registered_apart():
     assert set(HELD_BACK).isdisjoint(TUNING) and len(HELD_BACK) >= 2
-    assert set(STUDENTS) == {*TUNING, *HELD_BACK, "pure-noise"}
-    assert all(math.isfinite(d.a0) for d in HELD_BACK.values())
+    assert not set(HELD_BACK_2) & (set(TUNING) | set(HELD_BACK)) and len(HELD_BACK_2) >= 2
+    assert set(STUDENTS) == {*TUNING, *HELD_BACK, *HELD_BACK_2, "pure-noise"}
+    assert all(math.isfinite(d.a0) for d in (*HELD_BACK.values(), *HELD_BACK_2.values()))
+
+
+def test_explore_then_commit_holds_prior_draws_then_commits():
+    p = ExploreThenCommit(explore=10, commit=0.2, hold=4, seed=3)
+    seen = []
+    for _ in range(16):
+        seen.append(p.exposure())
+        p.observe({})
+    assert seen[0] == seen[3] != seen[4] == seen[7] != seen[8] == seen[9]  # one draw per K=4 steps
+    assert all(0.0 < a < 1.0 for a in seen[:10]) and seen[10:] == [0.2] * 6
+    assert seen[:10] != [ExploreThenCommit(10, 0.2, 4, seed=4).exposure()] * 10  # seeded
+
+
+def test_oracle_loss_falls_by_the_usefulness_of_each_exposure_at_once():
+    d = TUNING["mid-slow"]  # delay 8: the real loss barely moves in the first steps
+    s = Student(d, 100, noise=0.0, oracle=True)
+    alphas = [0.55, 0.0, 1.0, 0.55]
+    losses = [s.step(a, t)["loss"] for t, a in enumerate(alphas)]
+    for t in range(3):
+        assert losses[t] - losses[t + 1] == pytest.approx(s.mu * s.usefulness(alphas[t]))
+    assert losses[0] - losses[1] > losses[1] - losses[2]  # the best exposure teaches most, without delay
+    plain = Student(d, 100, noise=0.0)
+    same = Student(d, 100, noise=0.0, oracle=True)
+    for t, a in enumerate(alphas):  # only the reported loss differs: learning is the same
+        plain.step(a, t)
+        same.step(a, t)
+    assert plain.c == same.c
+
+
+def test_bounds_tables():
+    text = bounds(["low", "pure-noise"], [50], [1.0], 3, explore=(0.0, 1.0))
+    assert "pure-noise" not in text and "(low; 3 seeds)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 50 |")]
+    assert len(rows) == 2
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[1] == "4 (13)"
+    assert best_fixed(TUNING["low"], 50)[0] == pytest.approx(0.2)
+    assert cells[2:4] == ["1/1", "3/3"]  # committing to the best from the first step beats random and full
+    assert len(rows[1].split(" | ")) == 2 + 6
+
+
+def test_cli_bounds(tmp_path, capsys):
+    md = tmp_path / "bounds.md"
+    main(["--bounds", "--seeds", "1", "--budgets", "50", "--noise", "1", "--students", "low", "--markdown", str(md)])
+    text = capsys.readouterr().out
+    assert "bound 1" in text and "bound 2" in text and md.read_text().strip() in text

@@ -2,7 +2,9 @@
 
 math-verify's own timeouts use SIGALRM, which only works in a process's main thread, so grading runs in a
 ``ProcessPoolExecutor`` whose workers call it in their main thread; a wall-clock timeout per answer on the
-parent side means a hung parse cannot stall an evaluation (the pool is then torn down and rebuilt).
+parent side means a hung parse cannot stall an evaluation (the pool is then torn down and rebuilt), and a cap on
+each worker's memory (Linux: ``RLIMIT_DATA``) means a parse that would allocate without bound raises MemoryError
+in the worker, graded wrong, instead of exhausting the machine.
 """
 
 from __future__ import annotations
@@ -97,6 +99,38 @@ def grade(pred: str | None, gold: str) -> bool:
         return False
 
 
+WORKER_MEMORY_MIB = 2048  # data memory a grading worker may add to what it holds when it starts
+
+
+def _data_bytes() -> int | None:
+    """This process's data segment (heap and private anonymous mappings: what RLIMIT_DATA counts), or None
+    where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _limit_worker_memory(mib: int) -> None:
+    """Pool initializer: cap the worker's data memory at what it holds now + ``mib`` MiB (Linux only; 0: no cap).
+    An answer whose parse or simplification would allocate past it raises MemoryError, which ``grade`` counts as
+    wrong."""
+    used = _data_bytes()
+    if not mib or used is None:
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = used + int(mib) * 2**20
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+
+
 def _grade_completion(args: tuple[str, str]) -> bool:
     completion, gold = args
     return grade(extract_boxed(completion), gold)
@@ -106,20 +140,24 @@ class MathGrader:
     """Grades completions (last ``\\boxed{}``) against gold answers in worker processes with a timeout.
 
     ``grader(completion, gold) -> bool`` for one, ``grader.grade_many(completions, golds) -> list[bool]``
-    for many. A call that exceeds ``timeout`` seconds counts as wrong and the pool is restarted.
+    for many. A call that exceeds ``timeout`` seconds counts as wrong and the pool is restarted. Each worker may
+    allocate ``memory_mib`` MiB beyond what it holds at start (Linux; 0: no cap): past it the answer is wrong.
     """
 
-    def __init__(self, workers: int = 2, timeout: float = 20.0, start_method: str = "spawn", fn=None):
-        if workers < 1 or timeout <= 0:
-            raise ValueError(f"need workers >= 1 and timeout > 0, got {workers}, {timeout}")
-        self.workers, self.timeout = workers, timeout
+    def __init__(self, workers: int = 2, timeout: float = 20.0, start_method: str = "spawn", fn=None,
+                 memory_mib: int = WORKER_MEMORY_MIB):
+        if workers < 1 or timeout <= 0 or memory_mib < 0:
+            raise ValueError(f"need workers >= 1, timeout > 0 and memory_mib >= 0, got {workers}, {timeout}, "
+                             f"{memory_mib}")
+        self.workers, self.timeout, self.memory_mib = workers, timeout, int(memory_mib)
         self._fn = fn or _grade_completion  # picklable ``(completion, gold) -> bool``; swappable for tests
         self._ctx = mp.get_context(start_method)
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx)
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx,
+                                                initializer=_limit_worker_memory, initargs=(self.memory_mib,))
         return self._pool
 
     def _kill_pool(self) -> None:

@@ -1,4 +1,5 @@
 import itertools
+import sys
 import time
 from math import comb
 
@@ -102,6 +103,29 @@ def test_math_grader_workers_and_timeout():
     g.close()
     assert out == [False, True, True]
     assert time.time() - t0 < 30
+
+
+def _hog(args):
+    """Allocates 1 GiB (touched) in the worker: True when it could."""
+    try:
+        block = bytearray(2**30)
+        block[:: 2**20] = b"x" * 1024
+        return True
+    except MemoryError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker memory cap is Linux's RLIMIT_DATA")
+def test_math_grader_caps_worker_memory():
+    # an answer whose grading would allocate past the cap is graded wrong; the pool goes on grading
+    with MathGrader(workers=1, start_method="fork", fn=_hog, memory_mib=256) as g:
+        assert g.grade_many(["\\boxed{a}", "\\boxed{b}"], ["x", "y"]) == [False, False]
+    with MathGrader(workers=1, start_method="fork", fn=_hog, memory_mib=0) as g:  # uncapped, the same 1 GiB fits
+        assert g.grade_many(["\\boxed{a}"], ["x"]) == [True]
+    with MathGrader(workers=1, memory_mib=256) as g:  # real grading (math-verify, sympy) fits well under it
+        assert g.grade_many(["\\boxed{0.5}", "\\boxed{1/3}"], ["\\frac{1}{2}", "\\frac{1}{2}"]) == [True, False]
+    with pytest.raises(ValueError, match="memory_mib"):
+        MathGrader(memory_mib=-1)
 
 
 def test_pass_at_k_hand_values():

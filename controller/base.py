@@ -88,28 +88,33 @@ class FixedExposure(ExposurePolicy):
     """Always the same alpha; FixedExposure(1.0) is OPSD's full-reference teacher.
 
     Given a ``signal`` explicitly ('accuracy' or 'probe_nll'), it also asks (:meth:`wants`) for that measurement
-    where an adaptive controller with the same signal, ``preset``, ``total_steps``, ``decisions`` and ``hold``
-    would (``presets.wants_measurement``), and never acts on it: its run can then be scored afterwards as that
-    controller would score its decisions (``engine.reward_audit``). Measuring does not change training."""
+    where an adaptive controller with the same signal, ``preset``, ``total_steps``, ``decisions``, ``hold`` and
+    ``probe_points`` would (``presets.wants_measurement``), and never acts on it: its run can then be scored
+    afterwards as that controller would score its decisions (``engine.reward_audit``). Measuring does not change
+    training."""
 
     def __init__(self, alpha: float = 1.0, signal: str | None = None, hold: int | None = None,
-                 total_steps: int | None = None, preset: str | None = None, decisions: int | None = None) -> None:
+                 total_steps: int | None = None, preset: str | None = None, decisions: int | None = None,
+                 probe_points: int | None = None) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if signal is not None and signal not in SIGNALS:
             raise ValueError(f"signal must be one of {', '.join(map(repr, SIGNALS))}, got {signal!r}")
         self.alpha = float(alpha)
-        self.hold = int(resolve(preset, total_steps, decisions=decisions, hold=hold)["hold"])
-        if self.hold < 1:
-            raise ValueError(f"hold must be >= 1, got {self.hold}")
-        self.config = {"signal": signal, "hold": self.hold}  # the engine builds the accuracy probe for 'accuracy'
+        r = resolve(preset, total_steps, decisions=decisions, hold=hold, probe_points=probe_points)
+        self.hold, points = int(r["hold"]), int(r["probe_points"])
+        if self.hold < 1 or points < 1:
+            raise ValueError(f"hold and probe_points must be >= 1, got {self.hold}, {points}")
+        # the engine builds the accuracy probe for 'accuracy'
+        self.config = {"signal": signal, "hold": self.hold, "probe_points": points}
         self._steps = 0  # steps observed: the next step's place in its K-step window is _steps % K
 
     def exposure(self) -> float:
         return self.alpha
 
     def wants(self, key: str) -> bool:
-        return wants_measurement(key, self.config["signal"], self._steps % self.hold, self.hold)
+        return wants_measurement(key, self.config["signal"], self._steps % self.hold, self.hold,
+                                 self.config["probe_points"])
 
     def observe(self, stats: Mapping[str, float]) -> None:
         self._steps += 1

@@ -106,11 +106,14 @@ class BetaExposureController(ExposurePolicy):
         hidden: MLP width.  ema: decay of the loss / mismatch / probe-NLL EMAs of the state.
         reward_ema: decay of the running mean / sd that standardise progress and credit (reinforce, logs).
         grad_clip: max grad norm of a reinforce step.
-        signal: 'loss' (the paper's KD loss), 'accuracy' (probe accuracy, measured at each decision's start when
-            :meth:`wants` asks) or 'probe_nll' (the student's NLL of fixed reference solutions, which does not
-            depend on alpha; measured where :meth:`wants` asks: ~4 times per hold window).
+        signal: 'loss' (the paper's KD loss), 'accuracy' (probe accuracy, measured where :meth:`wants` asks: at
+            each decision's start and, on long holds, up to ``probe_points`` times per decision) or 'probe_nll'
+            (the student's NLL of fixed reference solutions, which does not depend on alpha; measured where
+            :meth:`wants` asks: ~4 times per hold window).
         estimator: 'slope' (least-squares slope over the lookahead) or 'delta' (the paper's discounted mean of
             same-alpha loss decreases; accuracy / probe NLL: the discounted mean change between measurements).
+        probe_points: signal='accuracy': measurements per decision, at most one per 4 steps
+            (``presets.accuracy_stride``; 1 for holds under 8 steps).
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
     """
@@ -142,12 +145,13 @@ class BetaExposureController(ExposurePolicy):
         grad_clip: float | None = None,
         signal: str | None = None,
         estimator: str | None = None,
+        probe_points: int | None = None,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in SETTINGS and v is not None}
         r = resolve(preset, total_steps, **given)
-        ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden"), \
+        ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden", "probe_points"), \
             ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate",)
         c: dict[str, Any] = {k: (int(v) if k in ints else str(v) if k in strs else bool(v) if k in bools else
                                  None if v is None else int(v) if k == "decisions" else float(v))
@@ -198,6 +202,8 @@ class BetaExposureController(ExposurePolicy):
                              f"{c['lambda_gt']}, {c['entropy_coef']}, {c['max_kl']}, {c['min_sd']}")
         if c["update_batch"] < 1 or (c["decisions"] is not None and c["decisions"] < 1):
             raise ValueError(f"update_batch and decisions must be >= 1, got {c['update_batch']}, {c['decisions']}")
+        if c["probe_points"] < 1:
+            raise ValueError(f"probe_points must be >= 1, got {c['probe_points']}")
         for key, allowed in (("signal", SIGNALS), ("update", UPDATES), ("optimizer", OPTIMIZERS),
                              ("baseline", BASELINES), ("estimator", ESTIMATORS)):
             if c[key] not in allowed:
@@ -289,11 +295,12 @@ class BetaExposureController(ExposurePolicy):
         return probe_stride(self.K)
 
     def wants(self, key: str) -> bool:
-        """probe_accuracy: at the start of each decision's first step (measured before its update);
+        """probe_accuracy: before the update of each decision's first step and of every
+        `presets.accuracy_stride(K, probe_points)`-th step after it;
         probe_nll: with the step about to run, measured after its update, every `probe_stride()` steps of a window
         and after its last step (the state the next decision starts from). `presets.wants_measurement`."""
         pos = 0 if self._cur is None else self._in_window  # the next observed step's place in its window
-        wanted = wants_measurement(key, self.config["signal"], pos, self.K)
+        wanted = wants_measurement(key, self.config["signal"], pos, self.K, self.config["probe_points"])
         if key == "probe_nll" and self.config["signal"] == "probe_nll":
             self._asked_probe = wanted
         return wanted

@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grad_clip": 1.0,  # max grad norm of a reinforce step
         "signal": DEFAULT_SIGNAL,
         "estimator": "slope",
+        "probe_points": 4,  # signal="accuracy": measurements per decision, at most one per 4 steps (1 at K < 8)
     },
     "paper": {
         "decisions": None,  # no budget sizing
@@ -82,6 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grad_clip": 1.0,
         "signal": "loss",
         "estimator": "delta",
+        "probe_points": 1,
     },
 }
 SETTINGS = tuple(PRESETS["default"])
@@ -91,7 +93,8 @@ UPDATES = ("window", "reinforce")
 # What a setting added since the first checkpoints meant before it existed: a controller state written then loads
 # with these and continues exactly as it would have (the settings present then are in every such state).
 LEGACY: dict[str, Any] = {"decisions": None, "signal": "loss", "update": "reinforce", "baseline": "running",
-                          "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta"}
+                          "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta",
+                          "probe_points": 1}
 
 _LR0 = 0.3  # natural-gradient step at `decisions` decisions per run
 _MIN_HOLD = 4  # K below 4 leaves too few same-alpha steps to estimate a slope from
@@ -129,13 +132,21 @@ def probe_stride(hold: int) -> int:
     return max(1, hold // 4)
 
 
-def wants_measurement(key: str, signal: str | None, pos: int, hold: int) -> bool:
+def accuracy_stride(hold: int, points: int) -> int:
+    """signal='accuracy': a probe accuracy before the update of every this many steps of a K-step window, from its
+    first: ``points`` measurements per decision, but never more than one per 4 steps (so K < 8 measures once)."""
+    per_window = max(1, min(int(points), hold // 4))
+    return math.ceil(hold / per_window)
+
+
+def wants_measurement(key: str, signal: str | None, pos: int, hold: int, points: int = 1) -> bool:
     """Whether a policy measuring ``signal`` on K = ``hold``-step windows needs ``key`` with the step at
-    position ``pos`` (0-based) of its window: ``probe_accuracy`` before the update of each window's first step,
-    ``probe_nll`` after the update of every ``probe_stride(K)``-th step and of the window's last one. One rule for
-    the adaptive controller and for a fixed exposure measuring what it would (``FixedExposure(signal=...)``)."""
+    position ``pos`` (0-based) of its window: ``probe_accuracy`` before the update of the window's first step and
+    of every ``accuracy_stride(K, points)``-th step after it, ``probe_nll`` after the update of every
+    ``probe_stride(K)``-th step and of the window's last one. One rule for the adaptive controller and for a fixed
+    exposure measuring what it would (``FixedExposure(signal=...)``)."""
     if key == "probe_accuracy":
-        return signal == "accuracy" and pos == 0
+        return signal == "accuracy" and pos % accuracy_stride(hold, points) == 0
     if key == "probe_nll":
         return signal == "probe_nll" and ((pos + 1) % probe_stride(hold) == 0 or pos + 1 == hold)
     return False

@@ -193,7 +193,7 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
         k, v = item.split("=")
         kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset") else (
             v == "true" if k == "snr_gate" else int(v) if k in ("hold", "lookahead", "update_batch", "hidden",
-                                                                  "decisions") else float(v))
+                                                                  "decisions", "probe_points") else float(v))
     if spec in ("adaptive", "adaptive-onestep", "random"):
         kw.setdefault("total_steps", steps)
     return build(spec, seed=seed, **kw)

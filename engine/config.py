@@ -212,7 +212,8 @@ class Config:
     controller_signal: str | None = option(
         None,
         "what the reward's progress measures: loss (the paper: KD-loss decrease), accuracy (rise of the greedy "
-        "verified accuracy on --probe-accuracy-size fixed training problems, decoded at each decision's start) or "
+        "verified accuracy on --probe-accuracy-size fixed training problems, decoded at each decision's start "
+        "and up to --controller-probe-points times per decision on long holds) or "
         "probe_nll (decrease of the student's NLL of --probe-size fixed reference solutions, ~4 times per hold "
         f"window) (default: {CONTROLLER['signal']})",
         choices=CONTROLLER_SIGNALS,
@@ -220,6 +221,10 @@ class Config:
     controller_estimator: str | None = option(
         None, "how the progress is estimated over the lookahead: slope (least squares) or delta (the paper's "
         f"discounted mean decrease) (default: {CONTROLLER['estimator']})", choices=("slope", "delta"),
+    )
+    controller_probe_points: int | None = option(
+        None, "signal accuracy: probe decodes per decision, at most one per 4 steps, so holds under 8 steps decode "
+        f"once (default: {CONTROLLER['probe_points']})", check=at_least(1),
     )
     # rollouts
     num_samples: int = option(1, "rollouts per problem (G)", check=at_least(1))

@@ -3,7 +3,8 @@
 - :func:`probe_nll`: the student's NLL per token of fixed reference solutions given the student prompt (the
   ``probe_nll`` signal; logged every ``--probe-every`` steps);
 - :func:`probe_accuracy`: the student's greedy verified accuracy on fixed training problems (the ``accuracy``
-  signal, measured at each decision's start).
+  signal, measured at each decision's start and, on long holds, up to ``--controller-probe-points`` times per
+  decision).
 
 Both sets are fixed for the run: :func:`probe_set` draws them from the training rows by the run's seed.
 """

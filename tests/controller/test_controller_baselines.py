@@ -48,14 +48,15 @@ def _asks(policy, steps: int, key: str) -> list[int]:
 @pytest.mark.filterwarnings("ignore:BetaExposureController:RuntimeWarning")  # asked, not supplied: only the asks count
 @pytest.mark.parametrize("signal,key", [("accuracy", "probe_accuracy"), ("probe_nll", "probe_nll")])
 @pytest.mark.parametrize("steps,settings", [(60, {}), (1200, {}), (90, {"hold": 8}), (40, {"preset": "paper"}),
-                                            (2000, {"decisions": 24})])
+                                            (2000, {"decisions": 24}), (1200, {"probe_points": 2})])
 def test_fixed_measures_a_named_signal_where_the_controller_would(signal, key, steps, settings):
     # for the reward audit: a fixed run measures what an adaptive run with that signal and budget would be given
     fixed = build("fixed:0.3", strict=False, signal=signal, total_steps=steps, lr=None, **settings)
     adaptive = BetaExposureController(signal=signal, total_steps=steps, lambda_gt=0.0, **settings)
     asked = _asks(fixed, steps, key)
     assert asked == _asks(adaptive, steps, key) and len(asked) >= steps // fixed.hold
-    assert fixed.exposure() == 0.3 and fixed.config == {"signal": signal, "hold": adaptive.K}
+    assert fixed.exposure() == 0.3
+    assert fixed.config == {"signal": signal, "hold": adaptive.K, "probe_points": adaptive.config["probe_points"]}
     other = "probe_nll" if key == "probe_accuracy" else "probe_accuracy"
     assert _asks(build("fixed:0.3", strict=False, signal=signal, total_steps=steps), steps, other) == []
 

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from atesd.controller import DEFAULT_SIGNAL, DEFAULTS, BetaExposureController, build
+from atesd.controller.presets import LEGACY, PRESETS, accuracy_stride
 from atesd.controller.reward import accuracy_progress, slope_progress
 
 
@@ -87,6 +88,40 @@ def test_resume_is_exact_and_old_checkpoints_load():
     with pytest.raises(ValueError, match="signal"):
         BetaExposureController(signal="accuracy", seed=0).load_state_dict(old)
     assert DEFAULTS["signal"] == DEFAULT_SIGNAL == "accuracy"  # chosen on the lab's val split (docs/controller.md)
+
+
+def test_accuracy_stride_measures_up_to_probe_points_times_a_decision_never_more_than_every_4_steps():
+    assert [accuracy_stride(k, 4) for k in (2, 4, 7, 8, 12, 16, 19, 31)] == [2, 4, 7, 4, 4, 4, 5, 8]
+    assert [accuracy_stride(31, m) for m in (1, 2, 3, 100)] == [31, 16, 11, 5]  # 7 = 31 // 4 at most
+    assert DEFAULTS["probe_points"] == 4 and PRESETS["paper"]["probe_points"] == 1 and LEGACY["probe_points"] == 1
+
+
+@pytest.mark.parametrize("steps,points,per_decision", [(100, None, 1), (2000, None, 4), (2000, 1, 1), (2000, 2, 2),
+                                                       (1200, None, 4)])
+def test_long_holds_measure_the_accuracy_several_times_per_decision(steps, points, per_decision):
+    p = BetaExposureController(signal="accuracy", total_steps=steps, lambda_gt=0.0, seed=2, probe_points=points)
+    k = p.K
+    asked = drive(p, 3 * k)
+    assert len(asked) == 3 * per_decision and asked[:per_decision][0] == 0
+    assert asked == [d * k + i * accuracy_stride(k, per_decision) for d in range(3) for i in range(per_decision)]
+    p.finish()
+    # every point inside a decision's lookahead enters its slope: the first decision is scored on all of them
+    first = min(p.history, key=lambda h: h["t0"])
+    pts = [(t, acc_at(t), 0) for t in asked if t <= p.L]
+    assert len(pts) > per_decision and first["progress"] == pytest.approx(slope_progress(pts, gamma=p.config["gamma"]))
+    with pytest.raises(ValueError, match="probe_points"):
+        BetaExposureController(signal="accuracy", probe_points=0)
+
+
+def test_a_state_without_probe_points_resumes_measuring_once_per_decision():
+    a = BetaExposureController(signal="accuracy", total_steps=2000, lambda_gt=0.0, seed=4, probe_points=1)
+    drive(a, 40)
+    state = a.state_dict()
+    del state["config"]["probe_points"]  # written before the setting existed
+    b = BetaExposureController(signal="accuracy", total_steps=2000, lambda_gt=0.0, seed=4)
+    b.load_state_dict(state)
+    assert b.config["probe_points"] == 1
+    assert drive(a, 2 * a.K) == drive(b, 2 * b.K)
 
 
 # ---- signal="probe_nll" -------------------------------------------------------------------------------------

@@ -119,7 +119,11 @@ def test_the_probe_nll_is_replayed_where_the_controller_would_have_it_not_wherev
 def test_settings_are_resolved_from_the_budget_like_the_controller(tmp_path):
     # T = 640, no K given: K = 640 / 64 = 10, 64 decisions; an explicit K wins
     assert len(decision_signals(fixed_run(tmp_path / "a", 640))["loss"]) == 64
-    assert len(decision_signals(fixed_run(tmp_path / "b", 640, controller={"hold": 20}))["accuracy"]) == 31
+    # K = 20: the accuracy probe 4 times per decision (steps 0, 5, 10, 15 of each), so the last decision has 4 points
+    assert len(decision_signals(fixed_run(tmp_path / "b", 640, controller={"hold": 20}))["accuracy"]) == 32
+    # once per decision: the last decision has one measurement and is dropped
+    once = fixed_run(tmp_path / "b1", 640, controller={"hold": 20, "probe_points": 1})
+    assert len(decision_signals(once)["accuracy"]) == 31
     assert len(decision_signals(fixed_run(tmp_path / "c", 640, controller={"hold": 20}))["loss"]) == 32
 
 

@@ -50,6 +50,7 @@ import argparse
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -242,9 +243,10 @@ class Cell:
 
 
 def grid(students: list[str], budgets: list[int], noises: list[float], seeds: int,
-         methods: tuple[str, ...] = METHODS, keep_curves: bool = False) -> list[Cell]:
+         methods: tuple[str, ...] = METHODS, keep_curves: bool = False, progress=None) -> list[Cell]:
     """Every method on every (student, budget, noise) over ``seeds`` seeds (torch on one thread: the policy's
-    tensors are tiny). Noise-independent methods (random, full, best-fixed) are run once per budget and shared."""
+    tensors are tiny). Noise-independent methods (random, full, best-fixed) are run once per budget and shared.
+    ``progress(done, total, what)``, when given, is called after each (student, budget)."""
     nt = torch.get_num_threads()
     torch.set_num_threads(1)
     cells: list[Cell] = []
@@ -272,6 +274,8 @@ def grid(students: list[str], budgets: list[int], noises: list[float], seeds: in
                             "late_alpha": _mean(r["alphas"][-max(1, steps // 4):])} for r in rs]
                             for m, rs in runs.items()}
                     cells.append(Cell(name, steps, noise, runs, ba))
+                if progress is not None:
+                    progress(len(cells) // len(noises), len(students) * len(budgets), f"{name}, {steps} steps")
     finally:
         torch.set_num_threads(nt)
     return cells
@@ -341,12 +345,12 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def bounds(students: list[str], budgets: list[int], noises: list[float], seeds: int,
-           explore: tuple[float, ...] = EXPLORE) -> str:
+           explore: tuple[float, ...] = EXPLORE, progress=None) -> str:
     """Markdown: two bounds on the target (beating random and full in 80% of seeds), per budget, pooled over the
     learning ``students``: (1) explore-then-commit to the hindsight-best alpha after each share of the run in
     ``explore`` (no noise enters); (2) per noise level, the default update fed an oracle reward (the loss falls by
     the usefulness of each exposure at once: no delay, lure or mismatch, the same noise), with and without its
-    gate, beside the defaults on the student's own signals."""
+    gate, beside the defaults on the student's own signals. ``progress(done, total, what)``: as for :func:`grid`."""
     learners = [n for n in students if STUDENTS[n].informative]
     oracle_names = list(_oracle_methods(max(budgets)))
     head1 = ["T", "K (decisions)"] + [f"commit after {f:.0%}: {x}" for f in explore
@@ -373,6 +377,9 @@ def bounds(students: list[str], budgets: list[int], noises: list[float], seeds: 
                     for m, (make, use_oracle) in _oracle_methods(steps).items():
                         _tally(oracle[m, x], [run(make(sd), d, steps, sd, x, oracle=use_oracle)["skill"]
                                               for sd in range(seeds)], rnd, full)
+                if progress is not None:
+                    done = budgets.index(steps) * len(learners) + learners.index(name) + 1
+                    progress(done, len(budgets) * len(learners), f"{name}, {steps} steps")
             rows1.append([str(steps), f"{k} ({math.ceil(steps / k)})"] + [
                 v for f in explore for v in (f"{commit[f][0]}/{n}", f"{commit[f][1]}/{total}")])
             rows2 += [[str(steps), f"{x:g}"] + [v for m in oracle_names for v in (
@@ -383,6 +390,19 @@ def bounds(students: list[str], budgets: list[int], noises: list[float], seeds: 
         f"### bound 1: explore at the prior, then commit to the best fixed alpha ({', '.join(learners)}; "
         f"{seeds} seeds)", "", _md_table(head1, rows1), "",
         "### bound 2: the default update fed an oracle reward", "", _md_table(head2, rows2)])
+
+
+class _Progress:
+    """One stderr line per finished (student, budget) with the elapsed time and a linear estimate of the rest."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        spent = time.perf_counter() - self.t0
+        left = spent / done * (total - done)
+        print(f"simulate: {done}/{total} ({what}) in {spent:.0f} s, ~{left:.0f} s left", file=sys.stderr,
+              flush=True)
 
 
 def _parse_list(text: str, kind: type) -> list:
@@ -425,14 +445,14 @@ def main(argv: list[str] | None = None) -> None:
     methods = tuple(_parse_list(args.methods, str))
     t = time.perf_counter()
     if args.bounds:
-        text = bounds(students, budgets, noises, args.seeds)
+        text = bounds(students, budgets, noises, args.seeds, progress=_Progress())
         text += f"\n\n{args.seeds} seeds, {time.perf_counter() - t:.0f} s\n"
         print(text)
         if args.markdown:
             with open(args.markdown, "w") as fh:
                 fh.write(text)
         return
-    cells = grid(students, budgets, noises, args.seeds, methods)
+    cells = grid(students, budgets, noises, args.seeds, methods, progress=_Progress())
     text = report(cells, [m for m in methods if m not in ("random", "full", "best-fixed")])
     text += f"\n\n{len(cells)} cells, {args.seeds} seeds, {time.perf_counter() - t:.0f} s\n"
     print(text)

@@ -102,8 +102,10 @@ def test_cli_writes_tables_and_figure(tmp_path, capsys):
     out, md = tmp_path / "sim.png", tmp_path / "sim.md"
     main(["--seeds", "1", "--budgets", "50", "--noise", "1", "--students", "low,pure-noise", "--out", str(out),
           "--markdown", str(md)])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "tuning students" in text and "pure-noise student" in text and "| low | 50 |" in text
+    assert "simulate: 2/2 (pure-noise, 50 steps) in " in captured.err  # progress on stderr, tables on stdout
     assert md.read_text().strip() in text and out.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--students", "nobody", "--out", ""])

@@ -1,6 +1,7 @@
 """One ``engine.train`` step at a Qwen3 shape, its wall time split by phase (the GPU issue, item 4).
 
     python -m benchmarks.bench_train_step --shape 1.7b --out OUT/train-step-cuda.md    # on a GPU
+    python -m benchmarks.bench_train_step --shape 1.7b --rollout static                 # the same, rollouts uncompiled
     python -m benchmarks.bench_train_step --shape smoke                                # the same code on CPU
 
 A random-weight Qwen3 of the shape (1.7B: hidden 2048, 28 layers, 16/8 heads, V=151936, tied head) is saved with
@@ -140,10 +141,11 @@ def log_decode_steps(rollout) -> None:
     rollout._step = logged
 
 
-def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> dict:
+def measure(shape: str = "smoke", workdir: str | None = None, on_step=None, rollout: str = "auto") -> dict:
     """Per-phase seconds of step 2 (and step 1's total), graphs compiled per phase and step, rollout tokens,
     tokens/s, peak memory, the rollout engine and the attention that ran. ``on_step(partial_result)`` is called
-    after each step (step 1's result has no phase split)."""
+    after each step (step 1's result has no phase split). ``rollout``: the engine's ``--rollout`` (auto: compiled
+    on CUDA; static: the same decoder uncompiled, no decode graph to build)."""
     import atesd.engine.train as train_mod
     from atesd.engine.invocation import parse
 
@@ -154,7 +156,7 @@ def measure(shape: str = "smoke", workdir: str | None = None, on_step=None) -> d
     cfg, _ = parse(["--model", model_dir, "--data", "lab", "--batch-size", str(s["batch"]),
                     "--micro-batch", str(s["micro"]), "--max-new-tokens", str(s["new_tokens"]), "--steps", "2",
                     "--eval-problems", "0", "--exposure", "fixed:0.5", "--save-every", "1000",
-                    "--output-dir", os.path.join(root, "run"), "--no-progress"])  # fmt: skip
+                    "--output-dir", os.path.join(root, "run"), "--no-progress", "--rollout", rollout])  # fmt: skip
     trainer = train_mod.Trainer(cfg, os.path.join(root, "run"))
     log_decode_steps(trainer.rollout)
     totals = []
@@ -225,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smoke")
     ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    ap.add_argument("--rollout", choices=("auto", "compiled", "static", "hf"), default="auto",
+                    help="the engine's rollout decoder (auto: compiled on CUDA, eager static cache on CPU); static "
+                         "skips compiling the decode step, so a first step whose compile is slow still gets its "
+                         "phase split")
     return ap
 
 
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                 fh.write(md)
 
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints stay out of the table
-        result = measure(args.shape, on_step=write)
+        result = measure(args.shape, on_step=write, rollout=args.rollout)
     write(result)
     return result
 

@@ -8,8 +8,8 @@
 #        run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=570)
 #      The script ends itself within GPU_SESSION_BUDGET seconds (default 530) and writes every table under $OUT
 #      as soon as it exists; the tool brings $OUT back (8 files, its limit): summary.md (each step's outcome and
-#      time), device.md, kernels.md, profile.md, workspace.md, train-step.md, and session.log (every step's output
-#      after the device step's, each part headed "=== step").
+#      time), device.md, kernels.md, profile.md, workspace.md, train-step-static.md, train-step.md, and session.log
+#      (every step's output after the device step's, each part headed "=== step").
 #   3. give_back (unless rerunning at once), then copy the tables into benchmarks/RESULTS.md with the device, the
 #      date, the versions (device.md) and the exact command (summary.md's first line).
 #
@@ -21,9 +21,11 @@
 #   and with ~5-6 minutes, the op's table too (Liger's wheel carried; c reuses c-profile's compiled kernels):
 #        run(command="GPU_SESSION_STEPS=a,c-profile,c GPU_SESSION_BUDGET=230 bash benchmarks/gpu_session.sh",
 #            carry=[".whl"], timeout_s=250)
+#   and the training step alone (its rollouts uncompiled first, so a phase split lands however long compiling takes):
+#        run(command="GPU_SESSION_STEPS=a,s,d GPU_SESSION_BUDGET=520 bash benchmarks/gpu_session.sh", timeout_s=560)
 #
 # Steps (key, name), each under its own `timeout` (a step that fails or times out is marked in summary.md; the next
-# one runs); the default is all of them in this order (GPU_SESSION_STEPS=a,b,c,c-profile,w,d):
+# one runs); the default is all of them in this order (GPU_SESSION_STEPS=a,b,c,c-profile,w,s,d):
 #   a  a-device     device and versions                                          device.md         cap 30 s
 #   b  b-exactness  CUDA exactness of the op: tests/kernels/test_cuda_exactness.py (bf16 and fp32, V=151936, clip,
 #                   beta 0 and 0.5, masked rows, a trainable head, extreme logits, NaN/inf rows) under one pinned
@@ -42,6 +44,9 @@
 #                   (benchmarks/bench_bwd_workspace.py): ms, tokens/s, peak memory, difference to the fused
 #                   gradients; the 2026-12-04 18:07 profile put the fused backward's atomics at 8-19% of peak
 #                                                                                workspace.md      cap 120 s
+#   s  s-train-step-static  the step below with --rollout static: the same decoder uncompiled (the 2026-12-04
+#                   sessions' compiled first step ran past 3.5 minutes inside its first rollout)
+#                                                                                train-step-static.md  cap 240 s
 #   d  d-train-step one engine.train step at the Qwen3-1.7B shape by phase, graphs compiled per phase (step 2's
 #                   are recompiles), the rollout engine and attention that ran (benchmarks/bench_train_step.py;
 #                   step 1's figures are written before step 2 runs; each phase's start and end is logged)
@@ -71,8 +76,8 @@ exactness() {  # one pinned config: autotuning every variant would cost ~20 comp
 }
 export -f exactness
 
-steps=$(select_steps "${GPU_SESSION_STEPS-a,b,c,c-profile,w,d}" a=a-device b=b-exactness c=c-kernels \
-  c-profile=c-profile w=w-workspace d=d-train-step) || exit 2
+steps=$(select_steps "${GPU_SESSION_STEPS-a,b,c,c-profile,w,s,d}" a=a-device b=b-exactness c=c-kernels \
+  c-profile=c-profile w=w-workspace s=s-train-step-static d=d-train-step) || exit 2
 start_summary "${GPU_SESSION_STEPS+GPU_SESSION_STEPS=$GPU_SESSION_STEPS }bash benchmarks/gpu_session.sh"
 for name in $steps; do
   case $name in
@@ -84,6 +89,8 @@ for name in $steps; do
       --rounds "$ROUNDS" --out "$out/profile.md" ;;
     w-workspace) step w-workspace 120 session.log workspace.md -- "$PY" -m benchmarks.bench_bwd_workspace \
       --shape "$KERNEL_SHAPE" --rounds "$ROUNDS" --mib "$WORKSPACE_MIBS" --out "$out/workspace.md" ;;
+    s-train-step-static) step s-train-step-static 240 session.log train-step-static.md -- "$PY" -m \
+      benchmarks.bench_train_step --shape "$TRAIN_SHAPE" --rollout static --out "$out/train-step-static.md" ;;
     d-train-step) step d-train-step 600 session.log train-step.md -- "$PY" -m benchmarks.bench_train_step \
       --shape "$TRAIN_SHAPE" --out "$out/train-step.md" ;;
   esac

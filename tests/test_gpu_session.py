@@ -83,7 +83,7 @@ def check_profile(profile: str) -> None:
 def test_gpu_session_dry_run(tmp_path):
     out, summary = dry_run("gpu_session.sh", tmp_path)
     assert outcomes(summary) == {"a-device": "ok", "b-exactness": "ok", "c-kernels": "ok", "c-profile": "ok",
-                                 "w-workspace": "ok", "d-train-step": "ok"}, summary
+                                 "w-workspace": "ok", "s-train-step-static": "ok", "d-train-step": "ok"}, summary
     assert "`bash benchmarks/gpu_session.sh`" in summary
     assert "CPU dry run" in summary and re.search(r"^total \d+ s$", summary, re.M)
     assert "torch " in (out / "device.md").read_text()
@@ -108,6 +108,8 @@ def test_gpu_session_dry_run(tmp_path):
     assert "[bench_train_step] rollout done in" in log and "[bench_train_step] decode step 1: " in log
     train = (out / "train-step.md").read_text()
     assert "| rollout |" in train and "graphs compiled (any is a recompile)" in train
+    static = (out / "train-step-static.md").read_text()
+    assert "| rollout |" in static and "--rollout static" in static
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
 
 
@@ -124,7 +126,8 @@ def test_gpu_session_step_list(tmp_path):
 def test_gpu_session_bad_step_list(tmp_path):
     """An unknown, repeated or empty step list stops the script at once with one line naming it; no step runs."""
     for steps, message in (("a,c-kernel", "unknown step 'c-kernel' (known steps: a (a-device), b (b-exactness), "
-                                          "c (c-kernels), c-profile, w (w-workspace), d (d-train-step))"),
+                                          "c (c-kernels), c-profile, w (w-workspace), s (s-train-step-static), "
+                                          "d (d-train-step))"),
                            ("c,c-kernels", "step 'c-kernels' listed twice"), ("", "GPU_SESSION_STEPS is empty")):
         proc, out = session("gpu_session.sh", tmp_path, GPU_SESSION_STEPS=steps)
         assert proc.returncode == 2 and message in proc.stderr, (steps, proc.stderr)

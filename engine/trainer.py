@@ -46,6 +46,8 @@ from atesd.engine.scoring import score_student, score_teacher
 from atesd.engine.task import get_task, resolve_templates
 
 log = logging.getLogger("engine")
+# the wall-clock metrics of a step: all that differs between two runs of the same seeds (exact-resume checks skip them)
+TIMING_METRICS = ("tokens_per_s", "step_time_s", "probe_s")
 
 
 def _dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -176,7 +178,9 @@ class Trainer:
         self.step_no += 1
         t0 = time.perf_counter()
         batch = self.next_batch()  # the step's global batch, the same on every rank
+        t_probe = time.perf_counter()
         before = self.measure_before()
+        probe_s = time.perf_counter() - t_probe if before else 0.0  # the accuracy probe's decode, when asked
         mine = distributed.shard(len(batch))  # this rank's problems (all of them with one process)
         local = [batch[j] for j in mine]
         rollouts, n_tokens = self.sample_rollouts(local, mine)
@@ -205,6 +209,7 @@ class Trainer:
             "skipped_step": int(skipped),
             "tokens_per_s": n_tokens / dt,
             "step_time_s": dt,
+            "probe_s": probe_s,
         }
         if self.parallel.head_sharded:
             metrics["head_gather_s"] = head_s

@@ -9,8 +9,9 @@ from engine_tiny import write_dataset
 import atesd.engine.evaluation as evaluation_mod
 from atesd.engine.invocation import parse
 from atesd.engine.train import train
+from atesd.engine.trainer import TIMING_METRICS
 
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = TIMING_METRICS
 SCRIPT = [0.25, 0.5, 0.75, 0.75]  # steps 0, 2, 4, 6: best is step 4 (tied with 6: the earliest wins)
 
 

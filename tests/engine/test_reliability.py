@@ -24,9 +24,10 @@ from atesd.engine.data import read_records
 from atesd.engine.errors import DataError, UsageError
 from atesd.engine.invocation import parse, parse_invocation
 from atesd.engine.train import train
+from atesd.engine.trainer import TIMING_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = TIMING_METRICS
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from atesd.engine.hf_rollout import HFRollout, sample
 from atesd.engine.models import add_lora
 from atesd.engine.rollout import build_rollout
 from atesd.engine.sampling import filter_logits, inverse_cdf, next_token, problem_seeds
+from atesd.engine.trainer import TIMING_METRICS
 
 
 def lora_model(base, r: int = 8, seed: int = 0, scale: float = 0.3):
@@ -516,7 +517,7 @@ def test_rollout_flag_validated_recorded_and_changeable_on_resume(tiny_model_dir
 
     def metrics(run):
         with open(run / "metrics.jsonl") as fh:
-            return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "step_time_s")} for x in fh]
+            return [{k: v for k, v in json.loads(x).items() if k not in TIMING_METRICS} for x in fh]
 
     train(*parse(args(tmp_path / "hf", "--rollout", "hf")))
     static = train(*parse(args(tmp_path / "static", "--stop-after", "2", "--rollout", "static")))

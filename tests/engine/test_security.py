@@ -30,9 +30,10 @@ from atesd.engine import checkpoint
 from atesd.engine.errors import UsageError
 from atesd.engine.invocation import parse
 from atesd.engine.train import train
+from atesd.engine.trainer import TIMING_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = TIMING_METRICS
 STEP2 = os.path.join("checkpoints", "step-000002")
 
 

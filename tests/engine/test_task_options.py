@@ -17,8 +17,9 @@ from atesd.engine.invocation import parse, read_run_config
 from atesd.engine.lab import lab_dataset
 from atesd.engine.task import PLUGINS
 from atesd.engine.train import train
+from atesd.engine.trainer import TIMING_METRICS
 
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = TIMING_METRICS
 
 
 RUN = {"--data": "lab", "--exposure": "fixed:0.5", "--steps": "2", "--batch-size": "2", "--max-new-tokens": "6",

@@ -13,8 +13,9 @@ import atesd.engine.trainer as trainer_mod
 from atesd.engine import checkpoint
 from atesd.engine.invocation import parse
 from atesd.engine.train import train
+from atesd.engine.trainer import TIMING_METRICS
 
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = TIMING_METRICS
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +219,13 @@ def test_accuracy_signal_measures_at_decision_starts_and_resumes_exactly(tiny_mo
                      "--probe-accuracy-size", "3", "--probe-every", "0", *extra)
         return train(*parse(args))
 
-    full = _metrics(run(tmp_path / "full"))
+    full_dir = run(tmp_path / "full")
+    full = _metrics(full_dir)
     measured = [m["step"] for m in full if "probe_accuracy" in m]
     assert measured == [1, 3, 5, 7]  # the first step of every 2-step decision, before its update
+    with open(os.path.join(full_dir, "metrics.jsonl")) as fh:  # the probe's decode time, where it ran
+        probe_s = {m["step"]: m["probe_s"] for m in map(json.loads, fh) if "loss" in m}
+    assert [s for s, v in probe_s.items() if v > 0] == measured and len(probe_s) == 8
     assert all(m["probe_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) for m in full if "probe_accuracy" in m)
     assert full[-1]["controller/scored"] >= 2 and full[-1]["controller/updates"] >= 1
     killed = run(tmp_path / "killed", "--stop-after", "4")

@@ -482,7 +482,7 @@ def summary_table(cells: list[Cell], methods: list[str]) -> str:
     the students whose cell meets the target (both at least 80% of seeds)."""
     keys = sorted({(c.steps, c.noise) for c in cells})
     head = ["T", "noise"] + [f"{m}: {x}" for m in methods for x in ("> random", "> full", "students at target")]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for steps, noise in keys:
         cs = [c for c in cells if (c.steps, c.noise) == (steps, noise)]
         row = [str(steps), f"{noise:g}"]
@@ -490,15 +490,15 @@ def summary_table(cells: list[Cell], methods: list[str]) -> str:
             n = sum(len(c.runs[m]) for c in cs)
             row += [f"{sum(wins(c, m, 'random')[0] for c in cs)}/{n}", f"{sum(wins(c, m, 'full')[0] for c in cs)}/{n}",
                     f"{sum(target_met([c], m) for c in cs)}/{len(cs)}"]
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join(out)
+        rows.append(row)
+    return _md_table(head, rows)
 
 
 def student_table(cells: list[Cell], method: str) -> str:
     """Per student and budget, one column per noise level: seeds beating random, seeds beating full (r, f)."""
     noises = sorted({c.noise for c in cells})
     head = ["student", "T", "best fixed alpha"] + [f"noise {x:g}" for x in noises]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for name in dict.fromkeys(c.student for c in cells):
         for steps in sorted({c.steps for c in cells if c.student == name}):
             cs = {c.noise: c for c in cells if c.student == name and c.steps == steps}
@@ -507,38 +507,38 @@ def student_table(cells: list[Cell], method: str) -> str:
                 r, n = wins(cs[x], method, "random")
                 f, _ = wins(cs[x], method, "full")
                 row.append(f"{r}, {f}" + ("" if min(r, f) >= 0.8 * n else " ✗"))
-            out.append("| " + " | ".join(row) + " |")
-    return "\n".join(out)
+            rows.append(row)
+    return _md_table(head, rows)
 
 
 def skill_table(cells: list[Cell], methods: list[str], noise: float) -> str:
     """Mean cumulative skill per student and budget at one noise level, every method side by side."""
     cols = [m for m in (*methods, "random", "full", "best-fixed") if m in cells[0].runs]
     head = ["student", "T"] + cols + ["adaptive alpha, last quarter", "best alpha (hindsight, fixed)"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for c in cells:
         if c.noise != noise:
             continue
         row = [c.student, str(c.steps)] + [f"{_mean([r['skill'] for r in c.runs[m]]):.4f}" for m in cols]
         la = [r["late_alpha"] for r in c.runs[methods[0]]]
         row += [f"{_mean(la):.2f} ± {_sd(la):.2f}", f"{c.best_alpha:.2f}"]
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join(out)
+        rows.append(row)
+    return _md_table(head, rows)
 
 
 def noise_table(cells: list[Cell], methods: list[str]) -> str:
     """Pure-noise student: the final policy (at the state of a next decision) per budget and noise level."""
     head = ["T", "noise"] + [f"{m}: {x}" for m in methods for x in ("final mean (min-max)", "final sd (min)",
                                                                   "seeds at target")]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for c in cells:
         row = [str(c.steps), f"{c.noise:g}"]
         for m in methods:
             fm, fs = [r["final_mean"] for r in c.runs[m]], [r["final_sd"] for r in c.runs[m]]
             row += [f"{_mean(fm):.2f} ({min(fm):.2f}-{max(fm):.2f})", f"{_mean(fs):.2f} ({min(fs):.2f})",
                     f"{sum(noise_ok(r) for r in c.runs[m])}/{len(fm)}"]
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join(out)
+        rows.append(row)
+    return _md_table(head, rows)
 
 
 def report(cells: list[Cell], methods: list[str]) -> str:

@@ -6,6 +6,8 @@
 
 Implementations, all computing forward KL(teacher || student) at temperature 1.1 over one LM head [V, H]:
 - ours     kernels.fused_linear_kl, clip 0.06 (Triton on CUDA, native/tiled on CPU)
+- ours-rows  the same op on the Triton rows path (kernels/triton_kl_rows.py: cuBLAS logits for blocks of rows
+           within ATESD_TRITON_ROWS_MIB, 512 unless the command sets it); on CPU the same as ``ours``
 - liger    liger-kernel's chunked ``LigerFusedLinearJSDLoss`` (beta 0 = forward KL, soft loss only; no clipping;
            it computes the head's gradient in its forward whether the head is trainable or not; torch.compile'd
            chunks on CUDA, eager on CPU)
@@ -15,12 +17,14 @@ Implementations, all computing forward KL(teacher || student) at temperature 1.1
 ``head``: frozen (gradient to the student hidden states only) or trainable (the head's gradient too).
 
 FLOP counts (matmul FLOPs, 2 per multiply-add; DESIGN 3.2). One logits matmul is 2NVH. The op recomputes logits
-instead of storing them: with a finite clip (or 0 < beta < 1) its forward runs two passes over V (statistics,
-then the clipped loss), each computing student and teacher logits (4NVH each), and its backward recomputes both
-again (4NVH) before grad_hs = dz W (2NVH) and, for a trainable head, grad_W = dz^T hs (2NVH): 14NVH frozen,
-16NVH trainable (10 and 12 without the second pass). A single-pass chunked method (Liger, chunked torch) does
-6NVH frozen (8 trainable; Liger always 8). The table reports TFLOP/s on each implementation's own count, its share
-of the bf16 matmul peak measured in the same run (torch.mm 8192^3), and TFLOP/s on the 6NVH yardstick, which
+instead of storing them: with a finite clip (or 0 < beta < 1) its forward runs two passes over V (statistics, then
+the clipped loss), each computing student and teacher logits (4NVH each), and its backward recomputes both again
+(4NVH) before grad_hs = dz W (2NVH) and, for a trainable head, grad_W = dz^T hs (2NVH): 14NVH frozen, 16NVH
+trainable (10 and 12 without the second pass). The rows path forms each logits block once (cuBLAS, fp32 out), reads
+it back from memory for every pass, and with a frozen head forms grad_hs in its forward: 6NVH frozen, 12NVH
+trainable (the backward recomputes the logits: 4 + 4 + 2 + 2). A single-pass chunked method (Liger, chunked torch)
+does 6NVH frozen (8 trainable; Liger always 8). The table reports TFLOP/s on each implementation's own count, its
+share of the bf16 matmul peak measured in the same run (torch.mm 8192^3), and TFLOP/s on the 6NVH yardstick, which
 compares implementations by useful work per second (the same ranking as tokens/s).
 
 Rows are appended to the output file as they are measured (a timeout loses only the row in progress); the header
@@ -31,6 +35,7 @@ of what the implementation computes (clipped for ours/chunked/naive, unclipped f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -52,7 +57,8 @@ TEMPERATURE = 1.1
 CLIP = 0.06
 V_FULL = 151936
 NAIVE_TENSORS = 12  # fp32 N x V tensors the materialising reference holds at its peak (forward + backward)
-IMPLS = ("ours", "liger", "chunked", "naive")
+IMPLS = ("ours", "ours-rows", "liger", "chunked", "naive")
+ROWS_MIB = "512"  # the rows path's budget in this benchmark (ours-rows), unless ATESD_TRITON_ROWS_MIB says
 HEADS = ("frozen", "trainable")
 if CUDA:  # (N, H, V): Qwen3-8B head at several token counts, then the 1.7B and 4B heads
     SHAPES = [(8192, 4096, V_FULL), (1024, 4096, V_FULL), (4096, 4096, V_FULL), (16384, 4096, V_FULL),
@@ -73,6 +79,10 @@ def impl_flops(impl: str, n: int, h: int, v: int, trainable_head: bool) -> float
     """Each implementation's own matmul FLOPs: ours as :func:`op_flops`; single-pass ones 6NVH (+2 trainable;
     Liger computes the head's gradient either way)."""
     if impl == "ours":
+        return op_flops(n, h, v, trainable_head=trainable_head)
+    if impl == "ours-rows" and CUDA:
+        return 2.0 * (6 if trainable_head else 3) * n * v * h
+    if impl == "ours-rows":
         return op_flops(n, h, v, trainable_head=trainable_head)
     return 2.0 * (3 + int(trainable_head or impl == "liger")) * n * v * h
 
@@ -132,6 +142,7 @@ def implementations() -> dict:
     """name -> (fn(s, t, w) -> mean loss, reference clip of what it computes); Liger only when installed."""
     impls = {
         "ours": (lambda s, t, w: kernels.fused_linear_kl(s, t, w, temperature=TEMPERATURE, clip=CLIP), CLIP),
+        "ours-rows": (lambda s, t, w: kernels.fused_linear_kl(s, t, w, temperature=TEMPERATURE, clip=CLIP), CLIP),
         "chunked": (lambda s, t, w: chunked_linear_kl(s, t, w, temperature=TEMPERATURE, clip=CLIP), CLIP),
         "naive": (lambda s, t, w: linear_kl(s, t, w, temperature=TEMPERATURE, clip=CLIP), CLIP),
     }
@@ -155,9 +166,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _our_backward() -> str:
-    mib = os.environ.get("ATESD_TRITON_BWD_WORKSPACE_MIB", "0") or "0"
-    return "fused (atomics)" if float(mib) <= 0 else f"workspace {mib} MiB (ATESD_TRITON_BWD_WORKSPACE_MIB)"
+def _describe(impl: str) -> str:
+    with _path(impl):
+        return kernels.describe_backend(DEVICE)
+
+
+@contextlib.contextmanager
+def _path(impl: str):
+    """ours-rows: ATESD_TRITON_ROWS_MIB > 0 for the whole measurement (forward and backward read it); ours: 0."""
+    if not impl.startswith("ours"):
+        yield
+        return
+    old = os.environ.get("ATESD_TRITON_ROWS_MIB")
+    given = old if old and float(old) > 0 else ROWS_MIB
+    os.environ["ATESD_TRITON_ROWS_MIB"] = given if impl == "ours-rows" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATESD_TRITON_ROWS_MIB")
+        else:
+            os.environ["ATESD_TRITON_ROWS_MIB"] = old
 
 
 def inputs(n: int, h: int, v: int, trainable_head: bool):
@@ -215,6 +244,11 @@ def max_rel_err(fn, ref_clip, hs, ht, w, rows: int = 64) -> float:
 def measure(impl: str, n: int, h: int, v: int, trainable_head: bool, rounds: int) -> dict:
     """One row: median fwd+bwd seconds over ``rounds`` after a warm-up (autotuning, compiles), peak extra memory,
     gradient error; or a row with ``error`` naming why it did not run."""
+    with _path(impl):
+        return _measure(impl, n, h, v, trainable_head, rounds)
+
+
+def _measure(impl: str, n: int, h: int, v: int, trainable_head: bool, rounds: int) -> dict:
     row = dict(N=n, H=h, V=v, head="trainable" if trainable_head else "frozen", impl=impl)
     impls = implementations()
     if impl not in impls:
@@ -273,7 +307,7 @@ class Table:
             f"device: {device}; torch {torch.__version__}; triton {triton_v}; "
             f"dtype {str(DTYPE).removeprefix('torch.')}; "
             f"T {TEMPERATURE}, clip {CLIP} (ours, chunked, naive); date {time.strftime('%Y-%m-%d %H:%M')}; "
-            f"ours' backward: {_our_backward()}",
+            f"ours: {_describe('ours')}; ours-rows: {_describe('ours-rows')}",
             f"matmul peak ({peak_what}): {peak:.3g} TFLOP/s; command: `{command}`",
             "",
             "| " + " | ".join(self.COLUMNS) + " |",

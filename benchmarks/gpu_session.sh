@@ -15,7 +15,11 @@
 #
 # A short session: GPU_SESSION_STEPS picks the steps and their order (comma-separated keys or names, below), and
 # GPU_SESSION_BUDGET must end the command before the tool's timeout_s does. A machine takes a minute or more to
-# start, out of the same device time, so with ~4 minutes left (the least a machine starts with):
+# start, out of the same device time, so with ~4 minutes left (the least a machine starts with), the rows path
+# (kernels/triton_kl_rows.py, never timed yet) against the tile path and Liger, then its exactness:
+#        run(command="GPU_SESSION_STEPS=a,c,b GPU_SESSION_BUDGET=200 bash benchmarks/gpu_session.sh",
+#            carry=[".whl"], timeout_s=220)
+#   or the per-kernel profile of the tile path:
 #        run(command="GPU_SESSION_STEPS=a,c-profile GPU_SESSION_BUDGET=140 bash benchmarks/gpu_session.sh",
 #            timeout_s=160)
 #   and with ~5-6 minutes, the op's table too (Liger's wheel carried; c reuses c-profile's compiled kernels):
@@ -29,8 +33,10 @@
 #   a  a-device     device and versions                                          device.md         cap 30 s
 #   b  b-exactness  CUDA exactness of the op: tests/kernels/test_cuda_exactness.py (bf16 and fp32, V=151936, clip,
 #                   beta 0 and 0.5, masked rows, a trainable head, extreme logits, NaN/inf rows) under one pinned
-#                   Triton config (no autotuning: ~17 kernel compiles)           session.log       cap 120 s
-#   c  c-kernels    the op vs Liger's LigerFusedLinearJSDLoss (beta 0) vs chunked torch at N=8192, H=4096,
+#                   Triton config (no autotuning: ~17 kernel compiles), on the tile path and on the rows path
+#                   (kernels/triton_kl_rows.py, never run on a GPU before)       session.log       cap 150 s
+#   c  c-kernels    the op (tile path, then rows path: ours-rows at 512 MiB) vs Liger's LigerFusedLinearJSDLoss
+#                   (beta 0) vs chunked torch at N=8192, H=4096,
 #                   V=151936, bf16, T 1.1, clip 0.06, frozen then trainable head: ms, tokens/s, peak extra memory,
 #                   TFLOP/s on each one's own FLOP count and on the 6NVH yardstick, % of the bf16 matmul peak
 #                   measured in the same run; rows written as measured (benchmarks/bench_kernels.py)
@@ -82,9 +88,9 @@ start_summary "${GPU_SESSION_STEPS+GPU_SESSION_STEPS=$GPU_SESSION_STEPS }bash be
 for name in $steps; do
   case $name in
     a-device) step a-device 30 device.md "" -- versions ;;
-    b-exactness) step b-exactness 120 session.log "" -- exactness ;;
+    b-exactness) step b-exactness 150 session.log "" -- exactness ;;
     c-kernels) step c-kernels 200 session.log kernels.md -- "$PY" -m benchmarks.bench_kernels --shapes "$KERNEL_SHAPE" \
-      --impls ours,liger,chunked --heads frozen,trainable --rounds "$ROUNDS" --out "$out/kernels.md" ;;
+      --impls ours,ours-rows,liger,chunked --heads frozen,trainable --rounds "$ROUNDS" --out "$out/kernels.md" ;;
     c-profile) step c-profile 120 session.log profile.md -- "$PY" -m benchmarks.profile_op --shape "$KERNEL_SHAPE" \
       --rounds "$ROUNDS" --out "$out/profile.md" ;;
     w-workspace) step w-workspace 120 session.log workspace.md -- "$PY" -m benchmarks.bench_bwd_workspace \

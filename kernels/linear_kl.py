@@ -3,7 +3,9 @@
 The heavy lifting is in the ``atesd::linear_kl_fwd`` / ``atesd::linear_kl_bwd`` custom ops (``_ops.py``), which
 return per-token quantities; masking and the reduction are ordinary (differentiable) torch on [N] vectors, so
 the per-token gradient that reaches the backward op already carries the mask, the reduction and the upstream
-gradient, and no host synchronisation happens anywhere.
+gradient, and no host synchronisation happens anywhere. With a frozen head on a backend that forms the
+hidden-state gradient in its forward (the Triton rows path), ``atesd::linear_kl_fwd_grad`` replaces the pair and the
+backward is a per-row scale of what it kept.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from atesd.kernels import _ops  # noqa: F401  (registers torch.ops.atesd.*)
+from atesd.kernels import _ops  # registers torch.ops.atesd.*
 from atesd.kernels._checks import prepare, reduce_loss
 from atesd.kernels.reference import STAT_NAMES
 
@@ -22,17 +24,33 @@ class _LinearKLFunction(torch.autograd.Function):
     """Per-token clipped divergence [N] (differentiable w.r.t. hs, and w/bias if they require grad) + stats."""
 
     @staticmethod
-    def forward(ctx, hs, ht, w, wt, bs, bt, temperature, clip, beta):
-        loss, kl, lse_s, lse_t, g, agree, maxp, ent = torch.ops.atesd.linear_kl_fwd(
-            hs, ht, w, wt, bs, bt, temperature, clip, beta
-        )
-        ctx.save_for_backward(hs, ht, w, wt, bs, bt, lse_s, lse_t, g)
+    def forward(ctx, hs, ht, w, wt, bs, bt, temperature, clip, beta, grad_enabled):
+        needs = ctx.needs_input_grad  # (set under no_grad too, hence grad_enabled from the caller)
+        # a frozen head on a backend that forms the hidden-state gradient in its forward: keep gh1, not the inputs
+        ctx.grad_in_forward = (grad_enabled and needs[0] and not (needs[2] or needs[4])
+                               and _ops.grad_in_forward(hs.device))
+        if ctx.grad_in_forward:
+            loss, kl, _, _, _, agree, maxp, ent, gh1 = torch.ops.atesd.linear_kl_fwd_grad(
+                hs, ht, w, wt, bs, bt, temperature, clip, beta
+            )
+            ctx.save_for_backward(gh1)
+            ctx.hs_dtype = hs.dtype
+        else:
+            loss, kl, lse_s, lse_t, g, agree, maxp, ent = torch.ops.atesd.linear_kl_fwd(
+                hs, ht, w, wt, bs, bt, temperature, clip, beta
+            )
+            ctx.save_for_backward(hs, ht, w, wt, bs, bt, lse_s, lse_t, g)
         ctx.params = (temperature, clip, beta)
         ctx.mark_non_differentiable(kl, agree, maxp, ent)
         return loss, kl, agree, maxp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        if ctx.grad_in_forward:  # dz is linear in grad[n]; a row without upstream gradient gets exactly 0
+            (gh1,) = ctx.saved_tensors
+            grad = grad_loss.float()[:, None]
+            grad_hs = torch.where(grad != 0, gh1 * grad, torch.zeros((), device=gh1.device)).to(ctx.hs_dtype)
+            return grad_hs, None, None, None, None, None, None, None, None, None
         hs, ht, w, wt, bs, bt, lse_s, lse_t, g = ctx.saved_tensors
         temperature, clip, beta = ctx.params
         need_w = ctx.needs_input_grad[2]
@@ -45,7 +63,7 @@ class _LinearKLFunction(torch.autograd.Function):
         )
         grad_w = grad_w.to(w.dtype) if need_w else None
         grad_b = grad_b.to(bs.dtype) if need_b else None
-        return grad_hs if ctx.needs_input_grad[0] else None, None, grad_w, None, grad_b, None, None, None, None
+        return grad_hs if ctx.needs_input_grad[0] else None, None, grad_w, None, grad_b, None, None, None, None, None
 
 
 def fused_linear_kl(
@@ -87,7 +105,7 @@ def fused_linear_kl(
     clip_value = math.inf if clip is None else float(clip)
 
     token_loss, kl, agree, maxp, ent = _LinearKLFunction.apply(
-        hs, ht, p.w.contiguous(), wt, bs, bt, float(temperature), clip_value, float(beta)
+        hs, ht, p.w.contiguous(), wt, bs, bt, float(temperature), clip_value, float(beta), torch.is_grad_enabled()
     )
     loss = reduce_loss(token_loss, p.weights, reduction, num_items_in_batch, p.lead)
     if not return_stats:

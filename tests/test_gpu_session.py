@@ -87,16 +87,17 @@ def test_gpu_session_dry_run(tmp_path):
     assert "`bash benchmarks/gpu_session.sh`" in summary
     assert "CPU dry run" in summary and re.search(r"^total \d+ s$", summary, re.M)
     assert "torch " in (out / "device.md").read_text()
-    assert re.search(r"\b9 passed\b", (out / "session.log").read_text())  # the session's exactness list
+    assert re.search(r"\b18 passed\b", (out / "session.log").read_text())  # the exactness list, both paths
     kernels = (out / "kernels.md").read_text()
     assert "matmul peak" in kernels
     for head in ("frozen", "trainable"):
-        for impl in ("ours", "chunked"):
+        for impl in ("ours", "ours-rows", "chunked"):
             assert re.search(rf"^\| 64 \| 32 \| 300 \| {head} \| {impl} \| [\d.]+ \|", kernels, re.M), kernels
         liger = re.search(rf"^\| 64 \| 32 \| 300 \| {head} \| liger \| ([^|]+) \|", kernels, re.M)
         assert liger and (liger.group(1).strip() == "skipped: liger-kernel not installed"
                           or re.fullmatch(r"[\d.]+", liger.group(1).strip())), kernels
     assert re.search(r"^\| 64 \| 32 \| 300 \| frozen \| ours \| .* \| 14NVH \|", kernels, re.M)
+    assert "; ours-rows: " in kernels  # the header names the backend each of ours' rows ran on
     check_profile((out / "profile.md").read_text())
     log = (out / "session.log").read_text()  # b's log, then c-kernels', c-profile's, ... appended
     assert "| frozen | ours |" in log and "\n=== c-profile\n" in log and "| _stats_kernel |" in log

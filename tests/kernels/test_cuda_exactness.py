@@ -35,10 +35,12 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 MASKED = list(range(0, N, 5))
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    """The Triton kernels, on the CPU tensors of the dry run too (they would take the native kernel there)."""
+@pytest.fixture(autouse=True, params=["tiles", "rows"])
+def triton_backend(monkeypatch, request):
+    """The Triton kernels, on the CPU tensors of the dry run too (they would take the native kernel there): the
+    tile path, then the rows path (ATESD_TRITON_ROWS_MIB; 64 MiB: blocks of 64 rows at V=151936, so 5 of them)."""
     monkeypatch.setattr(_ops, "backend_for", lambda device: "triton")
+    monkeypatch.setenv("ATESD_TRITON_ROWS_MIB", "64" if request.param == "rows" else "0")
 
 
 def _inputs(dtype, *, wscale=2.0, seed=0):

@@ -220,3 +220,11 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(kl_c, kl_e)
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_grad_in_forward_op_passes_opcheck_and_compiles(monkeypatch):
+    hs, ht, w = _make(5, 8, 33, torch.float32, "cpu")
+    b = torch.randn(33)
+    torch.library.opcheck(torch.ops.atesd.linear_kl_fwd_grad.default, (hs, ht, w, None, b, b, 1.1, 0.05, 0.0))
+    monkeypatch.setattr(_ops, "grad_in_forward", lambda device: True)  # the frozen-head path, on CPU
+    test_torch_compile_fullgraph()

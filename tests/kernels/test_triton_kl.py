@@ -99,18 +99,21 @@ def assert_near(got, want, rtol, name):
     assert (err <= tol).all(), f"{name}: max err {err.max().item():.3g}, worst err/tol {worst:.3g}"
 
 
-def run_both(args, temperature, clip, beta, grad, need_w, need_b):
-    fwd = triton_kl.forward(*args, temperature, clip, beta)
+def run_both(args, temperature, clip, beta, grad, need_w, need_b, impl=None):
+    """Forward then backward of ``impl`` (default the tile path, ``triton_kl``; or ``triton_kl_rows``)."""
+    impl = impl or triton_kl
+    fwd = impl.forward(*args, temperature, clip, beta)
     assert len(fwd) == 8 and all(t.dtype == torch.float32 and t.shape == (args[0].shape[0],) for t in fwd)
-    bwd = triton_kl.backward(grad, *args, fwd[2], fwd[3], fwd[4], temperature, clip, beta, need_w, need_b)
+    bwd = impl.backward(grad, *args, fwd[2], fwd[3], fwd[4], temperature, clip, beta, need_w, need_b)
     return dict(zip(OUT_NAMES, fwd)), bwd
 
 
-def check_all(args, temperature, clip, beta, need_w=True, need_b=True, rtol=1e-4, grad_rtol=1e-4, seed=1):
+def check_all(args, temperature, clip, beta, need_w=True, need_b=True, rtol=1e-4, grad_rtol=1e-4, seed=1,
+              impl=None):
     n = args[0].shape[0]
     grad = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(DEV)
     need_b = need_b and args[4] is not None
-    fwd, (ghs, gw, gb) = run_both(args, temperature, clip, beta, grad, need_w, need_b)
+    fwd, (ghs, gw, gb) = run_both(args, temperature, clip, beta, grad, need_w, need_b, impl)
     want = expected(*args, temperature, clip, beta, grad=grad, need_w=need_w, need_b=need_b)
     for name in OUT_NAMES:
         assert_near(fwd[name], want[name], rtol, name)
@@ -211,14 +214,14 @@ def test_gradient_filter(monkeypatch):
     assert none_hs.abs().max() == 0 and none_w.abs().max() == 0
 
 
-def check_masked_rows(n: int):
+def check_masked_rows(n: int, impl=None):
     """Every third row masked (grad 0): exactly zero grad_hs there, grad_hs and grad_w near the reference.
     Returns (grad_b, its reference)."""
     args = make(n=n, bias=True, seed=17)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(3))
     grad[::3] = 0.0
     grad = grad.to(DEV)
-    fwd, (ghs, gw, gb) = run_both(args, 1.0, 0.05, 0.0, grad, True, True)
+    fwd, (ghs, gw, gb) = run_both(args, 1.0, 0.05, 0.0, grad, True, True, impl)
     want = expected(*args, 1.0, 0.05, 0.0, grad=grad, need_w=True, need_b=True)
     assert (ghs[::3] == 0).all()
     assert_near(ghs, want["grad_hs"], 1e-4, "grad_hs")
@@ -293,7 +296,7 @@ def compile(kernel, cfg, consts, dtype="*bf16"):
             return "constexpr"
         if a.endswith("_ptr"):
             return dtype if a in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr", "dz_ptr") else "*fp32"
-        return "i32" if a in ("N", "V", "H", "HT", "n_splits", "split_len", "ld_dz") else "fp32"
+        return "i32" if a in ("N", "V", "H", "HT", "n_splits", "split_len", "ld_dz", "out_stride") else "fp32"
     sig = {a: kind(a) for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or a in ("N", "V", "H", "HT", "split_len", "ld_dz")}
@@ -341,6 +344,13 @@ for c in tk._DZ_CONFIGS:
     consts = dict(dzc, DOT_PREC="ieee", DOT_PREC_T="ieee") if ieee else dzc
     spilled = spill_bytes(compile(tk._dz_kernel, c, consts, "*fp32" if ieee else "*bf16"))
     print("dzspills", c.kwargs, c.num_warps, spilled)
+# the rows path's two pointwise kernels (JSD with a clip and biases, the forward writing dz): every config
+from atesd.kernels import triton_kl_rows as tr
+rows = dict(MODE=2, HAS_CLIP=True, HAS_BS=True, HAS_BT=True)
+for c in tr._row_configs():
+    spilled = spill_bytes(compile(tr._rows_fwd_kernel, c, dict(rows, WRITE_DZ=True)))
+    spilled += spill_bytes(compile(tr._rows_dz_kernel, c, rows))
+    print("rowspills", c.kwargs, c.num_warps, spilled)
 """
 
 
@@ -370,6 +380,8 @@ def test_kernels_compile_for_h100():
     assert len(spills) == len(triton_kl._TC_BWD + triton_kl._IEEE) and all(int(b) <= 16 for _, b in spills), spills
     spills = re.findall(r"^dzspills (.*) (\d+)$", proc.stdout, re.M)
     assert len(spills) == len(triton_kl._TC_DZ + triton_kl._IEEE) and all(int(b) <= 16 for _, b in spills), spills
+    spills = re.findall(r"^rowspills (.*) (\d+)$", proc.stdout, re.M)
+    assert len(spills) == 4 and all(int(b) == 0 for _, b in spills), spills  # the rows path's 4 configs
 
 
 # the workspace backward (ATESD_TRITON_BWD_WORKSPACE_MIB > 0): dz of a block of rows materialised, cuBLAS products
@@ -421,3 +433,133 @@ def test_workspace_rows_follow_the_budget(monkeypatch):
         monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", bad)
         with pytest.raises(ValueError, match="ATESD_TRITON_BWD_WORKSPACE_MIB must be"):
             triton_kl.workspace_rows(8192, 151936, torch.bfloat16)
+
+
+# the rows path (kernels/triton_kl_rows.py, ATESD_TRITON_ROWS_MIB > 0): cuBLAS logits for a block of rows, Triton
+# pointwise passes over them; the same contract, so the same checks
+
+
+triton_kl_rows = pytest.importorskip("atesd.kernels.triton_kl_rows")
+
+
+def _rows(monkeypatch, rows: int, v: int, dtype=torch.float32) -> None:
+    """Set the rows budget so the path takes ``rows`` rows at a time (a multiple of 64)."""
+    row_bytes = v * (8 + torch.empty((), dtype=dtype).element_size())
+    monkeypatch.setenv("ATESD_TRITON_ROWS_MIB", str(rows * row_bytes / 2**20))
+    assert triton_kl_rows.block_rows(10**6, v, dtype) == rows
+
+
+@pytest.mark.parametrize("beta,clip,temperature", [(0.0, INF, 1.0), (0.0, 0.05, 1.1), (0.5, 0.05, 1.1),
+                                                   (0.5, INF, 1.0), (1.0, 0.05, 1.1), (1.0, INF, 1.0)])
+def test_rows_path_matches_reference(monkeypatch, beta, clip, temperature):
+    _rows(monkeypatch, 64, 291)
+    check_all(make(n=150, bias=True, seed=23), temperature, clip, beta, impl=triton_kl_rows)  # 3 blocks, last short
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_path_half_precision(monkeypatch, dtype):
+    _rows(monkeypatch, 64, 291, dtype)
+    check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3, grad_rtol=2e-2,
+              impl=triton_kl_rows)
+
+
+def test_rows_path_separate_head_extreme_logits_masked_and_nan_rows(monkeypatch):
+    _rows(monkeypatch, 64, 291)
+    check_all(make(n=90, sep_w=True, bias=True, sep_bias=True, seed=3), 1.1, 0.05, 0.0, impl=triton_kl_rows)
+    args = make(n=19, h=32, v=150, wscale=1e4 / math.sqrt(32), seed=7)  # |z| ~ 1e4, see test_extreme_logits...
+    check_all(args, 1.0, 0.05, 0.5, rtol=1e-3, grad_rtol=1e-3, impl=triton_kl_rows)
+    peaked = make(n=24, seed=5)[0], 6.0 * torch.randn(24, 40, generator=torch.Generator().manual_seed(6)).to(DEV)
+    fwd, _ = check_all((*peaked, make(n=24, seed=5)[2], None, None, None), 1.0, 0.05, 0.0, impl=triton_kl_rows)
+    assert (fwd["kl"] - fwd["loss"]).min() > 0.05  # the clip bites on every token
+    gb, want_gb = check_masked_rows(130, impl=triton_kl_rows)  # masked rows exactly zero in each of three blocks
+    assert_near(gb, want_gb, 1e-4, "grad_b")
+    hs, ht, w, *_ = make(n=100, seed=5)
+    hs[70, 3] = math.nan  # in the second block
+    grad = torch.ones(100, device=DEV)
+    grad[71] = 0.0
+    ht[71, 0] = math.inf  # a masked row holding garbage still gets exactly 0
+    fwd, (ghs, gw, _) = run_both((hs, ht, w, None, None, None), 1.0, 0.05, 0.0, grad, True, False, triton_kl_rows)
+    assert torch.isnan(fwd["loss"][70]) and not torch.isfinite(fwd["loss"][71])
+    ok = torch.ones(100, dtype=torch.bool)
+    ok[[70, 71]] = False
+    assert torch.isfinite(fwd["loss"][ok]).all() and torch.isfinite(ghs[ok]).all()
+    assert torch.isnan(ghs[70]).all() and (ghs[71] == 0).all()
+
+
+def test_rows_path_forms_the_frozen_head_gradient_in_its_forward(monkeypatch):
+    _rows(monkeypatch, 64, 291)
+    args = make(n=150, bias=True, seed=29)
+    outs = triton_kl_rows.forward(*args, 1.1, 0.05, 0.5, want_grad_hs=True)
+    assert len(outs) == 9 and outs[8].shape == args[0].shape and outs[8].dtype == torch.float32
+    ones = torch.ones(150, device=DEV)
+    want = expected(*args, 1.1, 0.05, 0.5, grad=ones)
+    for name, got in zip(OUT_NAMES, outs):
+        assert_near(got, want[name], 1e-4, name)
+    assert_near(outs[8], want["grad_hs"], 1e-4, "gh1")
+
+
+def test_rows_path_empty_batch_and_budget(monkeypatch):
+    _rows(monkeypatch, 64, 291)
+    hs, ht, w, *_ = make(n=0)
+    fwd = triton_kl_rows.forward(hs, ht, w, None, None, None, 1.0, INF, 0.0, want_grad_hs=True)
+    assert len(fwd) == 9 and all(t.shape == (0,) for t in fwd[:8]) and fwd[8].shape == (0, 40)
+    empty = torch.zeros(0, device=DEV)
+    ghs, gw, gb = triton_kl_rows.backward(empty, hs, ht, w, None, None, None, empty, empty, empty, 1.0, INF, 0.0,
+                                          True, False)
+    assert ghs.shape == hs.shape and gw.shape == w.shape and gw.abs().max() == 0 and gb.numel() == 0
+    monkeypatch.delenv("ATESD_TRITON_ROWS_MIB")
+    assert triton_kl_rows.block_rows(8192, 151936, torch.bfloat16) == 0  # off by default: the tile path
+    monkeypatch.setenv("ATESD_TRITON_ROWS_MIB", "512")
+    assert triton_kl_rows.block_rows(8192, 151936, torch.bfloat16) == 320  # 512 MiB / (151936 x 10 B), /64*64
+    assert triton_kl_rows.block_rows(100, 151936, torch.bfloat16) == 100
+    for bad in ("lots", "nan", "-1"):
+        monkeypatch.setenv("ATESD_TRITON_ROWS_MIB", bad)
+        with pytest.raises(ValueError, match="ATESD_TRITON_ROWS_MIB must be"):
+            triton_kl_rows.block_rows(8192, 151936, torch.bfloat16)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_rows_path_through_the_public_op(monkeypatch, train_head):
+    # a frozen head takes linear_kl_fwd_grad (gh1 formed in the forward, scaled in the backward); a trainable one the
+    # plain forward and the rows backward; both match the reference, masked rows exactly 0
+    from atesd import kernels
+    from atesd.kernels import _ops
+
+    monkeypatch.setattr(_ops, "backend_for", lambda device: "triton")
+    _rows(monkeypatch, 64, 291)
+    calls = []
+    real = triton_kl_rows.forward
+    monkeypatch.setattr(triton_kl_rows, "forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    hs, ht, w, *_ = make(n=150, seed=31)
+    mask = torch.ones(150, dtype=torch.bool, device=DEV)
+    mask[::7] = False
+    grads = []
+    for fn in (kernels.fused_linear_kl, reference.linear_kl):
+        s, wc = hs.clone().requires_grad_(), w.clone().requires_grad_(train_head)
+        loss = fn(s, ht, wc, temperature=1.1, clip=0.05, mask=mask)
+        grads.append((loss, *torch.autograd.grad(loss, [s, wc] if train_head else [s])))
+    assert calls == [dict(want_grad_hs=True) if not train_head else {}]
+    with torch.no_grad():  # no backward will come: no gradient formed in the forward
+        kernels.fused_linear_kl(hs.clone().requires_grad_(), ht, w, temperature=1.1, clip=0.05)
+    assert calls[1:] == [{}]
+    assert (grads[0][1][::7] == 0).all()
+    for got, want, name in zip(grads[0], grads[1], ("loss", "grad_hs", "grad_w")):
+        assert_near(got, want.detach(), 1e-4, name)
+
+
+def test_grad_in_forward_op_on_any_backend(monkeypatch):
+    # linear_kl_fwd_grad is total: where the rows path does not serve it, the backend's forward + unit backward
+    from atesd import kernels
+    from atesd.kernels import _ops
+
+    monkeypatch.setattr(_ops, "grad_in_forward", lambda device: True)
+    hs, ht, w, *_ = make(n=40, seed=37)
+    grads = []
+    for fn in (kernels.fused_linear_kl, reference.linear_kl):
+        s = hs.clone().requires_grad_()
+        loss = fn(s, ht, w, temperature=1.0, clip=0.05, beta=0.5, reduction="none")
+        weights = torch.rand(40, generator=torch.Generator().manual_seed(0)).to(DEV)
+        weights[::5] = 0.0
+        grads.append(torch.autograd.grad((loss * weights).sum(), s)[0])
+    assert (grads[0][::5] == 0).all()
+    assert_near(grads[0], grads[1], 1e-4, "grad_hs")

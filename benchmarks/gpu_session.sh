@@ -43,8 +43,9 @@
 #                                                                                kernels.md        cap 200 s
 #   c-profile       the op's kernels one by one at the same shape (benchmarks/profile_op.py): ms, TFLOP/s and %
 #                   of peak per kernel, the autotuner's choice, registers, spills, waves, PTX counts; the default
-#                   workspace backward (_dz_kernel vs its cuBLAS products) and the fused one (its atomics
-#                   isolated), a logits-only control, the epilogue against the matmul (~26 autotuning
+#                   workspace backward (_dz_kernel vs its cuBLAS products), the fused one (its atomics
+#                   isolated), the rows path (its cuBLAS products vs its two memory-bound kernels, GB/s),
+#                   a logits-only control, the epilogue against the matmul (~26 autotuning
 #                   compiles, ~15 s of timed runs; issue 23 asks which kernel)   profile.md        cap 120 s
 #   w  w-workspace  the op's backward, fused (atomics) vs the workspace backward at 128-1024 MiB
 #                   (benchmarks/bench_bwd_workspace.py): ms, tokens/s, peak memory, difference to the fused

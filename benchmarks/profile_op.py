@@ -23,6 +23,10 @@ Rows (medians over ``--rounds`` after one warm-up call that autotunes; written t
   backward with grad = 0, so every tile is filtered and only the logits recomputation and the pointwise math run;
   the difference to the full backward is what ``dz W`` and its atomics cost (and ``dz^T hs`` with its atomics:
   trainable minus frozen);
+- the rows path (``kernels/triton_kl_rows.py``, opt-in) per head: its cuBLAS products with fp32 output (the logits
+  of both sides, and with a frozen head ``dz1 W`` in the forward; a trainable head's backward forms the logits again),
+  ``_rows_fwd_kernel`` and ``_rows_dz_kernel`` (memory-bound: the lines after the table give their bytes per second),
+  the launchers, forward + backward;
 - ``logits only``: a control kernel in this file that calls the op's own ``_logit_tiles`` with the statistics
   pass's chosen config and keeps one max per row and tile (both sides, then the student side alone): the op's tile
   loop with almost no epilogue. ``_stats_kernel`` minus it is the statistics pass's epilogue.
@@ -62,13 +66,14 @@ import torch
 import triton
 import triton.language as tl
 
-from atesd.kernels import triton_kl
+from atesd.kernels import triton_kl, triton_kl_rows
 from atesd.kernels.triton_kl import _logit_tiles, _tile_ids
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 KERNELS = ("_stats_kernel", "_loss_kernel", "_bwd_kernel", "_dz_kernel")
-BACKWARDS = ("workspace", "fused")  # ATESD_TRITON_BWD_WORKSPACE_MIB: the default (512), 0
+BACKWARDS = ("workspace", "fused", "rows")  # ATESD_TRITON_BWD_WORKSPACE_MIB: the default (512), 0; the rows path
+ROW_KERNELS = ("_rows_fwd_kernel", "_rows_dz_kernel")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H200 = dict(sms=132, clock_mhz=1980)  # assumed where no GPU answers (datasheet maximum SM clock)
 MUFU_PER_CLK_SM = 16  # exp2 / log2 results per clock per SM (CUDA guide, compute capability 9.0)
@@ -192,6 +197,34 @@ def backward_path(path: str):
             os.environ["ATESD_TRITON_BWD_WORKSPACE_MIB"] = old
 
 
+@contextlib.contextmanager
+def timed_rows(timeline: Timeline, phase: list[str]):
+    """triton_kl_rows' two kernels swapped for proxies, and its fp32-output products timed as "mm <phase[0]>"."""
+    proxies = {name: TimedKernel(name, getattr(triton_kl_rows, name), timeline) for name in ROW_KERNELS}
+    real_mm = triton_kl_rows._mm_fp32
+
+    def mm(a, b, out):
+        with timeline.span(f"mm {phase[0]}"):
+            real_mm(a, b, out)
+
+    for name, proxy in proxies.items():
+        setattr(triton_kl_rows, name, proxy)
+    triton_kl_rows._mm_fp32 = mm
+    old = os.environ.get("ATESD_TRITON_ROWS_MIB")
+    if triton_kl_rows.rows_mib() <= 0:
+        os.environ["ATESD_TRITON_ROWS_MIB"] = str(triton_kl_rows._DIRECT_MIB)
+    try:
+        yield proxies
+    finally:
+        for name, proxy in proxies.items():
+            setattr(triton_kl_rows, name, proxy.kernel)
+        triton_kl_rows._mm_fp32 = real_mm
+        if old is None:
+            os.environ.pop("ATESD_TRITON_ROWS_MIB", None)
+        else:
+            os.environ["ATESD_TRITON_ROWS_MIB"] = old
+
+
 def medians(timeline: Timeline, call, rounds: int) -> dict[str, float]:
     """One warm-up ``call()`` (autotuning, compiles), then ``rounds`` timed ones: name -> median ms."""
     call()
@@ -294,6 +327,7 @@ class Profile:
         self.ms: dict[tuple[str, str], float] = {}  # (part, head) -> ms, for the difference rows and lines below
         self.facts: dict[str, dict] = {}  # kernel name -> config and compiled facts
         self.saved = None  # lse_s, lse_t, g of the forward
+        self.rows_facts: dict[str, tuple] = {}  # rows path kernel + head -> (config, ms, rows per block)
 
     # ----------------------------------------------------------------------------------------- rows
     def header(self, command: str) -> None:
@@ -423,6 +457,62 @@ class Profile:
             self.row("dz^T hs + its atomics (trainable - frozen _bwd_kernel)", head, ms["_bwd_kernel"] - frozen, 2)
         self.row("forward + backward, fused (launchers)", head, self.ms[("forward (launcher)", "")] + ms["backward"],
                  self.op_nvh(need_w))
+
+    def rows_path_rows(self, head: str) -> None:
+        """The opt-in rows path (kernels/triton_kl_rows.py): its fp32-output cuBLAS products, each pointwise kernel,
+        the launchers; a frozen head's backward is linear_kl.py's per-row scale of gh1 (timed here as the same ops)."""
+        a, frozen, phase = self.args, head == "frozen", ["fwd"]
+
+        def call():
+            phase[0] = "fwd"
+            with self.timeline.span("rows forward"):
+                out = triton_kl_rows.forward(self.hs, self.ht, self.w, None, None, None, a.temperature, a.clip, a.beta,
+                                             want_grad_hs=frozen)
+            phase[0] = "bwd"
+            with self.timeline.span("rows backward"):
+                if frozen:
+                    g = self.grad[:, None]
+                    torch.where(g != 0, out[8] * g, torch.zeros((), device=DEVICE)).to(self.dtype)
+                else:
+                    triton_kl_rows.backward(self.grad, self.hs, self.ht, self.w, None, None, None, out[2], out[3],
+                                            out[4], a.temperature, a.clip, a.beta, True, False)
+
+        with timed_rows(self.timeline, phase) as proxies:
+            rows = triton_kl_rows.block_rows(self.n, self.v, self.dtype)
+            ms = medians(self.timeline, call, a.rounds)
+        for name, proxy in proxies.items():
+            if name in ms:
+                cfg = proxy.kernel.best_config
+                config = f"BLOCK_R {cfg.kwargs['BLOCK_R']}, BLOCK_V {cfg.kwargs['BLOCK_V']}, {cfg.num_warps} warps"
+                self.rows_facts[f"{name} {head}"] = (config, ms[name], rows)
+        products = "logits, dz1 W" if frozen else "logits"
+        self.row(f"rows path: cuBLAS fp32-out {products} (forward)", head, ms["mm fwd"], 6 if frozen else 4)
+        passes = "3 passes, dz1 written" if frozen else "2 passes"
+        self.row(f"rows path: _rows_fwd_kernel ({passes})", head, ms["_rows_fwd_kernel"], None)
+        self.row("rows path: forward (launcher)", head, ms["rows forward"], 6 if frozen else 4)
+        if frozen:
+            self.row("rows path: backward = per-row scale of gh1 (linear_kl.py)", head, ms["rows backward"], None)
+        else:
+            self.row("rows path: cuBLAS fp32-out logits again (backward)", head, ms["mm bwd"], 4)
+            self.row("rows path: _rows_dz_kernel", head, ms["_rows_dz_kernel"], None)
+            self.row("rows path: cuBLAS dz W, dz^T hs + glue (backward - logits - _rows_dz_kernel)", head,
+                     ms["rows backward"] - ms["mm bwd"] - ms["_rows_dz_kernel"], 4)
+            self.row("rows path: backward (launcher)", head, ms["rows backward"], 8)
+        self.row("rows path: forward + backward", head, ms["rows forward"] + ms["rows backward"],
+                 6 if frozen else 12)
+
+    def rows_lines(self) -> None:
+        """The rows path's pointwise kernels: config, and bytes moved per second (8 B per logit pair read per pass,
+        2 B of dz written)."""
+        if not self.rows_facts:
+            return
+        self.report.line()
+        for key, (config, ms, rows) in self.rows_facts.items():
+            name, head = key.split()
+            passes = 1 if name == "_rows_dz_kernel" else 3 if head == "frozen" else 2
+            nbytes = self.n * self.v * (8 * passes + 2 * (name == "_rows_dz_kernel" or head == "frozen"))
+            self.report.line(f"- rows path, {key}: {config}; blocks of {rows} rows; {passes} pass(es), "
+                             f"{nbytes / 1e9:.3g} GB at {nbytes / (ms * 1e-3) / 1e9:.3g} GB/s")
 
     def op_nvh(self, need_w: bool) -> int:
         second_pass = math.isfinite(self.args.clip) or 0.0 < self.args.beta < 1.0
@@ -606,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip", type=float, default=0.06, help="inf: no clipping (no second forward pass)")
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--backward", default=",".join(BACKWARDS),
-                    help="comma-separated: workspace (the default backward), fused (ATESD_TRITON_BWD_WORKSPACE_MIB=0)")
+                    help="comma-separated: workspace (the default backward), fused (ATESD_TRITON_BWD_WORKSPACE_MIB=0), "
+                    "rows (the opt-in rows path, forward and backward: ATESD_TRITON_ROWS_MIB, 512 unless set)")
     ap.add_argument("--rounds", type=int, default=5 if CUDA else 1)
     ap.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler table")
     ap.add_argument("--out", default=None, help="markdown file, written as measured (default: print only)")
@@ -621,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--heads takes frozen and/or trainable, got {','.join(args.heads)!r}")
     args.backward = args.backward.split(",")
     if set(args.backward) - set(BACKWARDS) or not args.backward:
-        ap.error(f"--backward takes workspace and/or fused, got {','.join(args.backward)!r}")
+        ap.error(f"--backward takes workspace, fused and/or rows, got {','.join(args.backward)!r}")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -635,13 +726,14 @@ def main(argv: list[str] | None = None) -> None:
         if path in args.backward:
             for head in ("frozen", "trainable"):
                 if head in args.heads:
-                    prof.backward_rows(head, path)
+                    prof.rows_path_rows(head) if path == "rows" else prof.backward_rows(head, path)
     if "fused" in args.backward:
         prof.backward_rows(args.heads[0], "fused", masked=True)
     prof.control_rows()
     prof.autotune_lines()
     prof.epilogue_lines()
     prof.filter_line()
+    prof.rows_lines()
     if not args.no_profiler:
         prof.profiler_lines()
 

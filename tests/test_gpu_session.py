@@ -68,7 +68,11 @@ def check_profile(profile: str) -> None:
             ("_bwd_kernel, every row masked (recompute + pointwise; every tile filtered)", "frozen", "4NVH"),
             ("dz W + its atomics (_bwd_kernel - masked)", "frozen", "2NVH"),
             ("logits only, both sides (control kernel, the stats config)", "", "4NVH"),
-            ("logits only, student side (control kernel, the stats config)", "", "2NVH")]
+            ("logits only, student side (control kernel, the stats config)", "", "2NVH"),
+            ("rows path: cuBLAS fp32-out logits, dz1 W (forward)", "frozen", "6NVH"),
+            ("rows path: forward + backward", "frozen", "6NVH"),
+            ("rows path: cuBLAS fp32-out logits again (backward)", "trainable", "4NVH"),
+            ("rows path: forward + backward", "trainable", "12NVH")]
     for part, head, flops in rows:
         assert re.search(rf"^\| {re.escape(part)} \| {head} \| {number} \| {flops} \|", profile, re.M), (part, profile)
     # the interpreter's single config, its programs (2 token tiles x 5 splits), no compiled facts
@@ -76,6 +80,8 @@ def check_profile(profile: str) -> None:
     assert re.search(stats, profile, re.M), profile
     assert "- _stats_kernel: 2 exp/log per pair" in profile, profile
     assert "- measured: _stats_kernel - logits-only control" in profile, profile
+    for kernel in ("_rows_fwd_kernel frozen", "_rows_fwd_kernel trainable", "_rows_dz_kernel trainable"):
+        assert re.search(rf"^- rows path, {kernel}: BLOCK_R \d+, .* GB/s$", profile, re.M), profile
     assert re.search(r"Gradient filter at these inputs .*: \d+ of 5 vocab tiles skipped", profile)
     assert re.search(r"^\| aten::\S+ \| \d+ \| " + number + r" \|$", profile, re.M)  # torch.profiler's table
 

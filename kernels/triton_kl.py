@@ -217,6 +217,15 @@ def _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE: tl
 
 
 @triton.jit
+def _clipped_sums(lv, gp, clip, HAS_CLIP: tl.constexpr):
+    """Per row of a tile: sum_v min(l, clip) and sum_v c gp, c = [not (l > clip)]."""
+    if HAS_CLIP:
+        over = lv > clip  # False for NaN: a NaN term is kept and propagates (never "clipped")
+        return tl.sum(tl.where(over, clip, lv), 1), tl.sum(tl.where(over, 0.0, gp), 1)
+    return tl.sum(lv, 1), tl.sum(gp, 1)
+
+
+@triton.jit
 def _row_state(grad_ptr, lse_s_ptr, lse_t_ptr, g_ptr, rows, rmask, inv_t):
     """The backward's per-row inputs: lse_s, lse_t, g, live (in range, grad != 0) and grad / T, each [BLOCK_N]."""
     lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
@@ -338,13 +347,9 @@ def _loss_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t
         valid = (cols < V)[None, :]
         lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
         kl += tl.sum(lv, 1)
-        if HAS_CLIP:
-            over = lv > clip  # False for NaN: a NaN term is kept and propagates (never "clipped")
-            loss += tl.sum(tl.where(over, clip, lv), 1)
-            g += tl.sum(tl.where(over, 0.0, gp), 1)
-        else:
-            loss += tl.sum(lv, 1)
-            g += tl.sum(gp, 1)
+        loss_tile, g_tile = _clipped_sums(lv, gp, clip, HAS_CLIP)
+        loss += loss_tile
+        g += g_tile
     stride = N * n_splits
     base = part_ptr + rows.to(tl.int64) * n_splits + pid_s
     tl.store(base, loss, mask=rmask)

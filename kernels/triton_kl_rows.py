@@ -37,6 +37,7 @@ from atesd.kernels.triton_kl import (
     _NEG,
     _accumulate_grad_w,
     _check,
+    _clipped_sums,
     _log_once,
     _mode,
     _pointwise,
@@ -150,13 +151,9 @@ def _rows_fwd_kernel(zs_ptr, zt_ptr, bs_ptr, bt_ptr, out_ptr, dz_ptr, N, V, out_
         zt = _load_logits(zt_ptr, bt_ptr, offs, cols, valid, V, inv_t, HAS_BT)
         lv, gp, ps = _pointwise(zs, zt, lse_s, lse_t, valid, beta, log_beta, log_1mbeta, MODE)
         kl += tl.sum(lv, 1)
-        if HAS_CLIP:
-            over = lv > clip  # False for NaN: a NaN term is kept and propagates (never "clipped")
-            loss += tl.sum(tl.where(over, clip, lv), 1)
-            g += tl.sum(tl.where(over, 0.0, gp), 1)
-        else:
-            loss += tl.sum(lv, 1)
-            g += tl.sum(gp, 1)
+        loss_tile, g_tile = _clipped_sums(lv, gp, clip, HAS_CLIP)
+        loss += loss_tile
+        g += g_tile
     out = out_ptr + rows
     tl.store(out, loss, mask=rmask)
     tl.store(out + out_stride, kl, mask=rmask)

@@ -114,6 +114,8 @@ class BetaExposureController(ExposurePolicy):
             same-alpha loss decreases; accuracy / probe NLL: the discounted mean change between measurements).
         probe_points: signal='accuracy': measurements per decision, at most one per 4 steps
             (``presets.accuracy_stride``; 1 for holds under 8 steps).
+        detrend: the window regression also fits a linear trend in the decisions' start steps and gates on the
+            alpha terms' partial share (measured on the simulated students, not adopted: docs/controller.md).
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
     """
@@ -146,13 +148,14 @@ class BetaExposureController(ExposurePolicy):
         signal: str | None = None,
         estimator: str | None = None,
         probe_points: int | None = None,
+        detrend: bool | None = None,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in SETTINGS and v is not None}
         r = resolve(preset, total_steps, **given)
         ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden", "probe_points"), \
-            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate",)
+            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate", "detrend")
         c: dict[str, Any] = {k: (int(v) if k in ints else str(v) if k in strs else bool(v) if k in bools else
                                  None if v is None else int(v) if k == "decisions" else float(v))
                              for k, v in r.items()}
@@ -421,7 +424,8 @@ class BetaExposureController(ExposurePolicy):
         if self.uses_credit:
             self._cstats.push(cred)
         if window:
-            self._window.append({"P": prog, "C": cred, "alpha": d["alpha"], "a": d["a"], "b": d["b"]})
+            self._window.append({"P": prog, "C": cred, "alpha": d["alpha"], "a": d["a"], "b": d["b"],
+                                 "t0": d["t0"]})
             del self._window[:-_window_length(c["window_ema"])]
         if used:
             self._ready.append({"t0": d["t0"], "alpha": d["alpha"], "state": d["state"], "reward": r,
@@ -478,8 +482,11 @@ class BetaExposureController(ExposurePolicy):
             rewards = [r + c["lambda_gt"] * z for r, z in zip(rewards, standardised("C"))]
         feats = [(math.log(min(max(d["alpha"], _EPS), 1 - _EPS)), math.log1p(-min(max(d["alpha"], _EPS), 1 - _EPS)))
                  for d in win]
-        beta, r2, n = _weighted_regression(feats, rewards, weights)
-        return beta, (_gate_value(r2, n) if c["snr_gate"] else 1.0)
+        # detrend: a linear trend in the decision's start absorbs the fall of progress as the student learns (which
+        # no exposure causes); the gate then weighs the alpha terms' share of what the trend leaves
+        trend = [float(d.get("t0", i)) for i, d in enumerate(win)] if c["detrend"] else None
+        beta, r2, n = _weighted_regression(feats, rewards, weights, trend)
+        return beta, (_gate_value(r2, n, 3 if trend else 2) if c["snr_gate"] else 1.0)
 
     def _natural_step(self, state: list[float], grad_ab: list[float]) -> None:
         """Move the Beta at ``state`` by lr (grad_ab + F^-1 entropy bonus gradient) in (a, b) (grad_ab: a natural
@@ -598,14 +605,30 @@ def _window_length(decay: float) -> int:
     return max(8, math.ceil(3.0 / (1.0 - decay)))
 
 
-def _weighted_regression(x: list[tuple[float, float]], y: list[float],
-                         w: list[float]) -> tuple[list[float], float, float]:
+def _weighted_regression(x: list[tuple[float, float]], y: list[float], w: list[float],
+                         trend: list[float] | None = None) -> tuple[list[float], float, float]:
     """Weighted least squares of y on two regressors with an intercept: (coefficients, R^2, effective n =
-    (sum w)^2 / sum w^2). Degenerate inputs (n < 2, no spread) give zero coefficients and R^2 = 0."""
+    (sum w)^2 / sum w^2). Degenerate inputs (n < 2, no spread) give zero coefficients and R^2 = 0. With ``trend``
+    (one value per row, e.g. time), the trend is partialled out of y and of both regressors first (Frisch-Waugh:
+    the same coefficients as the regression on both and the trend) and R^2 is the partial one, the share of what the
+    trend leaves that the two regressors explain."""
     sw = sum(w)
     if len(y) < 2 or sw <= 0:
         return [0.0, 0.0], 0.0, float(len(y))
     n = sw * sw / sum(v * v for v in w)
+    if trend is not None:
+        mt = sum(wi * ti for wi, ti in zip(w, trend)) / sw
+        tc = [ti - mt for ti in trend]
+        stt = sum(wi * ti * ti for wi, ti in zip(w, tc))
+        if stt > 0:
+            def resid(v: list[float]) -> list[float]:
+                mv = sum(wi * vi for wi, vi in zip(w, v)) / sw
+                k = sum(wi * ti * (vi - mv) for wi, ti, vi in zip(w, tc, v)) / stt
+                return [vi - mv - k * ti for vi, ti in zip(v, tc)]
+
+            y = resid(y)
+            cols = [resid([xi[0] for xi in x]), resid([xi[1] for xi in x])]
+            x = list(zip(cols[0], cols[1]))
     mx = [sum(wi * xi[k] for wi, xi in zip(w, x)) / sw for k in range(2)]
     my = sum(wi * yi for wi, yi in zip(w, y)) / sw
     xc = [(xi[0] - mx[0], xi[1] - mx[1]) for xi in x]
@@ -621,15 +644,16 @@ def _weighted_regression(x: list[tuple[float, float]], y: list[float],
     return coef, r2, n
 
 
-def _gate_value(r2: float, n: float) -> float:
-    """w = max(0, 1 - 2 E0 / F) for the regression's F = (R^2 / p) / ((1 - R^2) / (n - p - 1)), p = 2, and E0 =
-    (n - p - 1) / (n - p - 3), the mean of F when the rewards do not depend on alpha. 0 until n > 5."""
-    if n <= _GATE_MIN_N + 1e-9:
+def _gate_value(r2: float, n: float, q: int = 2) -> float:
+    """w = max(0, 1 - 2 E0 / F) for the regression's F = (R^2 / 2) / ((1 - R^2) / (n - q - 1)) on the two alpha
+    terms (q regressors in all: 2, or 3 with a trend, R^2 then the partial one), and E0 = (n - q - 1) / (n - q - 3),
+    the mean of F when the rewards do not depend on alpha. 0 until n > q + 3."""
+    if n <= _GATE_MIN_N + (q - 2) + 1e-9:
         return 0.0
     if r2 >= 1.0 - 1e-12:
         return 1.0
-    f = (r2 / 2.0) / ((1.0 - r2) / (n - 3.0))
-    e0 = (n - 3.0) / (n - 5.0)
+    f = (r2 / 2.0) / ((1.0 - r2) / (n - q - 1.0))
+    e0 = (n - q - 1.0) / (n - q - 3.0)
     return max(0.0, 1.0 - 2.0 * e0 / f) if f > 0 else 0.0
 
 

@@ -58,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "signal": DEFAULT_SIGNAL,
         "estimator": "slope",
         "probe_points": 4,  # signal="accuracy": measurements per decision, at most one per 4 steps (1 at K < 8)
+        "detrend": False,  # True: the window regression also fits a trend in time (measured, not adopted: docs)
     },
     "paper": {
         "decisions": None,  # no budget sizing
@@ -84,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "signal": "loss",
         "estimator": "delta",
         "probe_points": 1,
+        "detrend": False,
     },
 }
 SETTINGS = tuple(PRESETS["default"])
@@ -94,7 +96,7 @@ UPDATES = ("window", "reinforce")
 # with these and continues exactly as it would have (the settings present then are in every such state).
 LEGACY: dict[str, Any] = {"decisions": None, "signal": "loss", "update": "reinforce", "baseline": "running",
                           "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta",
-                          "probe_points": 1}
+                          "probe_points": 1, "detrend": False}
 
 _LR0 = 0.3  # natural-gradient step at `decisions` decisions per run
 _MIN_HOLD = 4  # K below 4 leaves too few same-alpha steps to estimate a slope from

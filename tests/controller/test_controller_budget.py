@@ -169,6 +169,31 @@ def test_gate_is_shut_for_noise_and_open_for_signal():
     assert _weighted_regression(feats, [1.0] * 12, w)[1] == 0.0  # constant rewards: nothing to fit
 
 
+def test_detrending_separates_the_learning_trend_from_alpha():
+    """Progress falls as the student learns, whatever alpha: a window spanning much of a short run mixes that trend
+    with alpha's effect. With the trend partialled out the gate sees alpha's effect (and stays shut without one);
+    without it the trend drowns the effect."""
+    rng = random.Random(1)
+    null, plain, detrended, wrong = [], [], [], []
+    for _ in range(300):
+        ts = [4.0 * i for i in range(16)]
+        xs = [rng.betavariate(2, 2) for _ in ts]
+        feats = [(math.log(x), math.log1p(-x)) for x in xs]
+        trend = [-0.05 * t for t in ts]  # the fall over the window: 3x the spread alpha's effect makes
+        noise = [rng.gauss(0, 0.1) for _ in ts]
+        y = [d + 0.25 * x + e for d, x, e in zip(trend, xs, noise)]
+        plain.append(_gate_value(*_weighted_regression(feats, y, [1.0] * 16)[1:]))
+        coef, r2, n = _weighted_regression(feats, y, [1.0] * 16, ts)
+        detrended.append(_gate_value(r2, n, 3))
+        wrong.append(detrended[-1] * (coef[0] <= coef[1]))  # a step that would lower the mean of Beta(a, a)
+        r2, n = _weighted_regression(feats, [d + e for d, e in zip(trend, noise)], [1.0] * 16, ts)[1:]
+        null.append(_gate_value(r2, n, 3))
+    assert sum(null) / len(null) < 0.05  # trend and noise alone: shut
+    assert sum(wrong) < 0.02 * sum(detrended)  # the open gates point toward the better alpha
+    assert sum(detrended) / len(detrended) > 0.2 and sum(detrended) > 4 * sum(plain), (sum(detrended), sum(plain))
+    assert _gate_value(0.99, 6.0, 3) == 0.0  # one more regressor: one more decision before the gate can open
+
+
 def test_a_window_step_respects_its_kl_cap_and_sd_floor():
     p = BetaExposureController(total_steps=500, seed=0, max_kl=0.01, min_sd=0.15)
     state = p._features(update=False)

@@ -204,20 +204,31 @@ def _rows_dz_kernel(zs_ptr, zt_ptr, bs_ptr, bt_ptr, grad_ptr, lse_s_ptr, lse_t_p
 # host wrappers
 
 
-def _mm_fp32_works(device: torch.device) -> bool:
-    """Whether ``aten::mm.dtype_out`` (bf16/fp16 operands, fp32 output, one cuBLAS call) runs on this device;
-    checked once on a small case against an fp32 product."""
+def _fp32_mm_kind(device: torch.device) -> str | None:
+    """Which one-call fp32-output product for bf16 operands runs on this device: "mm" (``aten::mm.dtype_out``),
+    "addmm" (``aten::addmm.dtype_out`` with beta 0, the one the workspace backward uses) or None; checked once
+    on a small case against an fp32 product."""
     if device.type not in _MM_FP32_OK:
         a = torch.randn(64, 48, device=device).to(torch.bfloat16)
         b = torch.randn(48, 32, device=device).to(torch.bfloat16)
-        out = torch.empty(64, 32, device=device)
-        try:
-            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
-            ok = bool(torch.allclose(out, a.float() @ b.float(), rtol=1e-4, atol=1e-4))
-        except (RuntimeError, TypeError, NotImplementedError):
-            ok = False
-        _MM_FP32_OK[device.type] = ok
+        want = a.float() @ b.float()
+        _MM_FP32_OK[device.type] = None
+        for kind in ("mm", "addmm"):
+            out = torch.full((64, 32), float("nan"), device=device)  # beta 0 must ignore what out held
+            try:
+                _FP32_MM[kind](a, b, out)
+                if torch.allclose(out, want, rtol=1e-4, atol=1e-4):
+                    _MM_FP32_OK[device.type] = kind
+                    break
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
     return _MM_FP32_OK[device.type]
+
+
+_FP32_MM = {
+    "mm": lambda a, b, out: torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out),
+    "addmm": lambda a, b, out: torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, beta=0, out=out),
+}
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -225,12 +236,14 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     device has no fp32-output product for half operands, through fp32 copies (logged once: slower)."""
     if a.dtype == torch.float32:
         torch.mm(a, b, out=out)
-    elif _mm_fp32_works(a.device):
-        torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
-    else:
-        _log_once("rows-fp32-out", f"the rows path multiplies through fp32 copies on {a.device.type} (no "
-                  f"{a.dtype} x {a.dtype} -> fp32 mm there): slower", slower=True)
-        torch.mm(a.float(), b.float(), out=out)
+        return
+    kind = _fp32_mm_kind(a.device)
+    if kind:
+        _FP32_MM[kind](a, b, out)
+        return
+    _log_once("rows-fp32-out", f"the rows path multiplies through fp32 copies on {a.device.type} (no "
+              f"{a.dtype} x {a.dtype} -> fp32 mm there): slower", slower=True)
+    torch.mm(a.float(), b.float(), out=out)
 
 
 class _Blocks:

@@ -563,3 +563,15 @@ def test_grad_in_forward_op_on_any_backend(monkeypatch):
         grads.append(torch.autograd.grad((loss * weights).sum(), s)[0])
     assert (grads[0][::5] == 0).all()
     assert_near(grads[0], grads[1], 1e-4, "grad_hs")
+
+
+def test_rows_path_fp32_products_bind():
+    # the one-call fp32-output products the rows path uses on a GPU (aten::mm.dtype_out, aten::addmm.dtype_out with
+    # beta 0) have no CPU kernel; their argument binding is checked on meta tensors, and a CPU falls back (logged)
+    a = torch.empty(5, 7, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(7, 3, dtype=torch.bfloat16, device="meta")
+    for kind, product in triton_kl_rows._FP32_MM.items():
+        out = torch.empty(5, 3, device="meta")
+        assert product(a, b, out).shape == (5, 3) and out.dtype == torch.float32, kind
+    if not torch.cuda.is_available():
+        assert triton_kl_rows._fp32_mm_kind(torch.device("cpu")) is None

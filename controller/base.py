@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from atesd.controller.presets import SIGNALS, resolve, wants_measurement
+from atesd.controller.presets import LEGACY, SIGNALS, resolve, wants_measurement
 
 REQUIRED_KEYS = ("loss", "mismatch", "confidence", "progress")
 OPTIONAL_KEYS = ("credit", "probe_nll", "probe_accuracy")
@@ -120,11 +120,17 @@ class FixedExposure(ExposurePolicy):
         self._steps += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "steps": self._steps}
+        return {"alpha": self.alpha, "steps": self._steps, "hold": self.hold,
+                "probe_points": self.config["probe_points"]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where ``state`` left off, on its measuring schedule: its hold (budget-sized K may differ after
+        --steps changed) and probe points (a state written before they existed measured once per decision)."""
         self.alpha = float(state["alpha"])
         self._steps = int(state.get("steps", 0))  # states written before measuring: nothing to align
+        self.hold = int(state.get("hold", self.hold))
+        self.config = {**self.config, "hold": self.hold,
+                       "probe_points": int(state.get("probe_points", LEGACY["probe_points"]))}
 
     def metrics(self) -> dict[str, float]:
         return {"alpha": self.alpha}

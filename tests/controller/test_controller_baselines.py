@@ -73,6 +73,18 @@ def test_fixed_measures_nothing_unless_a_signal_is_named_and_resumes_in_place():
     old = FixedExposure(0.7)
     old.load_state_dict({"alpha": 0.7})  # a state written before fixed runs could measure
     assert old.exposure() == 0.7
+    # the measuring schedule continues as written: K from before --steps changed, one point per decision for a
+    # state from before probe_points existed (the adaptive controller's LEGACY rule)
+    long = FixedExposure(0.5, signal="accuracy", total_steps=1200)  # K = 19, 4 probe points
+    _asks(long, 30, "probe_accuracy")
+    longer = FixedExposure(0.5, signal="accuracy", total_steps=4000)  # K = 62 if built afresh
+    longer.load_state_dict(_roundtrip(long.state_dict()))
+    assert (longer.hold, longer.config["probe_points"]) == (19, 4)
+    assert _asks(longer, 30, "probe_accuracy") == _asks(long, 30, "probe_accuracy")
+    before = {k: v for k, v in long.state_dict().items() if k not in ("hold", "probe_points")}
+    legacy = FixedExposure(0.5, signal="accuracy", total_steps=1200)
+    legacy.load_state_dict(before)
+    assert legacy.config["probe_points"] == 1 and legacy.hold == 19
     with pytest.raises(ValueError, match="signal"):
         FixedExposure(0.5, signal="reward")
 

@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from atesd.kernels import _ops  # registers torch.ops.atesd.*
 from atesd.kernels._checks import prepare, reduce_loss
@@ -45,6 +46,7 @@ class _LinearKLFunction(torch.autograd.Function):
         return loss, kl, agree, maxp, ent
 
     @staticmethod
+    @once_differentiable  # no double backward: gh1 carries no graph, so a second derivative would miss d/dhs
     def backward(ctx, grad_loss, *_unused):
         if ctx.grad_in_forward:  # dz is linear in grad[n]; a row without upstream gradient gets exactly 0
             (gh1,) = ctx.saved_tensors

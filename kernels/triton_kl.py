@@ -635,15 +635,16 @@ def _addmm_fp32_works(device: torch.device) -> bool:
     """Whether ``torch.addmm(c, a, b, torch.float32, out=c)`` accumulates bf16 products into fp32 c in place on
     this device (CUDA's cuBLAS path; checked once on a small case against an fp32 product)."""
     if device.type not in _ADDMM_FP32_OK:
-        a = torch.randn(64, 48, device=device).to(torch.bfloat16)
-        b = torch.randn(48, 32, device=device).to(torch.bfloat16)
-        c = torch.randn(64, 32, device=device)
-        expect = c + a.float() @ b.float()
-        try:
-            torch.addmm(c, a, b, torch.float32, out=c)
-            ok = bool(torch.allclose(c, expect, rtol=1e-4, atol=1e-4))
-        except (RuntimeError, TypeError, NotImplementedError):
-            ok = False
+        with torch.autocast(device.type, enabled=False):  # autocast would round the fp32 reference to bf16
+            a = torch.randn(64, 48, device=device).to(torch.bfloat16)
+            b = torch.randn(48, 32, device=device).to(torch.bfloat16)
+            c = torch.randn(64, 32, device=device)
+            expect = c + a.float() @ b.float()
+            try:
+                torch.addmm(c, a, b, torch.float32, out=c)
+                ok = bool(torch.allclose(c, expect, rtol=1e-4, atol=1e-4))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
         _ADDMM_FP32_OK[device.type] = ok
     return _ADDMM_FP32_OK[device.type]
 

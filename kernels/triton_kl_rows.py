@@ -4,8 +4,8 @@ Opt-in (``ATESD_TRITON_ROWS_MIB`` > 0; default 0: the tile path of ``triton_kl.p
 different trade: the tile path recomputes logits inside its own Triton matmul loops (two forward passes plus the
 backward's recompute, at most 67% of the bf16 matmul peak on an H200, RESULTS.md section 17), while this path
 lets cuBLAS write a block's logits once, in fp32, into a workspace of at most ``ATESD_TRITON_ROWS_MIB`` MiB
-(rows x V x 10 bytes: fp32 zs and zt, and dz in the input dtype; the size never grows with N), and reads them
-back from memory as often as the clip needs:
+(rows x V x 10 bytes for bf16/fp16 inputs, 12 for fp32: fp32 zs and zt, and dz in the input dtype; the size never
+grows with N), and reads them back from memory as often as the clip needs:
 
     forward, per block of rows:   zs = hs W^T, zt = ht Wt^T            (cuBLAS, fp32 out: 4 R V H FLOPs)
                                   _rows_fwd_kernel: pass 1 lse, argmax; pass 2 loss, kl, g, entropy;
@@ -205,23 +205,26 @@ def _rows_dz_kernel(zs_ptr, zt_ptr, bs_ptr, bt_ptr, grad_ptr, lse_s_ptr, lse_t_p
 
 
 def _fp32_mm_kind(device: torch.device) -> str | None:
-    """Which one-call fp32-output product for bf16 operands runs on this device: "mm" (``aten::mm.dtype_out``),
-    "addmm" (``aten::addmm.dtype_out`` with beta 0, the one the workspace backward uses) or None; checked once
-    on a small case against an fp32 product."""
+    """Which one-call fp32-output product for bf16 operands runs on this device: "mm" (``aten::mm.dtype_out``,
+    torch >= 2.8), "addmm" (``aten::addmm.dtype_out`` with beta 0, what the workspace backward runs) or None;
+    checked once per device type on a small case against an fp32 product (outside autocast, which would round the
+    reference to bf16; the check reads one value back to the host, once per process)."""
     if device.type not in _MM_FP32_OK:
-        a = torch.randn(64, 48, device=device).to(torch.bfloat16)
-        b = torch.randn(48, 32, device=device).to(torch.bfloat16)
-        want = a.float() @ b.float()
-        _MM_FP32_OK[device.type] = None
-        for kind in ("mm", "addmm"):
-            out = torch.full((64, 32), float("nan"), device=device)  # beta 0 must ignore what out held
-            try:
-                _FP32_MM[kind](a, b, out)
-                if torch.allclose(out, want, rtol=1e-4, atol=1e-4):
-                    _MM_FP32_OK[device.type] = kind
-                    break
-            except (RuntimeError, TypeError, NotImplementedError):
-                pass
+        kind = None
+        with torch.autocast(device.type, enabled=False):
+            a = torch.randn(64, 48, device=device).to(torch.bfloat16)
+            b = torch.randn(48, 32, device=device).to(torch.bfloat16)
+            want = a.float() @ b.float()
+            for name in ("mm", "addmm"):
+                out = torch.full((64, 32), float("nan"), device=device)  # beta 0 must ignore what out held
+                try:
+                    _FP32_MM[name](a, b, out)
+                    if torch.allclose(out, want, rtol=1e-4, atol=1e-4):
+                        kind = name
+                        break
+                except Exception:  # noqa: BLE001 (an overload missing from this torch, or no kernel for the device)
+                    continue
+        _MM_FP32_OK[device.type] = kind
     return _MM_FP32_OK[device.type]
 
 
@@ -229,11 +232,14 @@ _FP32_MM = {
     "mm": lambda a, b, out: torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out),
     "addmm": lambda a, b, out: torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, beta=0, out=out),
 }
+_COPY_SLICE = 8192  # the fallback's fp32 copies: at most this many vocabulary entries of an operand at a time
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out [M, P] fp32 = a [M, K] @ b [K, P] with fp32 accumulation, whatever the operands' float dtype; where the
-    device has no fp32-output product for half operands, through fp32 copies (logged once: slower)."""
+    """out [M, P] fp32 = a [M, K] @ b [K, P] with fp32 accumulation, whatever the operands' float dtype (fp32
+    operands: torch.mm under torch's own matmul precision setting). Where the device has no fp32-output product for
+    half operands, through fp32 copies of slices of the vocabulary dimension (P for the logits, K for dz W), so the
+    extra memory stays bounded (logged once: slower)."""
     if a.dtype == torch.float32:
         torch.mm(a, b, out=out)
         return
@@ -243,7 +249,14 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         return
     _log_once("rows-fp32-out", f"the rows path multiplies through fp32 copies on {a.device.type} (no "
               f"{a.dtype} x {a.dtype} -> fp32 mm there): slower", slower=True)
-    torch.mm(a.float(), b.float(), out=out)
+    if b.shape[1] >= b.shape[0]:  # the vocabulary is P: fill out by column slices
+        a32 = a.float()
+        for lo in range(0, b.shape[1], _COPY_SLICE):
+            torch.mm(a32, b[:, lo:lo + _COPY_SLICE].float(), out=out[:, lo:lo + _COPY_SLICE])
+    else:  # the vocabulary is K: sum the slices' products
+        out.zero_()
+        for lo in range(0, b.shape[0], _COPY_SLICE):
+            out.addmm_(a[:, lo:lo + _COPY_SLICE].float(), b[lo:lo + _COPY_SLICE].float())
 
 
 class _Blocks:

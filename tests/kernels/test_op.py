@@ -228,3 +228,15 @@ def test_grad_in_forward_op_passes_opcheck_and_compiles(monkeypatch):
     torch.library.opcheck(torch.ops.atesd.linear_kl_fwd_grad.default, (hs, ht, w, None, b, b, 1.1, 0.05, 0.0))
     monkeypatch.setattr(_ops, "grad_in_forward", lambda device: True)  # the frozen-head path, on CPU
     test_torch_compile_fullgraph()
+
+
+@pytest.mark.parametrize("in_forward", [False, True])
+def test_double_backward_is_refused_not_wrong(monkeypatch, in_forward):
+    # a second derivative through the op is not supported: an error, never a silently incomplete result (the
+    # frozen-head gradient formed in the forward carries no graph)
+    monkeypatch.setattr(_ops, "grad_in_forward", lambda device: in_forward)
+    hs, ht, w = _make(6, 8, 33, torch.float32, "cpu")
+    s = hs.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(kernels.fused_linear_kl(s, ht, w, clip=0.05), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable|twice"):
+        torch.autograd.grad(g.sum(), s)

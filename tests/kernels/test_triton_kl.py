@@ -575,3 +575,20 @@ def test_rows_path_fp32_products_bind():
         assert product(a, b, out).shape == (5, 3) and out.dtype == torch.float32, kind
     if not torch.cuda.is_available():
         assert triton_kl_rows._fp32_mm_kind(torch.device("cpu")) is None
+
+
+def test_rows_path_fallback_products_are_exact_and_sliced(monkeypatch):
+    # without an fp32-output product for half operands (this CPU), the fallback multiplies fp32 copies of slices of
+    # the vocabulary dimension: the logits (vocabulary = columns) and dz W (vocabulary = the summed dimension)
+    monkeypatch.setattr(triton_kl_rows, "_COPY_SLICE", 16)
+    gen = torch.Generator().manual_seed(0)
+    hs = torch.randn(5, 8, generator=gen).to(torch.bfloat16)
+    w = torch.randn(37, 8, generator=gen).to(torch.bfloat16)
+    dz = torch.randn(5, 37, generator=gen).to(torch.bfloat16)
+    for a, b in ((hs, w.t()), (dz, w)):
+        out = torch.full((a.shape[0], b.shape[1]), math.nan)
+        triton_kl_rows._mm_fp32(a, b, out)
+        torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the one-time check is not fooled by autocast
+        triton_kl_rows._MM_FP32_OK.pop("cpu", None)
+        triton_kl_rows._fp32_mm_kind(torch.device("cpu"))

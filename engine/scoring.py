@@ -37,6 +37,7 @@ log = logging.getLogger("engine")
 # FlexAttention failures by (device type, grad enabled): why flex cannot run there (the dense mask runs instead,
 # logged once per key); the teacher's no-grad pass may keep flex where the student's backward cannot have it
 _flex_failures: dict[tuple[str, bool], str] = {}
+_flex_probed: set[tuple[str, bool]] = set()  # (device type, True) keys whose forward + backward probe ran
 _attention_used: str | None = None
 
 
@@ -87,19 +88,54 @@ def attention_used() -> str | None:
     return _attention_used
 
 
+def _reason(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def flex_backward_failure(model, device: torch.device) -> str | None:
+    """Why FlexAttention cannot run forward *and backward* for ``model`` on ``device`` (None: it can): a small tree
+    (a root and two branches, 16 tokens) through the decoder under flex, differentiated with respect to its input
+    embeddings only, so no parameter's ``.grad`` changes. Without it, a backward that fails after a working forward
+    would surface inside a training step's ``loss.backward()``, past the point where the dense mask can take over.
+    Out of memory is raised."""
+    probe = pack([[Segment(list(range(1, 9))), Segment(list(range(9, 13)), 0), Segment(list(range(13, 17)), 0)]])
+    dec = decoder(model)
+    embed = dec.get_input_embeddings()
+    ids = (probe.input_ids % embed.num_embeddings).to(device)
+    try:
+        with attention_impl(model, "flex_attention"):
+            emb = embed(ids).detach().requires_grad_(True)
+            out = dec(inputs_embeds=emb, position_ids=probe.position_ids.to(device),
+                      attention_mask=probe.block_mask(device), use_cache=False)[0]
+            torch.autograd.grad(out.float().sum(), emb)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any failure means: not this device and mode)
+        return _reason(e)
+    return None
+
+
 def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tensor:
     """Final hidden states [N, H] of a packed sequence: Flex BlockMask ('flex') or dense additive mask.
 
     A flex failure (an unsupported build or device, e.g. no FlexAttention backward on CPU) is logged as a warning
     on the ``engine`` logger (run.log in a run) with its reason, once per (device, grad mode); that call and the
-    later ones with the same key run the dense N x N mask, and :func:`attention_used` says so. Out of memory is
-    raised, not hidden behind the dense mask (which needs more)."""
+    later ones with the same key run the dense N x N mask, and :func:`attention_used` says so. With gradients on,
+    the first flex call per device first runs :func:`flex_backward_failure`, so a backward that would fail after a
+    working forward is caught here too. Out of memory is raised, not hidden behind the dense mask (which needs
+    more)."""
     global _attention_used
     param = next(model.parameters())
     ids, pos = packed.input_ids.to(param.device), packed.position_ids.to(param.device)
     path = "dense"
     if attention == "flex":
         key = (param.device.type, torch.is_grad_enabled())
+        if key[1] and key not in _flex_failures and key not in _flex_probed:
+            _flex_probed.add(key)
+            why = flex_backward_failure(model, param.device)
+            if why:
+                _flex_failed(key, why, " (a forward + backward probe)")
         if key not in _flex_failures:
             try:
                 with attention_impl(model, "flex_attention"):
@@ -110,17 +146,18 @@ def hidden_states(model, packed: Packed, attention: str = "dense") -> torch.Tens
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # unsupported build or device: the dense mask, loudly, and recorded
-                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-                _flex_failures[key] = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-                log.warning(
-                    "scoring: FlexAttention tree mask failed on %s (%s) (%s); the dense N x N mask runs instead "
-                    "for this device and mode", key[0], "with grad" if key[1] else "no grad", _flex_failures[key]
-                )
+                _flex_failed(key, _reason(e))
         path = f"dense (flex failed: {_flex_failures[key]})"
     mask = packed.dense_mask(param.dtype, param.device)
     out = decoder(model)(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0][0]
     _attention_used = path
     return out
+
+
+def _flex_failed(key: tuple[str, bool], reason: str, where: str = "") -> None:
+    _flex_failures[key] = reason
+    log.warning("scoring: FlexAttention tree mask failed on %s (%s)%s (%s); the dense N x N mask runs instead for "
+                "this device and mode", key[0], "with grad" if key[1] else "no grad", where, reason)
 
 
 def _gather(

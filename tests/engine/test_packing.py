@@ -177,6 +177,7 @@ def test_flex_failure_is_logged_recorded_and_falls_back_to_dense(tiny_tokenizer,
     examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
     packed = pack([student_tree(ex, r) for ex, r in zip(examples, _rollouts(2, seed=4))])
     monkeypatch.setattr(scoring, "_flex_failures", {})
+    monkeypatch.setattr(scoring, "_flex_probed", set())
 
     def broken(self, device):
         raise RuntimeError("flex kernels unavailable here")
@@ -196,3 +197,34 @@ def test_flex_failure_is_logged_recorded_and_falls_back_to_dense(tiny_tokenizer,
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="engine"):
         hidden_states(model, packed, "flex")  # another mode (no grad) tries flex on its own, and says so
     assert reason in caplog.text and "no grad" in caplog.text
+
+
+def test_a_flex_backward_failure_is_caught_before_the_step(tiny_tokenizer, monkeypatch, caplog):
+    """With gradients on, the first flex call per device runs a forward + backward probe: a backward that fails
+    (after a forward that works) sends the student's pass to the dense mask, logged and recorded, before any
+    training step's backward could fail; the probe runs once per device, never without gradients."""
+    model = _lora_model(len(tiny_tokenizer))
+    examples = [make_example(tiny_tokenizer, p, s) for p, s in zip(PROBLEMS, SOLUTIONS)]
+    packed = pack([student_tree(ex, r) for ex, r in zip(examples, _rollouts(2, seed=4))])
+    monkeypatch.setattr(scoring, "_flex_failures", {})
+    monkeypatch.setattr(scoring, "_flex_probed", set())
+    calls = []
+    reason = "RuntimeError: no FlexAttention backward for this head size"
+    monkeypatch.setattr(scoring, "flex_backward_failure", lambda m, d: calls.append(d) or reason)
+    want = hidden_states(model, packed, "dense")
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        got = hidden_states(model, packed, "flex")
+        hidden_states(model, packed, "flex")
+    torch.testing.assert_close(got, want)
+    assert attention_used() == f"dense (flex failed: {reason})" and len(calls) == 1
+    assert caplog.text.count(reason) == 1 and "forward + backward probe" in caplog.text
+    with torch.no_grad():
+        hidden_states(model, packed, "flex")  # the teacher's no-grad pass: no probe, flex on its own
+    assert len(calls) == 1 and attention_used() == "flex"
+
+
+def test_the_flex_backward_probe_leaves_parameter_gradients_alone(tiny_tokenizer):
+    model = _lora_model(len(tiny_tokenizer))
+    why = scoring.flex_backward_failure(model, torch.device("cpu"))
+    assert why is None or isinstance(why, str) and why  # CPU: whatever this torch supports, said in one line
+    assert all(p.grad is None for p in model.parameters())

@@ -1,6 +1,7 @@
 """End to end on CPU: 20 steps on a tiny random Qwen3: loss decreases, checkpoints, exact resume, NaN skip."""
 
 import json
+import math
 import os
 
 import pytest
@@ -253,3 +254,24 @@ def test_probe_nll_signal_and_paper_preset_run_and_resume_exactly(tiny_model_dir
     killed = run(tmp_path / "killed", "--stop-after", "4")
     run(tmp_path / "killed", "--resume", "--steps", "8")
     assert _metrics(killed) == full
+
+
+@pytest.mark.parametrize("rows_mib", ["0", "0.05"])
+def test_the_gpu_op_paths_train_as_the_cpu_kernel_does(tiny_model_dir, data, tmp_path, monkeypatch, rows_mib):
+    """engine.train with the loss on the Triton backend (the tile path, then the rows path in blocks of 64 rows with
+    its frozen-head gradient formed in the forward), run here through Triton's interpreter on CPU tensors: the same
+    first step as the CPU kernel (same rollouts, loss and gradient norm), and a run that trains."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
+        pytest.skip("the interpreter on CPU tensors (a GPU runs these paths in the kernel tests)")
+    from atesd.kernels import _ops
+
+    base = _metrics(train(*parse(_args(tiny_model_dir, data, tmp_path / "cpu", "--steps", "3"))))
+    monkeypatch.setattr(_ops, "backend_for", lambda device: "triton")
+    monkeypatch.setenv("ATESD_TRITON_ROWS_MIB", rows_mib)
+    run = train(*parse(_args(tiny_model_dir, data, tmp_path / "gpu-path", "--steps", "3")))
+    got = _metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in got)
+    for key in ("loss", "grad_norm"):
+        assert got[0][key] == pytest.approx(base[0][key], rel=1e-4), key
+    with open(os.path.join(run, "run.log")) as fh:
+        assert ("rows path" in fh.read()) == (rows_mib != "0")  # describe_backend names the path that ran

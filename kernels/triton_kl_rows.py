@@ -38,8 +38,8 @@ from atesd.kernels.triton_kl import (
     _accumulate_grad_w,
     _check,
     _clipped_sums,
+    _common,
     _log_once,
-    _mode,
     _pointwise,
 )
 
@@ -268,11 +268,10 @@ class _Blocks:
         self.n, self.v = hs.shape[0], w.shape[0]
         self.rows = rows = (block_rows(self.n, self.v, hs.dtype)
                             or block_rows(self.n, self.v, hs.dtype, _DIRECT_MIB))
-        mode = _mode(beta)
-        self.bias = (hs if bs is None else bs.contiguous(), hs if bt is None else bt.contiguous())
-        self.scalars = (1.0 / temperature, float(clip) if math.isfinite(clip) else 0.0, float(beta),
-                        math.log(beta) if mode == 2 else 0.0, math.log1p(-beta) if mode == 2 else 0.0)
-        self.flags = dict(MODE=mode, HAS_CLIP=math.isfinite(clip), HAS_BS=bs is not None, HAS_BT=bt is not None)
+        ptrs, sc = _common(hs, ht, w, wt, bs, bt, temperature, clip, beta)  # the tile path's scalars, as they are
+        self.bias = ptrs[4:]
+        self.scalars = tuple(sc[k] for k in ("inv_t", "clip", "beta", "log_beta", "log_1mbeta"))
+        self.flags = {k: sc[k] for k in ("MODE", "HAS_CLIP", "HAS_BS", "HAS_BT")}
         dev = hs.device
         self.zs = torch.empty((rows, self.v), device=dev, dtype=torch.float32)
         self.zt = torch.empty((rows, self.v), device=dev, dtype=torch.float32)

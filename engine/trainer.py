@@ -189,7 +189,10 @@ class Trainer:
         cuts = [ex.cut(alpha, cfg.exposure_mode) for ex in batch]
         sums, head_s = self.score_and_backward(local, [cuts[j] for j in mine], rollouts, n_tokens)
         loss, grad_norm, skipped = self.optimizer_step(sums["loss"] / n_tokens)
+        t_observe = time.perf_counter()
         stats = self.observe(sums, n_tokens, loss, skipped, before)
+        if "probe_nll" in stats:  # the probe NLL's forward pass, when one ran
+            probe_s += time.perf_counter() - t_observe
         dt = time.perf_counter() - t0
         metrics = {
             "step": self.step_no,
@@ -207,8 +210,8 @@ class Trainer:
                 sum(len(ex.reasoning_ids) for ex in batch),
             ),
             "skipped_step": int(skipped),
-            "tokens_per_s": n_tokens / dt,
-            "step_time_s": dt,
+            "tokens_per_s": n_tokens / max(dt - probe_s, 1e-9),  # training throughput: probe measurements excluded
+            "step_time_s": dt,  # wall time, probes included
             "probe_s": probe_s,
         }
         if self.parallel.head_sharded:

@@ -69,6 +69,9 @@ def test_train_checkpoint_and_exact_resume(tiny_model_dir, data, tmp_path):
     losses = [m["loss"] for m in m_full]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses  # distillation loss decreases
     assert all("probe_nll" in m for m in m_full if m["step"] % 5 == 0)
+    with open(os.path.join(full, "metrics.jsonl")) as fh:  # the probe NLL's forward pass is timed as a probe
+        timed = [m for m in map(json.loads, fh) if "loss" in m]
+    assert [m["step"] for m in timed if m["probe_s"] > 0] == [5, 10, 15, 20]
     ckpts = sorted(os.listdir(os.path.join(full, "checkpoints")))
     assert ckpts == [f"step-{s:06d}" for s in (5, 10, 15, 20)]
     for c in ckpts:
@@ -225,8 +228,11 @@ def test_accuracy_signal_measures_at_decision_starts_and_resumes_exactly(tiny_mo
     measured = [m["step"] for m in full if "probe_accuracy" in m]
     assert measured == [1, 3, 5, 7]  # the first step of every 2-step decision, before its update
     with open(os.path.join(full_dir, "metrics.jsonl")) as fh:  # the probe's decode time, where it ran
-        probe_s = {m["step"]: m["probe_s"] for m in map(json.loads, fh) if "loss" in m}
+        logged = [m for m in map(json.loads, fh) if "loss" in m]
+    probe_s = {m["step"]: m["probe_s"] for m in logged}
     assert [s for s, v in probe_s.items() if v > 0] == measured and len(probe_s) == 8
+    for m in logged:  # the throughput is the training work's: the probe's decode is not in it
+        assert m["tokens_per_s"] == pytest.approx(m["rollout_tokens"] / (m["step_time_s"] - m["probe_s"]))
     assert all(m["probe_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) for m in full if "probe_accuracy" in m)
     assert full[-1]["controller/scored"] >= 2 and full[-1]["controller/updates"] >= 1
     killed = run(tmp_path / "killed", "--stop-after", "4")

@@ -167,10 +167,12 @@ def _unknown(key: str, where: str) -> UsageError:
         return UsageError(f"{where}{key}: now an option of the task that declares it: --task-option {option}=VALUE "
                           f"(YAML: task_options: {{{option}: VALUE}})")
     options = [flag(n) for n in FIELDS] + ["--task-option", "--config", "--resume", "--debug"]
-    close = difflib.get_close_matches("--" + bare.replace("_", "-"), options, n=1)
+    given = "--" + bare.replace("_", "-")
+    # a truncated flag (--out) names what it starts; otherwise the nearest spelling (--stepz -> --steps)
+    close = sorted(o for o in options if o.startswith(given))[:3] or difflib.get_close_matches(given, options, n=1)
     return UsageError(
-        f"{where}unknown {'key' if where else 'flag'} {key}" + (f" (did you mean {close[0]}?)" if close else "")
-        + " (see --help)"
+        f"{where}unknown {'key' if where else 'flag'} {key}"
+        + (f" (did you mean {' or '.join(close)}?)" if close else "") + " (see --help)"
     )
 
 

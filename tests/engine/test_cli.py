@@ -131,6 +131,7 @@ TRAIN_IN_PROCESS = [
     (["--report-to", "mlflow"], "--report-to 'mlflow': use tensorboard, wandb"),
     (["--report-to", "wandb"], "the wandb package is not installed"),
     (["--stepz", "3"], "unknown flag --stepz (did you mean --steps?)"),
+    (["--out", "d"], "unknown flag --out (did you mean --output-dir?)"),  # a prefix names the flag it starts
     (["--per_device_train_batch_size", "8"], "use --micro-batch"),
     (["--steps"], "--steps: expected one argument"),
     (["stray"], "unexpected argument 'stray'"),

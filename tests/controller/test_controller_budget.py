@@ -256,9 +256,15 @@ def test_a_state_written_before_budget_sizing_loads_and_continues_as_it_would_ha
     for t in range(41, 101):
         got.append(p.exposure())
         p.observe(legacy(t, got[-1]))
-    assert got == old["adaptive_next"]
-    assert [dict(h) for h in p.history] == old["adaptive_history"]
-    assert all(torch.equal(a, old["adaptive_net"][k]) for k, a in p.net.state_dict().items())
+    # Bit-identical on the CPU that wrote the fixture; the MLP's fp32 matmuls round differently under other CPU
+    # kernels (AVX2 vs AVX-512: 6e-8 here), so across machines the same continuation to 1e-6. Same-machine resume
+    # is checked bit for bit by the round-trip tests above.
+    assert got == pytest.approx(old["adaptive_next"], abs=1e-6, rel=0)
+    history = [dict(h) for h in p.history]
+    assert [h.keys() for h in history] == [h.keys() for h in old["adaptive_history"]]
+    for h, o in zip(history, old["adaptive_history"], strict=True):
+        assert h == pytest.approx(o, abs=1e-6, rel=0)
+    assert all(torch.allclose(a, old["adaptive_net"][k], rtol=0, atol=1e-6) for k, a in p.net.state_dict().items())
     r = RandomExposure(seed=0)
     r.load_state_dict(old["random"])
     seq = []

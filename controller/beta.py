@@ -211,6 +211,9 @@ class BetaExposureController(ExposurePolicy):
                              ("baseline", BASELINES), ("estimator", ESTIMATORS)):
             if c[key] not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {c[key]!r}")
+        if c["estimator"] == "level" and c["signal"] == "loss":
+            raise ValueError("estimator='level' needs a measured signal (accuracy or probe_nll): the loss level "
+                             "depends on alpha through the mismatch")
         if c["snr_gate"] and c["update"] != "window":
             raise ValueError("snr_gate needs update='window' (reinforce steps are not gated)")
         if not all(0.0 <= c[k] < 1.0 for k in ("ema", "reward_ema", "window_ema")):
@@ -393,6 +396,9 @@ class BetaExposureController(ExposurePolicy):
         if c["estimator"] == "delta":
             return accuracy_progress([(i, sign * v / scale) for i, v in d["points"]], gamma=c["gamma"],
                                      horizon=horizon)
+        if c["estimator"] == "level":  # the level the held exposure led to: measured after 1..K of its steps
+            held = [v for i, v in d["points"] if 1 <= i <= self.K]
+            return sign * sum(held) / len(held) / scale if held else None
         pts = [(i, v, 0) for i, v in d["points"] if horizon is None or i <= horizon]
         return sign * slope_progress(pts, gamma=c["gamma"]) / scale
 
@@ -407,6 +413,9 @@ class BetaExposureController(ExposurePolicy):
             self._counts["dropped"] += 1
             return
         prog = self._progress_of(d)
+        if measured and prog is None:  # estimator='level' with no measurement inside the hold
+            self._counts["dropped"] += 1
+            return
         scale = max(d["scale"] if d["scale"] is not None else 1.0, _EPS)
         horizon = 1 if c["one_step"] else None
         window = c["update"] == "window"

@@ -27,7 +27,7 @@ from typing import Any
 # KD loss does not (-0.80), nor the probe NLL (+0.30).
 DEFAULT_SIGNAL = "accuracy"
 SIGNALS = ("loss", "accuracy", "probe_nll")
-ESTIMATORS = ("slope", "delta")  # how P is estimated from the signal's points over the lookahead
+ESTIMATORS = ("slope", "delta", "level")  # how P is estimated from the signal's points over the lookahead
 BASELINES = ("running", "batch")  # advantage: running mean/sd of earlier decisions, or normalised in the batch
 OPTIMIZERS = ("sgd", "adam")
 

@@ -41,7 +41,10 @@ oracle loss that falls by the usefulness of each exposure at once (no delay, lur
 
 Students: TUNING (designed first, the defaults were chosen on them), HELD_BACK (written after the defaults were
 fixed, never tuned on; docs/controller.md reports them as they came) and HELD_BACK_2 (written before the change to
-several accuracy measurements per decision was judged on any of them).
+several accuracy measurements per decision was judged on any of them). LAB_LIKE (not in the docs' grid, ``all``)
+is a *tracking* student written after measuring the lab: with ``track`` > 0 its rate is that constant, not sized
+to the budget, and it moves toward the level its exposure supports, up or down,
+``q += track (c0 + (top - c0) u - c)`` in place of the line above.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class Design:
     credit_alpha: float = 0.05
     credit_noise: float = 0.05
     informative: bool = True  # False: the pure-noise student
+    track: float = 0.0  # > 0: a tracking student (module docstring): this rate per step, whatever the budget
+    top: float = 1.0  # a tracking student's level at its best exposure
     note: str = ""
 
 
@@ -116,9 +121,16 @@ HELD_BACK_2: dict[str, Design] = {
     "flat-low": Design(c0=0.25, a0=0.15, w_lo=0.3, w_hi=0.35, floor=0.5, tau=4,
                        note="best 0.15, a weak preference (little to gain from adapting)"),
 }
+# Written 2026-12-05 after measuring the lab (docs/controller.md, "Why"), to reproduce it, not to tune on: learning
+# front-loaded (a fixed rate, not sized to the budget: most of it within ~12 steps) toward a level that depends on
+# the exposure (the lab's fixed alphas plateau at 0.55 / 0.80 / 0.75 / 0.69 for 0.25 / 0.5 / 0.75 / 1).
+LAB_LIKE: dict[str, Design] = {
+    "lab-like": Design(c0=0.45, a0=0.55, w_lo=0.15, w_hi=0.35, floor=0.2, tau=1, track=0.1, top=0.9,
+                       note="tracking: fast to an alpha-dependent level, best 0.55 (the lab's shape)"),
+}
 PURE_NOISE = Design(c0=0.3, a0=0.5, floor=1.0, phi=0.0, credit_alpha=0.0, tau=3, informative=False,
                     note="learns the same whatever alpha")
-STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, **HELD_BACK_2, "pure-noise": PURE_NOISE}
+STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, **HELD_BACK_2, "pure-noise": PURE_NOISE, **LAB_LIKE}
 
 
 @dataclass
@@ -137,11 +149,12 @@ class Student:
     def __post_init__(self) -> None:
         d = self.design
         self.c = d.c0
-        self.eta = d.reach / self.steps
-        self.mu = 1.5 * self.eta * (1 - d.c0)  # expected loss decrease per step at the best exposure, at the start
+        self.eta = d.track or d.reach / self.steps
+        headroom = (d.top if d.track else 1.0) - d.c0
+        self.mu = 1.5 * self.eta * headroom  # expected loss decrease per step at the best exposure, at the start
         self.loss_sd = self.noise * self.mu
-        self.nll_sd = self.noise * 2.0 * self.eta * (1 - d.c0)
-        self.acc_sd = self.noise * self.eta * (1 - d.c0)
+        self.nll_sd = self.noise * 2.0 * self.eta * headroom
+        self.acc_sd = self.noise * self.eta * headroom
         self.phi = d.phi * self.mu
         self._rng = random.Random(7919 * self.seed + 17)
 
@@ -176,7 +189,10 @@ class Student:
         if self.oracle:  # falls by mu x the usefulness of each exposure at once: no delay, lure or mismatch
             stats["loss"] = 1.0 - self.mu * self.taught + g(0.0, self.loss_sd)
         self.taught += self.usefulness(alpha)
-        self.q += self.eta * (1 - self.c) * self.usefulness(alpha)
+        if d.track:  # toward the level this exposure supports, from above or below
+            self.q += self.eta * (d.c0 + (d.top - d.c0) * self.usefulness(alpha) - self.c)
+        else:
+            self.q += self.eta * (1 - self.c) * self.usefulness(alpha)
         self.c = min(1.0, max(0.0, self.c + self.q / d.tau))
         self.q -= self.q / d.tau
         self.h = d.rho * self.h - self.phi * (1 - alpha)
@@ -190,7 +206,7 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
         return build("adaptive", seed=seed, total_steps=steps, preset="paper")
     spec, _, over = method.partition("?")
     kw: dict = {}
-    for item in filter(None, over.split(",")):
+    for item in filter(None, over.replace("&", ",").split(",")):  # '&' separates settings in a --methods list
         k, v = item.split("=")
         ints = ("hold", "lookahead", "update_batch", "hidden", "decisions", "probe_points")
         kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset") else (
@@ -418,10 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", default=",".join(f"{x:g}" for x in NOISE),
                     help="comma list of noise levels, x the per-step progress at the best exposure")
     ap.add_argument("--students", default="all",
-                    help=f"comma list of {', '.join(STUDENTS)}; or all, tuning, held-back, held-back-2")
+                    help=f"comma list of {', '.join(STUDENTS)}; or all (the docs' grid: all but lab-like), tuning, "
+                         "held-back, held-back-2")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list of methods (adaptive, paper, random, full, best-fixed) or build specs with "
-                         "settings, e.g. 'adaptive?decisions=32'")
+                         "settings, e.g. 'adaptive?decisions=32' ('&' between two settings)")
     ap.add_argument("--out", default="runs/controller_sim.png",
                     help="PNG path ('' to skip the figure); the docs' figure, docs/controller_sim.png, only when named")
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
@@ -436,8 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     budgets = [args.steps] if args.steps else _parse_list(args.budgets, int)
     noises = _parse_list(args.noise, float)
-    groups = {"all": list(STUDENTS), "tuning": list(TUNING), "held-back": list(HELD_BACK),
-              "held-back-2": list(HELD_BACK_2)}
+    groups = {"all": [s for s in STUDENTS if s not in LAB_LIKE], "tuning": list(TUNING), "held-back": list(HELD_BACK),
+              "held-back-2": list(HELD_BACK_2), "lab-like": list(LAB_LIKE)}
     students = groups.get(args.students) or _parse_list(args.students, str)
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
@@ -614,7 +631,7 @@ def plot(cells: list[Cell], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING",
+__all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "LAB_LIKE", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING",
            "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
 
 

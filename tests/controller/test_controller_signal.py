@@ -53,6 +53,26 @@ def test_asks_at_every_decisions_first_step_and_scores_from_the_points(estimator
     assert p.metrics()["updates"] >= 4
 
 
+def test_level_estimator_scores_the_level_its_hold_led_to():
+    """estimator='level' (opt-in; docs/controller.md, the lab-like student): P is the mean of the measurements
+    taken after 1..K of the decision's own steps, not a slope."""
+    p = BetaExposureController(signal="accuracy", hold=4, lookahead=8, lambda_gt=0.0, seed=1, estimator="level")
+    drive(p, 30)
+    p.finish()
+    scored = sorted(p.history, key=lambda h: h["t0"])
+    assert [h["t0"] for h in scored] == list(range(0, 25, 4))  # the last decision has no measurement after it
+    for h in scored:  # one measurement per decision (K < 8): the one at the next decision's start
+        assert h["progress"] == pytest.approx(acc_at(h["t0"] + 4))
+    long = BetaExposureController(signal="accuracy", total_steps=2000, lambda_gt=0.0, seed=2, estimator="level")
+    asked = drive(long, 3 * long.K)
+    long.finish()
+    first = min(long.history, key=lambda h: h["t0"])
+    held = [acc_at(t) for t in asked if 1 <= t <= long.K]
+    assert len(held) == 4 and first["progress"] == pytest.approx(sum(held) / len(held))  # 3 inside, 1 after
+    with pytest.raises(ValueError, match="level"):  # the loss level moves with alpha (mismatch)
+        BetaExposureController(signal="loss", estimator="level")
+
+
 def test_loss_signal_and_other_policies_never_ask():
     assert drive(BetaExposureController(lambda_gt=0.0, seed=0, signal="loss"), 12) == []
     for spec in ("full", "random", "fixed:0.3", "linear:1:0"):

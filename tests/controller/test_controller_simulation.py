@@ -8,6 +8,7 @@ from atesd.controller import build
 from atesd.controller.simulate import (
     HELD_BACK,
     HELD_BACK_2,
+    LAB_LIKE,
     PURE_NOISE,
     STUDENTS,
     TUNING,
@@ -114,7 +115,7 @@ def test_cli_writes_tables_and_figure(tmp_path, capsys):
 def test_held_back_students_are_registered_apart():
     assert set(HELD_BACK).isdisjoint(TUNING) and len(HELD_BACK) >= 2
     assert not set(HELD_BACK_2) & (set(TUNING) | set(HELD_BACK)) and len(HELD_BACK_2) >= 2
-    assert set(STUDENTS) == {*TUNING, *HELD_BACK, *HELD_BACK_2, "pure-noise"}
+    assert set(STUDENTS) == {*TUNING, *HELD_BACK, *HELD_BACK_2, "pure-noise", *LAB_LIKE}
     assert all(math.isfinite(d.a0) for d in (*HELD_BACK.values(), *HELD_BACK_2.values()))
 
 
@@ -162,3 +163,34 @@ def test_cli_bounds(tmp_path, capsys):
     main(["--bounds", "--seeds", "1", "--budgets", "50", "--noise", "1", "--students", "low", "--markdown", str(md)])
     text = capsys.readouterr().out
     assert "bound 1" in text and "bound 2" in text and md.read_text().strip() in text
+
+
+def test_the_lab_like_student_learns_fast_to_a_level_its_exposure_sets_whatever_the_budget():
+    d = LAB_LIKE["lab-like"]
+    final = {a: run(build(f"fixed:{a}"), d, 60, 0, 0.0)["final"] + d.c0 for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    # the lab's shape (val, 60 steps: 0.40 / 0.55 / 0.80 / 0.75 / 0.69): interior best, low exposure worst
+    assert final[0.5] > final[0.75] > final[1.0] > final[0.25] > final[0.0]
+    for steps in (60, 240):  # not sized to the budget: most of the gain within the first 15 steps
+        s = Student(d, steps)
+        assert s.eta == d.track
+        for t in range(15):
+            s.step(0.5, t)
+        assert s.c - d.c0 > 0.75 * (final[0.5] - d.c0)
+    s = Student(d, 100)  # it tracks: a worse exposure lowers the level it reached
+    for t in range(40):
+        s.step(0.5, t)
+    high = s.c
+    for t in range(40, 80):
+        s.step(0.25, t)
+    assert s.c < high - 0.2
+    assert Student(d, 60, noise=2.0).acc_sd == pytest.approx(2.0 * d.track * (d.top - d.c0))
+
+
+def test_the_docs_grid_leaves_the_lab_like_student_out(capsys):
+    main(["--students", "all", "--budgets", "50", "--noise", "1", "--seeds", "1", "--methods",
+          "adaptive,random,full", "--out", ""])
+    text = capsys.readouterr().out
+    assert "| low | 50 |" in text and "lab-like" not in text
+    main(["--students", "lab-like", "--budgets", "60", "--noise", "1", "--seeds", "2", "--methods",
+          "adaptive,random,full", "--out", ""])
+    assert "| lab-like | 60 |" in capsys.readouterr().out

@@ -631,8 +631,8 @@ def plot(cells: list[Cell], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "LAB_LIKE", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS", "TUNING",
-           "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
+__all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "LAB_LIKE", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS",
+           "TUNING", "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
 
 
 if __name__ == "__main__":

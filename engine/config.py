@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atesd.controller.presets import DEFAULTS as CONTROLLER
+from atesd.controller.presets import ESTIMATORS as CONTROLLER_ESTIMATORS
 from atesd.controller.presets import PRESETS as CONTROLLER_PRESETS
 from atesd.controller.presets import SIGNALS as CONTROLLER_SIGNALS
 from atesd.controller.presets import UPDATES as CONTROLLER_UPDATES
@@ -219,8 +220,9 @@ class Config:
         choices=CONTROLLER_SIGNALS,
     )
     controller_estimator: str | None = option(
-        None, "how the progress is estimated over the lookahead: slope (least squares) or delta (the paper's "
-        f"discounted mean decrease) (default: {CONTROLLER['estimator']})", choices=("slope", "delta"),
+        None, "how the progress is estimated over the lookahead: slope (least squares), delta (the paper's "
+        "discounted mean decrease) or level (accuracy / probe NLL only: the mean measured after the held steps) "
+        f"(default: {CONTROLLER['estimator']})", choices=CONTROLLER_ESTIMATORS,
     )
     controller_probe_points: int | None = option(
         None, "signal accuracy: probe decodes per decision, at most one per 4 steps, so holds under 8 steps decode "

@@ -127,6 +127,7 @@ TRAIN_IN_PROCESS = [
     (["--device", "tpu"], "--device 'tpu': not a device"),
     (["--data", "{T}/missing.jsonl"], "--data '{T}/missing.jsonl': no such file"),
     (["--exposure", "sometimes"], "--exposure 'sometimes': unknown exposure spec"),
+    (["--controller-estimator", "level", "--controller-signal", "loss"], "estimator='level' needs a measured signal"),
     (["--eval-benchmarks", "aime99"], "unknown benchmark 'aime99'"),
     (["--report-to", "mlflow"], "--report-to 'mlflow': use tensorboard, wandb"),
     (["--report-to", "wandb"], "the wandb package is not installed"),

@@ -477,7 +477,7 @@ def _finish(trainer: Trainer, cfg: Config, run_dir: str, reporters: Reporters) -
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
     """Headline numbers of a finished run (summary.json): accuracy before/after (on the --data task's held-out
     split when it was evaluated, else the first benchmark), token-weighted mean KL and top-1 agreement over the
-    run's non-skipped steps, mean alpha."""
+    run's non-skipped steps, mean alpha, and an adaptive policy's state at the end (:func:`policy_summary`)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
     ok = [r for r in rows if not r.get("skipped_step") and math.isfinite(r["loss"])]
@@ -514,5 +514,17 @@ def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
         "alpha_mean": sum(r["alpha"] for r in ok) / len(ok) if ok else None,
         "loss_mean": weighted("loss"),
         "skipped_steps": len(rows) - len(ok),
+        "policy": policy_summary(rows),
         "eval": evals,
     }
+
+
+def policy_summary(rows: list[dict]) -> dict | None:
+    """Where an adaptive policy ran (its controller/beta_* metrics were logged): its Beta after the last step
+    (mean, concentration a + b), the largest SNR gate and the number of steps the gate was open. None otherwise."""
+    last = next((r for r in reversed(rows) if "controller/beta_mean" in r), None)
+    if last is None:
+        return None
+    gates = [r.get("controller/gate", 0.0) for r in rows]
+    return {"beta_mean": last["controller/beta_mean"], "beta_concentration": last["controller/beta_concentration"],
+            "gate_max": max(gates), "gate_open_steps": sum(g > 0 for g in gates)}

@@ -104,6 +104,7 @@ def aggregate(summaries: list[dict]) -> dict:
     for k in STAT_KEYS:
         out[k], out[k + "_ci"] = mean_ci([s.get(k) for s in summaries])
         out[k + "_per_seed"] = {str(s["seed"]): s.get(k) for s in summaries}  # str keys: JSON-stable
+    out["policy_per_seed"] = {str(s["seed"]): s.get("policy") for s in summaries}
     return out
 
 
@@ -233,6 +234,7 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
         if comp["methods"]:
             md += _paired_table("Paired comparisons (accuracy after training)", "comparison | difference",
                                 [f"| {row['a']} - {row['b']} | {_paired_cell(row)} |" for row in comp["methods"]])
+        md += _policy_table(method_rows)
         md.append("")
     md.append(
         "Mean ± half-width of the 95% t-interval over seeds; paired differences are per seed (same seed, same "
@@ -240,6 +242,22 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
         "over each run's rollouts.\n"
     )
     return "\n".join(md)
+
+
+def _policy_table(method_rows: list[dict]) -> list[str]:
+    """Did the adaptive policy learn? Its Beta after the last step and its gate, per run (runs whose summary has
+    no ``policy``: fixed, random, or written before it existed, are left out)."""
+    lines = [f"| {r['method']} | {seed} | {p['beta_mean']:.2f} | {p['beta_concentration']:.1f} | {p['gate_max']:.2f} "
+             f"| {p['gate_open_steps']} | {fmt(r['accuracy_after_per_seed'].get(seed))} |"
+             for r in method_rows for seed, p in r.get("policy_per_seed", {}).items() if p]
+    if not lines:
+        return []
+    return ["\n### The adaptive policy at the end of each run\n",
+            "Beta(a, b) after the last step: mean and concentration a + b (Beta(2, 2), the prior: 0.50 and 4.0); the "
+            "window update's SNR gate: its largest value and the steps it was open (0: the rewards never moved the "
+            "policy).\n",
+            "| method | seed | final mean | final concentration | gate max | steps gate open | accuracy after |",
+            "|---|---|---|---|---|---|---|", *lines]
 
 
 _SIGNAL_NAMES = {"loss": "P, loss", "accuracy": "P, probe accuracy", "probe_nll": "P, probe NLL",

@@ -77,6 +77,13 @@ def test_sweep_tables_figures_and_reuse(tiny_model_dir, tmp_path, monkeypatch):
     assert rows[0.0]["progress_loss"] == res["runs"]["fixed:0/seed0"]["progress_loss"] is not None
     assert comp["reward_alignment"]["loss"]["decisions"] == 2 and rows[0.0]["progress_accuracy"] is None
     assert "| full | 1 |" in md and "| adaptive | 1 |" in md and "\n| 0 | 1 |" in md and "\n| 1 | 1 |" in md
+    # did the adaptive policy learn: its final Beta and gate, per run, from its metrics (fixed runs have none)
+    policy = res["runs"]["adaptive/seed0"]["policy"]
+    with open(os.path.join(res["runs"]["adaptive/seed0"]["run_dir"], "metrics.jsonl")) as fh:
+        last = [json.loads(ln) for ln in fh][-1]
+    assert policy["beta_mean"] == last["controller/beta_mean"] and policy["gate_open_steps"] == 0
+    assert res["runs"]["fixed:0/seed0"]["policy"] is None
+    assert "### The adaptive policy at the end of each run" in md and "\n| adaptive | 0 | 0.50 | 4.0 |" in md
 
     # second invocation with one alpha more: only fixed:0.5 trains; finished runs are reused untouched
     before = _mtimes(out)

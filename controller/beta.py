@@ -187,7 +187,8 @@ class BetaExposureController(ExposurePolicy):
         self._asked_probe = False  # asked for a probe NLL with the step now running
         self._missing_probe = 0  # steps asked for a probe NLL that came without one
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY)  # last scored decisions, for logs/tests
-        self._last: dict[str, float] = {}
+        # the window update's gate is logged from the first step: 0 (shut) until an update opens it
+        self._last: dict[str, float] = {"gate": 0.0} if c["update"] == "window" else {}
 
     @staticmethod
     def _check(c: dict[str, Any]) -> None:

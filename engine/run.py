@@ -521,10 +521,11 @@ def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
 
 def policy_summary(rows: list[dict]) -> dict | None:
     """Where an adaptive policy ran (its controller/beta_* metrics were logged): its Beta after the last step
-    (mean, concentration a + b), the largest SNR gate and the number of steps the gate was open. None otherwise."""
+    (mean, concentration a + b), the largest SNR gate and the number of steps the gate was open (None without a
+    gate: the reinforce update). None where no adaptive policy ran."""
     last = next((r for r in reversed(rows) if "controller/beta_mean" in r), None)
     if last is None:
         return None
-    gates = [r.get("controller/gate", 0.0) for r in rows]
+    gates = [r["controller/gate"] for r in rows if "controller/gate" in r]  # window update only (not reinforce)
     return {"beta_mean": last["controller/beta_mean"], "beta_concentration": last["controller/beta_concentration"],
-            "gate_max": max(gates), "gate_open_steps": sum(g > 0 for g in gates)}
+            "gate_max": max(gates) if gates else None, "gate_open_steps": sum(g > 0 for g in gates) if gates else None}

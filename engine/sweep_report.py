@@ -247,15 +247,16 @@ def tables(fixed_rows: list[dict], method_rows: list[dict], header: str, comp: d
 def _policy_table(method_rows: list[dict]) -> list[str]:
     """Did the adaptive policy learn? Its Beta after the last step and its gate, per run (runs whose summary has
     no ``policy``: fixed, random, or written before it existed, are left out)."""
-    lines = [f"| {r['method']} | {seed} | {p['beta_mean']:.2f} | {p['beta_concentration']:.1f} | {p['gate_max']:.2f} "
-             f"| {p['gate_open_steps']} | {fmt(r['accuracy_after_per_seed'].get(seed))} |"
+    lines = [f"| {r['method']} | {seed} | {p['beta_mean']:.2f} | {p['beta_concentration']:.1f} "
+             f"| {fmt(p['gate_max'], digits=2)} | {'-' if p['gate_open_steps'] is None else p['gate_open_steps']} "
+             f"| {fmt(r['accuracy_after_per_seed'].get(seed))} |"
              for r in method_rows for seed, p in r.get("policy_per_seed", {}).items() if p]
     if not lines:
         return []
     return ["\n### The adaptive policy at the end of each run\n",
             "Beta(a, b) after the last step: mean and concentration a + b (Beta(2, 2), the prior: 0.50 and 4.0); the "
             "window update's SNR gate: its largest value and the steps it was open (0: the rewards never moved the "
-            "policy).\n",
+            "policy; -: an update without a gate, the paper preset's REINFORCE).\n",
             "| method | seed | final mean | final concentration | gate max | steps gate open | accuracy after |",
             "|---|---|---|---|---|---|---|", *lines]
 

@@ -198,3 +198,18 @@ def test_help_documents_flags():
     for flag in ("--out", "--parts", "--alphas", "--seeds", "--methods", "--steps", "--batch-size",
                  "--eval-problems", "--jobs", "--threads", "--audit", "-- train flags"):  # fmt: skip
         assert flag in out.stdout, flag
+
+
+def test_policy_summary_reads_the_controller_metrics():
+    from atesd.engine.run import policy_summary
+
+    assert policy_summary([{"loss": 1.0}]) is None  # fixed, random: no Beta
+    window = [{"controller/beta_mean": 0.5, "controller/beta_concentration": 4.0, "controller/gate": g}
+              for g in (0.0, 0.3, 0.0, 0.7)]
+    assert policy_summary(window) == {"beta_mean": 0.5, "beta_concentration": 4.0, "gate_max": 0.7,
+                                      "gate_open_steps": 2}
+    reinforce = [{"controller/beta_mean": 0.6, "controller/beta_concentration": 5.0}]  # no gate: None, not 0
+    assert policy_summary(reinforce)["gate_max"] is None and policy_summary(reinforce)["gate_open_steps"] is None
+    row = {"method": "paper", "policy_per_seed": {"0": policy_summary(reinforce)},
+           "accuracy_after_per_seed": {"0": 0.5}}
+    assert report._policy_table([row])[-1] == "| paper | 0 | 0.60 | 5.0 | - | - | 0.500 |"

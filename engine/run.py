@@ -471,7 +471,22 @@ def _finish(trainer: Trainer, cfg: Config, run_dir: str, reporters: Reporters) -
         before = f"; base model {base['accuracy']:.3f}" if base else ""
         print(f"best {name} accuracy: {b['accuracy']:.3f} at step {b['step']} "
               f"({os.path.join(run_dir, b['checkpoint'])}){before}", flush=True)
-    _write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(run_summary(run_dir, cfg, ev), indent=1))
+    summary = run_summary(run_dir, cfg, ev)
+    if summary["policy"]:
+        print(describe_policy(summary["policy"]), flush=True)
+    _write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+
+
+def describe_policy(p: dict) -> str:
+    """One line on whether the adaptive policy learned: a user reading only the run's end should know when ATESD's
+    exposure was in fact drawn from its prior (docs/controller.md: short runs, noisy rewards)."""
+    line = f"adaptive exposure: final Beta mean {p['beta_mean']:.2f}, concentration {p['beta_concentration']:.1f}"
+    if p["gate_open_steps"] is None:
+        return line
+    if p["gate_open_steps"] == 0:
+        return line + ("; its rewards never passed the noise gate, so every alpha was drawn from the prior "
+                       "Beta(2, 2) (docs/controller.md)")
+    return line + f"; noise gate open at {p['gate_open_steps']} steps (max {p['gate_max']:.2f})"
 
 
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:

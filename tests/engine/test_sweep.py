@@ -200,8 +200,8 @@ def test_help_documents_flags():
         assert flag in out.stdout, flag
 
 
-def test_policy_summary_reads_the_controller_metrics():
-    from atesd.engine.run import policy_summary
+def test_policy_summary_reads_the_controller_metrics_and_says_if_the_policy_learned():
+    from atesd.engine.run import describe_policy, policy_summary
 
     assert policy_summary([{"loss": 1.0}]) is None  # fixed, random: no Beta
     window = [{"controller/beta_mean": 0.5, "controller/beta_concentration": 4.0, "controller/gate": g}
@@ -213,3 +213,7 @@ def test_policy_summary_reads_the_controller_metrics():
     row = {"method": "paper", "policy_per_seed": {"0": policy_summary(reinforce)},
            "accuracy_after_per_seed": {"0": 0.5}}
     assert report._policy_table([row])[-1] == "| paper | 0 | 0.60 | 5.0 | - | - | 0.500 |"
+    # the run's last lines say whether the policy learned
+    assert "drawn from the prior" in describe_policy({**policy_summary(window), "gate_open_steps": 0})
+    assert describe_policy(policy_summary(window)).endswith("noise gate open at 2 steps (max 0.70)")
+    assert describe_policy(policy_summary(reinforce)) == "adaptive exposure: final Beta mean 0.60, concentration 5.0"

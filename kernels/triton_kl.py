@@ -683,6 +683,10 @@ def _backward_workspace(rows, grad, ptrs, sc, lse_s, lse_t, g, gw, gb, n, v, h, 
     _log_once("workspace", f"the fused op's backward materialises dz for {rows} rows at a time "
               f"({rows * ld * hs.element_size() / 2**20:.3g} MiB, ATESD_TRITON_BWD_WORKSPACE_MIB)")
     work = torch.empty((rows, ld), device=hs.device, dtype=hs.dtype)
+    # The padding columns [v, ld) are never part of dz, but a BLAS may still read them: torch 2.13's CPU bf16 mm of
+    # a [m, v] view with ld > v multiplies them by zeros (AVX-512 BF16 kernels, v odd), so uninitialised NaN there
+    # would reach grad_hs. Zeros make any such read harmless (rows x < 8 elements, once per backward).
+    work[:, v:].zero_()
     grad_hs = torch.empty_like(hs)
     grad = grad.contiguous().float()
     lse_s, lse_t, g = lse_s.contiguous(), lse_t.contiguous(), g.contiguous()

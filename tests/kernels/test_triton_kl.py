@@ -407,6 +407,32 @@ def test_workspace_backward_half_precision(monkeypatch, dtype):
     check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3, grad_rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_uninitialised_memory_reaches_a_result(monkeypatch, dtype):
+    """Every buffer the op allocates uninitialised starts as NaN here: none may reach an output. (Regression: the
+    workspace's padding columns [V, ld) were read by torch's CPU bf16 mm with V odd, NaN now and then in grad_hs.)"""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+    _workspace(monkeypatch, 64, 291, dtype)
+    loose = dtype == torch.bfloat16
+    check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3 if loose else 1e-4,
+              grad_rtol=2e-2 if loose else 1e-4)
+    monkeypatch.setenv("ATESD_TRITON_BWD_WORKSPACE_MIB", "0")  # the fused backward too
+    check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3 if loose else 1e-4,
+              grad_rtol=2e-2 if loose else 1e-4)
+    _rows(monkeypatch, 64, 291, dtype)  # and the rows path (two blocks, the second short)
+    check_all(make(n=70, dtype=dtype, bias=True, seed=11), 1.1, 0.05, 0.5, rtol=1e-3 if loose else 1e-4,
+              grad_rtol=2e-2 if loose else 1e-4)
+
+
 def test_workspace_backward_separate_head_masked_and_nan_rows(monkeypatch):
     _workspace(monkeypatch, 64, 291)
     check_all(make(n=90, sep_w=True, bias=True, sep_bias=True, seed=3), 1.1, 0.05, 0.0)

@@ -226,7 +226,10 @@ class BetaExposureController(ExposurePolicy):
         c = self.config
         self.K, self.L = c["hold"], c["lookahead"]
         g = torch.Generator().manual_seed(self._seed)
-        self.net = nn.Sequential(nn.Linear(N_FEATURES, c["hidden"]), nn.Tanh(), nn.Linear(c["hidden"], 2))
+        # nn.Linear draws its default init from the global generator: built under a fork of it, so making a
+        # controller leaves the caller's random stream (an engine's LoRA init, say) where it was
+        with torch.random.fork_rng(devices=[]):
+            self.net = nn.Sequential(nn.Linear(N_FEATURES, c["hidden"]), nn.Tanh(), nn.Linear(c["hidden"], 2))
         with torch.no_grad():
             bound = 1.0 / math.sqrt(N_FEATURES)
             nn.init.uniform_(self.net[0].weight, -bound, bound, generator=g)

@@ -101,6 +101,9 @@ class Trainer:
             cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"
         ):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The adapter's initialisation (LoRA A) comes from --seed alone, not from whatever the libraries that loaded
+        # the model drew from the global generator (that differs between transformers builds and load paths).
+        torch.manual_seed(cfg.seed)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         # data parallel over the ranks (FSDP2 or replicated); nothing at all with one process
         self.parallel = distributed.DataParallel(self.model, cfg.fsdp, self.device)

@@ -296,3 +296,20 @@ def test_defaults_learn_a_clean_signal_at_any_budget(prefers_high, steps, signal
     a, b = p.current_beta()
     mean = a / (a + b)
     assert (mean > 0.7) if prefers_high else (mean < 0.3)
+
+
+@pytest.mark.parametrize("spec,kw", [("adaptive", {}), ("adaptive", {"preset": "paper"}), ("adaptive-onestep", {}),
+                                     ("random", {})])
+def test_a_policy_never_draws_from_the_callers_random_stream(spec, kw):
+    """Building and driving a policy leaves torch's global generator alone: an engine seeds its LoRA init from it,
+    and an adaptive run must start from the same adapter as a fixed one of the same seed. (Regression: nn.Linear's
+    default init of the MLP drew from it.)"""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    p = build(spec, seed=4, total_steps=200, **kw)
+    for t in range(40):
+        p.exposure()
+        p.observe({"loss": 1.0 - 0.01 * t, "mismatch": 0.1, "confidence": 0.5, "credit": -1.0, "progress": t / 200,
+                   "probe_accuracy": 0.5 + 0.005 * t})
+    p.finish()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -216,6 +216,19 @@ def test_seed_seeds_the_exposure_policy(tiny_model_dir, data, tmp_path, exposure
     assert a0 == a0_again and a0 != a1
 
 
+def test_the_adapter_starts_from_the_seed_whatever_the_exposure_policy(tiny_model_dir, data, tmp_path):
+    """Same --seed, same initial LoRA weights for every --exposure (paired comparisons pair the same start).
+    Regression: the adaptive controller's construction drew from torch's global generator before add_lora."""
+    def lora_init(exposure):
+        cfg, _ = parse(_args(tiny_model_dir, data, tmp_path / exposure.replace(":", "_"), "--exposure", exposure))
+        model = train_mod.Trainer(cfg, str(tmp_path / exposure.replace(":", "_"))).model
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+    fixed, adaptive, random_ = lora_init("fixed:0.5"), lora_init("adaptive"), lora_init("random")
+    assert fixed and fixed.keys() == adaptive.keys() == random_.keys()
+    assert all(torch.equal(fixed[k], adaptive[k]) and torch.equal(fixed[k], random_[k]) for k in fixed)
+
+
 def test_accuracy_signal_measures_at_decision_starts_and_resumes_exactly(tiny_model_dir, data, tmp_path):
     def run(out, *extra):
         args = _args(tiny_model_dir, data, out, "--exposure", "adaptive", "--steps", "8", "--save-every", "4",

@@ -101,8 +101,8 @@ class Trainer:
             cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"
         ):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The adapter's initialisation (LoRA A) comes from --seed alone, not from whatever the libraries that loaded
-        # the model drew from the global generator (that differs between transformers builds and load paths).
+        # The adapter's initialisation (LoRA A) comes from --seed alone, not from what was drawn from the global
+        # generator before it (the adaptive policy's construction did until 2026-12-05; a model loader might).
         torch.manual_seed(cfg.seed)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         # data parallel over the ranks (FSDP2 or replicated); nothing at all with one process

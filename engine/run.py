@@ -43,10 +43,15 @@ class Interrupted(KeyboardInterrupt):
 
 class _StopRequests:
     """SIGINT / SIGTERM while training: finish the current step, checkpoint it and stop cleanly. A second
-    Ctrl-C stops at once (the last checkpoint stays the newest). Handlers are installed in the main thread only."""
+    Ctrl-C stops at once (the last checkpoint stays the newest). Handlers are installed in the main thread only.
+
+    Under torchrun a request counts once the ranks have agreed on it (:meth:`agree`, once per step): a signal that
+    lands on one rank after that step's agreement (e.g. while it saves) waits for the next step's, so no rank ever
+    stops a step before the others and leaves them blocked in a collective."""
 
     def __enter__(self) -> _StopRequests:
-        self.signal: str | None = None
+        self.requested: str | None = None  # the signal this rank received
+        self.signal: str | None = None  # the stop every rank acts on (this rank's own request in one process)
         self.saved = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -54,11 +59,14 @@ class _StopRequests:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
+        if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.requested = signal.Signals(signum).name
+        if distributed.world_size() == 1:
+            self.signal = self.requested
+        when = "this step" if distributed.world_size() == 1 else "the step every rank has agreed to stop at"
         print(
-            f"\n{self.signal}: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
+            f"\n{self.requested}: stopping after {when} and saving a checkpoint (Ctrl-C again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -66,7 +74,7 @@ class _StopRequests:
     def agree(self) -> None:
         """Under torchrun, a stop request any rank received applies to all (each must save the same step)."""
         if distributed.world_size() > 1:
-            asked = distributed.all_gather(self.signal)
+            asked = distributed.all_gather(self.requested)
             self.signal = next((s for s in asked if s is not None), None)
 
     def __exit__(self, *exc) -> None:

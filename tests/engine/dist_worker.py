@@ -2,6 +2,8 @@
 environment (nothing here is reachable from the engine itself):
 
     ATESD_TEST_KILL="<rank>:<step>"        that rank SIGKILLs itself as it begins that step
+    ATESD_TEST_SIGTERM="<rank>:<step>"     that rank gets SIGTERM as it saves that step (after the step's stop check)
+    ATESD_TEST_SLOW_SAVE="<rank>:<step>"   that rank sleeps 2 s after saving that step (a slow disk)
     ATESD_TEST_RANK_ARGS="<rank>:<flags>"  that rank gets extra flags (ranks launched with different configs)
 """
 
@@ -9,10 +11,20 @@ import os
 import shlex
 import signal
 import sys
+import time
 
 import torch
 
 from atesd.engine import train as train_mod
+
+
+def _fault_step(name: str, rank: int) -> int | None:
+    """The step of the fault ``name="<rank>:<step>"`` if it targets this rank."""
+    spec = os.environ.get(name)
+    if not spec:
+        return None
+    who, at = map(int, spec.split(":"))
+    return at if who == rank else None
 
 
 def main() -> None:
@@ -22,17 +34,35 @@ def main() -> None:
         who, flags = spec.split(":", 1)
         if int(who) == rank:
             argv += shlex.split(flags)
-    if spec := os.environ.get("ATESD_TEST_KILL"):
-        who, at = map(int, spec.split(":"))
-        if who == rank:
-            step = train_mod.Trainer.step
+    trainer = train_mod.Trainer
+    if (kill_at := _fault_step("ATESD_TEST_KILL", rank)) is not None:
+        step = trainer.step
 
-            def dying_step(self):
-                if self.step_no + 1 == at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return step(self)
+        def dying_step(self):
+            if self.step_no + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self)
 
-            train_mod.Trainer.step = dying_step
+        trainer.step = dying_step
+    if (term_at := _fault_step("ATESD_TEST_SIGTERM", rank)) is not None:
+        save = trainer.save
+
+        def signalled_save(self):
+            if self.step_no == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return save(self)
+
+        trainer.save = signalled_save
+    if (slow_at := _fault_step("ATESD_TEST_SLOW_SAVE", rank)) is not None:
+        save_now = trainer.save
+
+        def slow_save(self):
+            path = save_now(self)
+            if self.step_no == slow_at:
+                time.sleep(2)  # a signal arriving meanwhile runs its handler; the sleep then goes on
+            return path
+
+        trainer.save = slow_save
     train_mod.main(argv)
 
 

@@ -136,8 +136,12 @@ def test_other_parallel_modes_reproduce_one_process(one_process, tiny_model_dir,
 def test_killed_rank_then_resume_reproduces_the_run(one_process, two_full, tiny_model_dir, data, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, data, run, "--fsdp", "full")
-    # rank 1 dies as step 3 begins; torchrun looks every 2 s, so rank 0 has time to report before it is stopped
-    killed = torchrun(args, tmp_path, env={"ATESD_TEST_KILL": "1:3"}, monitor_s=2)
+    # rank 1 dies as step 3 begins while rank 0 still saves step 2 (a slow disk); torchrun sees the death within
+    # 0.1 s and sends rank 0 SIGTERM mid-save. That request waits for step 3's stop check, which rank 0 never
+    # reaches: it reports the lost rank. (Stopping alone at once made it say "stopped by SIGTERM" instead: CI saw
+    # that once, when the save took longer than torchrun's polling interval.)
+    env = {"ATESD_TEST_KILL": "1:3", "ATESD_TEST_SLOW_SAVE": "0:2"}
+    killed = torchrun(args, tmp_path, env=env)
     assert killed.returncode != 0
     assert "Signal 9 (SIGKILL)" in killed.stderr  # torchrun names the rank that died
     assert "[rank 0] error: rank 0 of 2 lost contact with another rank during a collective" in killed.stderr
@@ -154,6 +158,19 @@ def test_killed_rank_then_resume_reproduces_the_run(one_process, two_full, tiny_
 
     _ok(torchrun([*args, "--resume"], tmp_path))
     assert_same_run(two_full, str(run), exact=True)  # same world size: the uninterrupted run, bit for bit
+
+
+def test_a_signal_reaching_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, data, tmp_path):
+    """SIGTERM reaches rank 1 alone while it saves step 2, after that step's stop check: every rank runs step 3,
+    saves it and stops there. (It used to stop rank 1 at once and leave rank 0 waiting in step 3's collectives.)"""
+    run = tmp_path / "run"
+    proc = torchrun([*_args(tiny_model_dir, data, run), "--steps", "4"], tmp_path, env={"ATESD_TEST_SIGTERM": "1:2"})
+    assert proc.returncode != 0 and "lost contact" not in proc.stderr, proc.stderr[-4000:]
+    ckpt = run / "checkpoints" / "step-000003"
+    for who in ("[rank 0] ", "[rank 1] "):
+        assert f"{who}stopped by SIGTERM after step 3; checkpoint {ckpt}; continue" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-000002", "step-000003"]
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
 
 
 def test_ranks_with_different_configs_stop_at_start(tiny_model_dir, data, tmp_path):

@@ -63,6 +63,7 @@ from atesd.controller.presets import (
     SETTINGS,
     SIGNALS,
     UPDATES,
+    informs_a_later_decision,
     probe_stride,
     resolve,
     wants_measurement,
@@ -116,6 +117,9 @@ class BetaExposureController(ExposurePolicy):
             (``presets.accuracy_stride``; 1 for holds under 8 steps).
         detrend: the window regression also fits a linear trend in the decisions' start steps and gates on the
             alpha terms' partial share (measured on the simulated students, not adopted: docs/controller.md).
+        exploit_end: a decision scored too late for any later decision of the run to use it (the last
+            ceil((L + 1) / K) or so; ``presets.informs_a_later_decision``) takes the policy's mean a / (a + b)
+            instead of a draw: exploring there teaches nothing anyone uses. Needs ``total_steps``.
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
     """
@@ -149,13 +153,14 @@ class BetaExposureController(ExposurePolicy):
         estimator: str | None = None,
         probe_points: int | None = None,
         detrend: bool | None = None,
+        exploit_end: bool | None = None,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in SETTINGS and v is not None}
         r = resolve(preset, total_steps, **given)
         ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden", "probe_points"), \
-            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate", "detrend")
+            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate", "detrend", "exploit_end")
         c: dict[str, Any] = {k: (int(v) if k in ints else str(v) if k in strs else bool(v) if k in bools else
                                  None if v is None else int(v) if k == "decisions" else float(v))
                              for k, v in r.items()}
@@ -282,7 +287,9 @@ class BetaExposureController(ExposurePolicy):
         with torch.no_grad():
             a, b = self.beta_params(torch.tensor(s, dtype=torch.float32))
         a, b = float(a), float(b)
-        alpha = self._rng.betavariate(a, b)
+        exploit = self.config["exploit_end"] and not informs_a_later_decision(self._step, self.K, self.L,
+                                                                              self.total_steps)
+        alpha = a / (a + b) if exploit else self._rng.betavariate(a, b)
         d = {"t0": self._step, "alpha": alpha, "state": s, "a": a, "b": b, "scale": self._ema["loss"],
              "losses": [], "starts": [], "credits": [], "points": [], "valid": True}
         if self.config["signal"] == "probe_nll":
@@ -293,6 +300,8 @@ class BetaExposureController(ExposurePolicy):
         self._in_window = 0
         self._counts["decisions"] += 1
         self._last.update(alpha=alpha, beta_a=a, beta_b=b, beta_mean=a / (a + b), beta_concentration=a + b)
+        if self.config["exploit_end"]:
+            self._last["exploit"] = float(exploit)
         return d
 
     def exposure(self) -> float:

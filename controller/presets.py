@@ -59,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "estimator": "slope",
         "probe_points": 4,  # signal="accuracy": measurements per decision, at most one per 4 steps (1 at K < 8)
         "detrend": False,  # True: the window regression also fits a trend in time (measured, not adopted: docs)
+        "exploit_end": False,  # True: decisions no later decision can learn from take the policy's mean (docs)
     },
     "paper": {
         "decisions": None,  # no budget sizing
@@ -86,6 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "estimator": "delta",
         "probe_points": 1,
         "detrend": False,
+        "exploit_end": False,
     },
 }
 SETTINGS = tuple(PRESETS["default"])
@@ -96,7 +98,7 @@ UPDATES = ("window", "reinforce")
 # with these and continues exactly as it would have (the settings present then are in every such state).
 LEGACY: dict[str, Any] = {"decisions": None, "signal": "loss", "update": "reinforce", "baseline": "running",
                           "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta",
-                          "probe_points": 1, "detrend": False}
+                          "probe_points": 1, "detrend": False, "exploit_end": False}
 
 _LR0 = 0.3  # natural-gradient step at `decisions` decisions per run
 _MIN_HOLD = 4  # K below 4 leaves too few same-alpha steps to estimate a slope from
@@ -127,6 +129,15 @@ def budget_lr(total_steps: int | None, hold: int, decisions: int | None) -> floa
         return _LR0
     n = total_steps / hold
     return _LR0 * min(1.0, math.sqrt(decisions / n))
+
+
+def informs_a_later_decision(t0: int, hold: int, lookahead: int, total_steps: int | None) -> bool:
+    """Whether a decision starting at step ``t0`` is scored (after step t0 + L) before some later decision of a
+    ``total_steps`` run starts (decisions start every K steps), so that what it reveals can change a choice.
+    Unknown length: True."""
+    if not total_steps:
+        return True
+    return t0 + hold * math.ceil((lookahead + 1) / hold) <= total_steps - 1
 
 
 def probe_stride(hold: int) -> int:

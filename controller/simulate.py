@@ -210,7 +210,7 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
         k, v = item.split("=")
         ints = ("hold", "lookahead", "update_batch", "hidden", "decisions", "probe_points")
         kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset") else (
-            v == "true" if k in ("snr_gate", "detrend") else int(v) if k in ints else float(v))
+            v == "true" if k in ("snr_gate", "detrend", "exploit_end") else int(v) if k in ints else float(v))
     if spec in ("adaptive", "adaptive-onestep", "random"):
         kw.setdefault("total_steps", steps)
     return build(spec, seed=seed, **kw)

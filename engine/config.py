@@ -228,6 +228,10 @@ class Config:
         None, "signal accuracy: probe decodes per decision, at most one per 4 steps, so holds under 8 steps decode "
         f"once (default: {CONTROLLER['probe_points']})", check=at_least(1),
     )
+    controller_exploit_end: bool | None = option(
+        None, "the decisions no later decision of the run can learn from (its last few) take the policy's mean "
+        f"instead of a draw (default: {'on' if CONTROLLER['exploit_end'] else 'off'})"
+    )
     # rollouts
     num_samples: int = option(1, "rollouts per problem (G)", check=at_least(1))
     max_new_tokens: int | None = option(None, "rollout length cap (recipe)", check=at_least(1))

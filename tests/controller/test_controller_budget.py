@@ -286,3 +286,60 @@ def test_resume_after_the_budget_changed_keeps_the_runs_schedule():
     assert drive(a, 100, decreasing, start=250, total=600) == drive(b, 100, decreasing, start=250, total=600)
     with pytest.raises(ValueError, match="preset"):
         BetaExposureController(preset="paper").load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- exploit_end
+@pytest.mark.parametrize("steps", [60, 240, 2000])
+def test_a_decision_informs_a_later_one_exactly_when_it_is_scored_before_one_starts(steps):
+    """presets.informs_a_later_decision against what a run does: every decision's scoring step (history) and the
+    start of every decision (alphas change every K steps)."""
+    from atesd.controller.presets import informs_a_later_decision
+
+    p = BetaExposureController(total_steps=steps, seed=0)
+    drive(p, steps, decreasing)
+    p.finish()
+    starts = list(range(0, steps, p.K))
+    scored = {h["t0"]: h["last_step"] for h in p.history}
+    assert set(scored) <= set(starts) and len(scored) >= min(len(starts), 256) - 1  # (the last: one measurement)
+    for t0, last in scored.items():
+        later = any(s > last for s in starts)  # scored after step `last`: a decision starting later could use it
+        assert informs_a_later_decision(t0, p.K, p.L, steps) == later, t0
+    assert informs_a_later_decision(10**6, 4, 8, None)  # unknown length: every decision may inform
+
+
+def test_exploit_end_takes_the_policys_mean_where_nothing_later_learns_and_draws_elsewhere():
+    steps = 60
+    plain, exploit = (BetaExposureController(total_steps=steps, seed=3, exploit_end=e) for e in (False, True))
+    a_plain, a_exploit = drive(plain, steps, decreasing), []
+    means, flags = [], []
+    rng = random.Random(99)
+    for t in range(steps):  # drive() again, reading the policy's metrics at each decision
+        measure = exploit.wants("probe_accuracy")
+        a = exploit.exposure()
+        m = exploit.metrics()
+        a_exploit.append(a)
+        means.append(m["beta_mean"])
+        flags.append(m["exploit"])
+        s = {"loss": decreasing(t, a, rng), "mismatch": 0.1 + 0.3 * a, "confidence": 0.5,
+             "credit": -1.0 + rng.gauss(0, 0.05), "progress": (t + 1) / steps}
+        if measure:
+            s["probe_accuracy"] = 3.0 - decreasing(t, 0.0, rng)
+        exploit.observe(s)
+    last_free = max(t for t in range(0, steps, 4) if t + 12 <= steps - 1)  # K=4, L=8: 44
+    assert [t for t in range(steps) if flags[t]] == list(range(last_free + 4, steps))  # 48..59: 3 decisions
+    for t in range(steps):
+        if flags[t]:
+            assert a_exploit[t] == pytest.approx(means[t], abs=1e-12)
+        else:  # the same draws as without the rule (same RNG stream, same rewards) up to there
+            assert a_exploit[t] == a_plain[t]
+    assert "exploit" not in plain.metrics()
+
+
+def test_exploit_end_needs_the_runs_length_and_is_off_in_the_paper_preset():
+    p = BetaExposureController(exploit_end=True, seed=0)  # total_steps unknown: every decision is a draw
+    alphas = drive(p, 40, decreasing)
+    assert len(set(alphas)) == 10 and p.metrics()["exploit"] == 0.0
+    assert PRESETS["paper"]["exploit_end"] is False
+    from atesd.controller.presets import LEGACY
+
+    assert LEGACY["exploit_end"] is False  # a checkpoint written before the setting continues without it

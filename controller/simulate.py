@@ -41,8 +41,9 @@ oracle loss that falls by the usefulness of each exposure at once (no delay, lur
 
 Students: TUNING (designed first, the defaults were chosen on them), HELD_BACK (written after the defaults were
 fixed, never tuned on; docs/controller.md reports them as they came) and HELD_BACK_2 (written before the change to
-several accuracy measurements per decision was judged on any of them). LAB_LIKE (not in the docs' grid, ``all``)
-is a *tracking* student written after measuring the lab: with ``track`` > 0 its rate is that constant, not sized
+several accuracy measurements per decision was judged on any of them). TRACKING: LAB_LIKE and two variants of it
+with their best exposure far from 0.5 (none in the docs' grid, ``all``). LAB_LIKE is a *tracking* student
+written after measuring the lab: with ``track`` > 0 its rate is that constant, not sized
 to the budget, and it moves toward the level its exposure supports, up or down,
 ``q += track (c0 + (top - c0) u - c)`` in place of the line above.
 """
@@ -55,7 +56,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -128,9 +129,16 @@ LAB_LIKE: dict[str, Design] = {
     "lab-like": Design(c0=0.45, a0=0.55, w_lo=0.15, w_hi=0.35, floor=0.2, tau=1, track=0.1, top=0.9,
                        note="tracking: fast to an alpha-dependent level, best 0.55 (the lab's shape)"),
 }
+# Written 2026-12-05 to judge exploit_end beyond the lab's shape (docs/controller.md, "Exploit at the end"): the
+# lab-like student with its best exposure far from the prior's mean, 0.5, below and above.
+TRACKING: dict[str, Design] = {
+    **LAB_LIKE,
+    "track-low": replace(LAB_LIKE["lab-like"], a0=0.15, note="tracking like lab-like, best 0.15"),
+    "track-high": replace(LAB_LIKE["lab-like"], a0=0.9, note="tracking like lab-like, best 0.9"),
+}
 PURE_NOISE = Design(c0=0.3, a0=0.5, floor=1.0, phi=0.0, credit_alpha=0.0, tau=3, informative=False,
                     note="learns the same whatever alpha")
-STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, **HELD_BACK_2, "pure-noise": PURE_NOISE, **LAB_LIKE}
+STUDENTS: dict[str, Design] = {**TUNING, **HELD_BACK, **HELD_BACK_2, "pure-noise": PURE_NOISE, **TRACKING}
 
 
 @dataclass
@@ -434,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", default=",".join(f"{x:g}" for x in NOISE),
                     help="comma list of noise levels, x the per-step progress at the best exposure")
     ap.add_argument("--students", default="all",
-                    help=f"comma list of {', '.join(STUDENTS)}; or all (the docs' grid: all but lab-like), tuning, "
-                         "held-back, held-back-2")
+                    help=f"comma list of {', '.join(STUDENTS)}; or all (the docs' grid: all but the tracking "
+                         "students), tuning, held-back, held-back-2, lab-like, tracking")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list of methods (adaptive, paper, random, full, best-fixed) or build specs with "
                          "settings, e.g. 'adaptive?decisions=32' ('&' between two settings)")
@@ -453,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     budgets = [args.steps] if args.steps else _parse_list(args.budgets, int)
     noises = _parse_list(args.noise, float)
-    groups = {"all": [s for s in STUDENTS if s not in LAB_LIKE], "tuning": list(TUNING), "held-back": list(HELD_BACK),
-              "held-back-2": list(HELD_BACK_2), "lab-like": list(LAB_LIKE)}
+    groups = {"all": [s for s in STUDENTS if s not in TRACKING], "tuning": list(TUNING), "held-back": list(HELD_BACK),
+              "held-back-2": list(HELD_BACK_2), "lab-like": list(LAB_LIKE), "tracking": list(TRACKING)}
     students = groups.get(args.students) or _parse_list(args.students, str)
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
@@ -632,7 +640,7 @@ def plot(cells: list[Cell], path: str) -> None:
 
 
 __all__ = ["BUDGETS", "EXPLORE", "HELD_BACK", "HELD_BACK_2", "LAB_LIKE", "METHODS", "NOISE", "PURE_NOISE", "STUDENTS",
-           "TUNING", "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
+           "TRACKING", "TUNING", "Design", "ExploreThenCommit", "Student", "bounds", "grid", "main", "report", "run"]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from atesd.controller.simulate import (
     LAB_LIKE,
     PURE_NOISE,
     STUDENTS,
+    TRACKING,
     TUNING,
     Design,
     ExploreThenCommit,
@@ -115,7 +116,8 @@ def test_cli_writes_tables_and_figure(tmp_path, capsys):
 def test_held_back_students_are_registered_apart():
     assert set(HELD_BACK).isdisjoint(TUNING) and len(HELD_BACK) >= 2
     assert not set(HELD_BACK_2) & (set(TUNING) | set(HELD_BACK)) and len(HELD_BACK_2) >= 2
-    assert set(STUDENTS) == {*TUNING, *HELD_BACK, *HELD_BACK_2, "pure-noise", *LAB_LIKE}
+    assert set(STUDENTS) == {*TUNING, *HELD_BACK, *HELD_BACK_2, "pure-noise", *TRACKING}
+    assert set(LAB_LIKE) < set(TRACKING)
     assert all(math.isfinite(d.a0) for d in (*HELD_BACK.values(), *HELD_BACK_2.values()))
 
 
@@ -190,7 +192,22 @@ def test_the_docs_grid_leaves_the_lab_like_student_out(capsys):
     main(["--students", "all", "--budgets", "50", "--noise", "1", "--seeds", "1", "--methods",
           "adaptive,random,full", "--out", ""])
     text = capsys.readouterr().out
-    assert "| low | 50 |" in text and "lab-like" not in text
+    assert "| low | 50 |" in text and not any(name in text for name in TRACKING)
     main(["--students", "lab-like", "--budgets", "60", "--noise", "1", "--seeds", "2", "--methods",
           "adaptive,random,full", "--out", ""])
     assert "| lab-like | 60 |" in capsys.readouterr().out
+
+
+def test_exploit_end_on_tracking_students_bets_on_the_policys_mean():
+    """docs/controller.md, "Exploit at the end": at 60 steps the policy is still near Beta(2, 2), so the last
+    decisions' mean is ~0.5: it lifts a tracking student whose best exposure is near 0.5 (lab-like, 0.55) and
+    lowers one whose best is far from it (track-high, 0.9), against the same controller drawing to the end."""
+    assert best_fixed(TRACKING["track-low"], 60)[0] == pytest.approx(0.15, abs=0.06)
+    assert best_fixed(TRACKING["track-high"], 60)[0] == pytest.approx(0.9, abs=0.06)
+
+    def final(name, spec):
+        return sum(run(make_policy(spec, 60, sd), TRACKING[name], 60, sd, 1.0)["final"] for sd in range(4)) / 4
+
+    for name, sign in (("lab-like", 1), ("track-high", -1)):
+        gain = final(name, "adaptive?exploit_end=true") - final(name, "adaptive")
+        assert sign * gain > 0.03, (name, gain)

@@ -491,10 +491,13 @@ def describe_policy(p: dict) -> str:
     line = f"adaptive exposure: final Beta mean {p['beta_mean']:.2f}, concentration {p['beta_concentration']:.1f}"
     if p["gate_open_steps"] is None:
         return line
+    tail = p.get("exploit_steps")
     if p["gate_open_steps"] == 0:
-        return line + ("; its rewards never passed the noise gate, so every alpha was drawn from the prior "
-                       "Beta(2, 2) (docs/controller.md)")
-    return line + f"; noise gate open at {p['gate_open_steps']} steps (max {p['gate_max']:.2f})"
+        drawn = "every alpha was drawn from" if not tail else f"every alpha but the last {tail} steps' (its mean, " \
+            "--controller-exploit-end) was drawn from"
+        return line + f"; its rewards never passed the noise gate, so {drawn} the prior Beta(2, 2) (docs/controller.md)"
+    line += f"; noise gate open at {p['gate_open_steps']} steps (max {p['gate_max']:.2f})"
+    return line + (f"; the last {tail} steps took the policy's mean (--controller-exploit-end)" if tail else "")
 
 
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
@@ -545,10 +548,13 @@ def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
 def policy_summary(rows: list[dict]) -> dict | None:
     """Where an adaptive policy ran (its controller/beta_* metrics were logged): its Beta after the last step
     (mean, concentration a + b), the largest SNR gate and the number of steps the gate was open (None without a
-    gate: the reinforce update). None where no adaptive policy ran."""
+    gate: the reinforce update), and the steps that took the policy's mean under exploit_end (None when it was off).
+    None where no adaptive policy ran."""
     last = next((r for r in reversed(rows) if "controller/beta_mean" in r), None)
     if last is None:
         return None
     gates = [r["controller/gate"] for r in rows if "controller/gate" in r]  # window update only (not reinforce)
+    exploit = [r["controller/exploit"] for r in rows if "controller/exploit" in r]
     return {"beta_mean": last["controller/beta_mean"], "beta_concentration": last["controller/beta_concentration"],
-            "gate_max": max(gates) if gates else None, "gate_open_steps": sum(g > 0 for g in gates) if gates else None}
+            "gate_max": max(gates) if gates else None, "gate_open_steps": sum(g > 0 for g in gates) if gates else None,
+            "exploit_steps": sum(e > 0 for e in exploit) if exploit else None}

@@ -27,6 +27,21 @@ def _fault_step(name: str, rank: int) -> int | None:
     return at if who == rank else None
 
 
+def _around_save(at: int, before=None, after=None) -> None:
+    """Trainer.save runs ``before()`` / ``after()`` around itself when it saves step ``at``."""
+    save = train_mod.Trainer.save
+
+    def wrapped(self):
+        if self.step_no == at and before:
+            before()
+        path = save(self)
+        if self.step_no == at and after:
+            after()
+        return path
+
+    train_mod.Trainer.save = wrapped
+
+
 def main() -> None:
     torch.set_num_threads(1)
     argv, rank = sys.argv[1:], int(os.environ["RANK"])
@@ -34,35 +49,19 @@ def main() -> None:
         who, flags = spec.split(":", 1)
         if int(who) == rank:
             argv += shlex.split(flags)
-    trainer = train_mod.Trainer
     if (kill_at := _fault_step("ATESD_TEST_KILL", rank)) is not None:
-        step = trainer.step
+        step = train_mod.Trainer.step
 
         def dying_step(self):
             if self.step_no + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return step(self)
 
-        trainer.step = dying_step
+        train_mod.Trainer.step = dying_step
     if (term_at := _fault_step("ATESD_TEST_SIGTERM", rank)) is not None:
-        save = trainer.save
-
-        def signalled_save(self):
-            if self.step_no == term_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return save(self)
-
-        trainer.save = signalled_save
+        _around_save(term_at, before=lambda: os.kill(os.getpid(), signal.SIGTERM))
     if (slow_at := _fault_step("ATESD_TEST_SLOW_SAVE", rank)) is not None:
-        save_now = trainer.save
-
-        def slow_save(self):
-            path = save_now(self)
-            if self.step_no == slow_at:
-                time.sleep(2)  # a signal arriving meanwhile runs its handler; the sleep then goes on
-            return path
-
-        trainer.save = slow_save
+        _around_save(slow_at, after=lambda: time.sleep(2))  # a signal meanwhile runs its handler; the sleep goes on
     train_mod.main(argv)
 
 

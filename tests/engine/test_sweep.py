@@ -207,7 +207,7 @@ def test_policy_summary_reads_the_controller_metrics_and_says_if_the_policy_lear
     window = [{"controller/beta_mean": 0.5, "controller/beta_concentration": 4.0, "controller/gate": g}
               for g in (0.0, 0.3, 0.0, 0.7)]
     assert policy_summary(window) == {"beta_mean": 0.5, "beta_concentration": 4.0, "gate_max": 0.7,
-                                      "gate_open_steps": 2}
+                                      "gate_open_steps": 2, "exploit_steps": None}
     reinforce = [{"controller/beta_mean": 0.6, "controller/beta_concentration": 5.0}]  # no gate: None, not 0
     assert policy_summary(reinforce)["gate_max"] is None and policy_summary(reinforce)["gate_open_steps"] is None
     row = {"method": "paper", "policy_per_seed": {"0": policy_summary(reinforce)},
@@ -217,3 +217,10 @@ def test_policy_summary_reads_the_controller_metrics_and_says_if_the_policy_lear
     assert "drawn from the prior" in describe_policy({**policy_summary(window), "gate_open_steps": 0})
     assert describe_policy(policy_summary(window)).endswith("noise gate open at 2 steps (max 0.70)")
     assert describe_policy(policy_summary(reinforce)) == "adaptive exposure: final Beta mean 0.60, concentration 5.0"
+    # --controller-exploit-end: the steps that took the policy's mean are counted and named
+    tail = [{**r, "controller/exploit": float(i >= 2)} for i, r in enumerate(window)]
+    assert policy_summary(tail)["exploit_steps"] == 2
+    shut = describe_policy({**policy_summary(tail), "gate_open_steps": 0})
+    assert "every alpha but the last 2 steps' (its mean, --controller-exploit-end) was drawn from the prior" in shut
+    assert describe_policy(policy_summary(tail)).endswith(
+        "(max 0.70); the last 2 steps took the policy's mean (--controller-exploit-end)")

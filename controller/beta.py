@@ -58,6 +58,7 @@ from atesd.controller.presets import (
     BASELINES,
     DEFAULTS,
     ESTIMATORS,
+    EXPLOITS,
     LEGACY,
     OPTIMIZERS,
     SETTINGS,
@@ -81,6 +82,7 @@ HISTORY = 256
 _EPS = 1e-6
 _MIN_EXTRA = 1e-4  # a, b >= 1 + 1e-4 > 1 even where softplus underflows
 _GATE_MIN_N = 5.0  # the F statistic (p = 2) has a finite mean under the null only for n > p + 3 = 5
+EXPLOIT_GRID = tuple(i / 20 for i in range(1, 20))  # exploit_end="fit": the alphas its fitted curve is read at
 
 
 class BetaExposureController(ExposurePolicy):
@@ -117,9 +119,11 @@ class BetaExposureController(ExposurePolicy):
             (``presets.accuracy_stride``; 1 for holds under 8 steps).
         detrend: the window regression also fits a linear trend in the decisions' start steps and gates on the
             alpha terms' partial share (measured on the simulated students, not adopted: docs/controller.md).
-        exploit_end: a decision scored too late for any later decision of the run to use it (the last
-            ceil((L + 1) / K) or so; ``presets.informs_a_later_decision``) takes the policy's mean a / (a + b)
-            instead of a draw: exploring there teaches nothing anyone uses. Needs ``total_steps``.
+        exploit_end: what a decision takes when it is scored too late for any later decision of the run to use
+            it (the last ceil((L + 1) / K) or so; ``presets.informs_a_later_decision``; needs ``total_steps``):
+            'off' a draw, as every other decision; 'mean' the policy's mean a / (a + b); 'fit' the alpha on a 0.05
+            grid that maximises the run's fitted reward curve (:meth:`fitted_best`), where that fit passes the
+            noise gate, else a draw.
         one_step: ablation, progress horizon H = 1 instead of L (same timing, same everything else).
         seed: seeds the MLP init and the sampling RNG (random.Random, separate from torch's global RNG).
     """
@@ -153,14 +157,14 @@ class BetaExposureController(ExposurePolicy):
         estimator: str | None = None,
         probe_points: int | None = None,
         detrend: bool | None = None,
-        exploit_end: bool | None = None,
+        exploit_end: str | None = None,
         one_step: bool = False,
         seed: int = 0,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in SETTINGS and v is not None}
         r = resolve(preset, total_steps, **given)
         ints, strs, bools = ("hold", "lookahead", "update_batch", "hidden", "probe_points"), \
-            ("update", "optimizer", "baseline", "signal", "estimator"), ("snr_gate", "detrend", "exploit_end")
+            ("update", "optimizer", "baseline", "signal", "estimator", "exploit_end"), ("snr_gate", "detrend")
         c: dict[str, Any] = {k: (int(v) if k in ints else str(v) if k in strs else bool(v) if k in bools else
                                  None if v is None else int(v) if k == "decisions" else float(v))
                              for k, v in r.items()}
@@ -214,7 +218,7 @@ class BetaExposureController(ExposurePolicy):
         if c["probe_points"] < 1:
             raise ValueError(f"probe_points must be >= 1, got {c['probe_points']}")
         for key, allowed in (("signal", SIGNALS), ("update", UPDATES), ("optimizer", OPTIMIZERS),
-                             ("baseline", BASELINES), ("estimator", ESTIMATORS)):
+                             ("baseline", BASELINES), ("estimator", ESTIMATORS), ("exploit_end", EXPLOITS)):
             if c[key] not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {c[key]!r}")
         if c["estimator"] == "level" and c["signal"] == "loss":
@@ -287,9 +291,8 @@ class BetaExposureController(ExposurePolicy):
         with torch.no_grad():
             a, b = self.beta_params(torch.tensor(s, dtype=torch.float32))
         a, b = float(a), float(b)
-        exploit = self.config["exploit_end"] and not informs_a_later_decision(self._step, self.K, self.L,
-                                                                              self.total_steps)
-        alpha = a / (a + b) if exploit else self._rng.betavariate(a, b)
+        fixed = self._exploit(a, b)
+        alpha = self._rng.betavariate(a, b) if fixed is None else fixed
         d = {"t0": self._step, "alpha": alpha, "state": s, "a": a, "b": b, "scale": self._ema["loss"],
              "losses": [], "starts": [], "credits": [], "points": [], "valid": True}
         if self.config["signal"] == "probe_nll":
@@ -300,9 +303,34 @@ class BetaExposureController(ExposurePolicy):
         self._in_window = 0
         self._counts["decisions"] += 1
         self._last.update(alpha=alpha, beta_a=a, beta_b=b, beta_mean=a / (a + b), beta_concentration=a + b)
-        if self.config["exploit_end"]:
-            self._last["exploit"] = float(exploit)
+        if self.config["exploit_end"] != "off":
+            self._last["exploit"] = float(fixed is not None)
         return d
+
+    def _exploit(self, a: float, b: float) -> float | None:
+        """exploit_end: the alpha of a decision starting now that no later decision can learn from (None: draw)."""
+        mode = self.config["exploit_end"]
+        if mode == "off" or informs_a_later_decision(self._step, self.K, self.L, self.total_steps):
+            return None
+        return a / (a + b) if mode == "mean" else self.fitted_best()
+
+    def fitted_best(self) -> float | None:
+        """The alpha on a 0.05 grid (0.05-0.95) maximising the run's fitted reward curve g1 log alpha + g2 log(1 -
+        alpha): the least-squares fit of every scored decision's reward (the last HISTORY; progress, and credit when
+        used, standardised over them as in the window update) on the Beta's sufficient statistics, equally weighted.
+        None when that fit does not pass the noise gate (the window update's F test) or has fewer than 6 points."""
+        hist = list(self.history)
+        if len(hist) < 6:
+            return None
+        ones = [1.0] * len(hist)
+        rewards = _standardised([h["progress"] for h in hist], ones, self.config["clip"])
+        if self.uses_credit:
+            credits = _standardised([h["credit"] for h in hist], ones, self.config["clip"])
+            rewards = [r + self.config["lambda_gt"] * z for r, z in zip(rewards, credits)]
+        (g1, g2), r2, n = _weighted_regression([_sufficient(h["alpha"]) for h in hist], rewards, ones, None)
+        if _gate_value(r2, n) <= 0:
+            return None
+        return max(EXPLOIT_GRID, key=lambda x: g1 * math.log(x) + g2 * math.log1p(-x))
 
     def exposure(self) -> float:
         if self._cur is None:
@@ -491,19 +519,11 @@ class BetaExposureController(ExposurePolicy):
         c, win = self.config, self._window
         lam = c["window_ema"]
         weights = [lam ** (len(win) - 1 - i) for i in range(len(win))]
-        total = sum(weights)
-
-        def standardised(key: str) -> list[float]:
-            m = sum(w * d[key] for w, d in zip(weights, win)) / total
-            v = sum(w * (d[key] - m) ** 2 for w, d in zip(weights, win)) / total
-            sd = math.sqrt(v) if v > 1e-30 else 1.0
-            return [min(c["clip"], max(-c["clip"], (d[key] - m) / sd)) for d in win]
-
-        rewards = standardised("P")
+        rewards = _standardised([d["P"] for d in win], weights, c["clip"])
         if self.uses_credit:
-            rewards = [r + c["lambda_gt"] * z for r, z in zip(rewards, standardised("C"))]
-        feats = [(math.log(min(max(d["alpha"], _EPS), 1 - _EPS)), math.log1p(-min(max(d["alpha"], _EPS), 1 - _EPS)))
-                 for d in win]
+            rewards = [r + c["lambda_gt"] * z for r, z in zip(rewards, _standardised([d["C"] for d in win], weights,
+                                                                                     c["clip"]))]
+        feats = [_sufficient(d["alpha"]) for d in win]
         # detrend: a linear trend in the decision's start absorbs the fall of progress as the student learns (which
         # no exposure causes); the gate then weighs the alpha terms' share of what the trend leaves
         trend = [float(d.get("t0", i)) for i, d in enumerate(win)] if c["detrend"] else None
@@ -622,6 +642,21 @@ class OneStepBetaController(BetaExposureController):
 
 
 # ---- the window update's statistics ---------------------------------------------------------------------
+def _standardised(values: list[float], weights: list[float], clip: float) -> list[float]:
+    """(v - weighted mean) / weighted sd, clipped to [-clip, clip] (sd 1 when the values are all equal)."""
+    total = sum(weights)
+    m = sum(w * v for w, v in zip(weights, values)) / total
+    var = sum(w * (v - m) ** 2 for w, v in zip(weights, values)) / total
+    sd = math.sqrt(var) if var > 1e-30 else 1.0
+    return [min(clip, max(-clip, (v - m) / sd)) for v in values]
+
+
+def _sufficient(alpha: float) -> tuple[float, float]:
+    """The Beta's sufficient statistics (log alpha, log(1 - alpha)), alpha kept inside (0, 1)."""
+    a = min(max(alpha, _EPS), 1 - _EPS)
+    return math.log(a), math.log1p(-a)
+
+
 def _window_length(decay: float) -> int:
     """Decisions kept for the window: weights below decay^L ~ e^-3 are dropped."""
     return max(8, math.ceil(3.0 / (1.0 - decay)))

@@ -30,6 +30,7 @@ SIGNALS = ("loss", "accuracy", "probe_nll")
 ESTIMATORS = ("slope", "delta", "level")  # how P is estimated from the signal's points over the lookahead
 BASELINES = ("running", "batch")  # advantage: running mean/sd of earlier decisions, or normalised in the batch
 OPTIMIZERS = ("sgd", "adam")
+EXPLOITS = ("off", "mean", "fit")  # exploit_end: what a decision no later decision can learn from takes
 
 # A setting whose value is None here is sized from the run's total steps by `resolve`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "estimator": "slope",
         "probe_points": 4,  # signal="accuracy": measurements per decision, at most one per 4 steps (1 at K < 8)
         "detrend": False,  # True: the window regression also fits a trend in time (measured, not adopted: docs)
-        "exploit_end": False,  # True: decisions no later decision can learn from take the policy's mean (docs)
+        "exploit_end": "off",  # decisions no later decision can learn from: off (draw), mean or fit (docs)
     },
     "paper": {
         "decisions": None,  # no budget sizing
@@ -87,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "estimator": "delta",
         "probe_points": 1,
         "detrend": False,
-        "exploit_end": False,
+        "exploit_end": "off",
     },
 }
 SETTINGS = tuple(PRESETS["default"])
@@ -98,7 +99,7 @@ UPDATES = ("window", "reinforce")
 # with these and continues exactly as it would have (the settings present then are in every such state).
 LEGACY: dict[str, Any] = {"decisions": None, "signal": "loss", "update": "reinforce", "baseline": "running",
                           "snr_gate": False, "window_ema": 0.9, "max_kl": 0.0, "min_sd": 0.0, "estimator": "delta",
-                          "probe_points": 1, "detrend": False, "exploit_end": False}
+                          "probe_points": 1, "detrend": False, "exploit_end": "off"}
 
 _LR0 = 0.3  # natural-gradient step at `decisions` decisions per run
 _MIN_HOLD = 4  # K below 4 leaves too few same-alpha steps to estimate a slope from

@@ -217,8 +217,8 @@ def make_policy(method: str, steps: int, seed: int) -> ExposurePolicy:
     for item in filter(None, over.replace("&", ",").split(",")):  # '&' separates settings in a --methods list
         k, v = item.split("=")
         ints = ("hold", "lookahead", "update_batch", "hidden", "decisions", "probe_points")
-        kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset") else (
-            v == "true" if k in ("snr_gate", "detrend", "exploit_end") else int(v) if k in ints else float(v))
+        kw[k] = v if k in ("optimizer", "signal", "baseline", "estimator", "preset", "exploit_end") else (
+            v == "true" if k in ("snr_gate", "detrend") else int(v) if k in ints else float(v))
     if spec in ("adaptive", "adaptive-onestep", "random"):
         kw.setdefault("total_steps", steps)
     return build(spec, seed=seed, **kw)

@@ -21,6 +21,7 @@ from typing import Any
 
 from atesd.controller.presets import DEFAULTS as CONTROLLER
 from atesd.controller.presets import ESTIMATORS as CONTROLLER_ESTIMATORS
+from atesd.controller.presets import EXPLOITS as CONTROLLER_EXPLOITS
 from atesd.controller.presets import PRESETS as CONTROLLER_PRESETS
 from atesd.controller.presets import SIGNALS as CONTROLLER_SIGNALS
 from atesd.controller.presets import UPDATES as CONTROLLER_UPDATES
@@ -228,9 +229,11 @@ class Config:
         None, "signal accuracy: probe decodes per decision, at most one per 4 steps, so holds under 8 steps decode "
         f"once (default: {CONTROLLER['probe_points']})", check=at_least(1),
     )
-    controller_exploit_end: bool | None = option(
-        None, "the decisions no later decision of the run can learn from (its last few) take the policy's mean "
-        f"instead of a draw (default: {'on' if CONTROLLER['exploit_end'] else 'off'})"
+    controller_exploit_end: str | None = option(
+        None, "what the decisions no later decision of the run can learn from (its last few) take: off (a draw, "
+        "like every other), mean (the policy's mean) or fit (the best alpha of the run's fitted reward curve where "
+        f"that fit passes the noise gate, else a draw) (default: {CONTROLLER['exploit_end']})",
+        choices=CONTROLLER_EXPLOITS,
     )
     # rollouts
     num_samples: int = option(1, "rollouts per problem (G)", check=at_least(1))

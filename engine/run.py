@@ -493,11 +493,11 @@ def describe_policy(p: dict) -> str:
         return line
     tail = p.get("exploit_steps")
     if p["gate_open_steps"] == 0:
-        drawn = "every alpha was drawn from" if not tail else f"every alpha but the last {tail} steps' (its mean, " \
-            "--controller-exploit-end) was drawn from"
+        drawn = "every alpha was drawn from" if not tail else f"every alpha but the last {tail} steps' " \
+            "(--controller-exploit-end) was drawn from"
         return line + f"; its rewards never passed the noise gate, so {drawn} the prior Beta(2, 2) (docs/controller.md)"
     line += f"; noise gate open at {p['gate_open_steps']} steps (max {p['gate_max']:.2f})"
-    return line + (f"; the last {tail} steps took the policy's mean (--controller-exploit-end)" if tail else "")
+    return line + (f"; the last {tail} steps exploited, not drawn (--controller-exploit-end)" if tail else "")
 
 
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
@@ -548,7 +548,7 @@ def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:
 def policy_summary(rows: list[dict]) -> dict | None:
     """Where an adaptive policy ran (its controller/beta_* metrics were logged): its Beta after the last step
     (mean, concentration a + b), the largest SNR gate and the number of steps the gate was open (None without a
-    gate: the reinforce update), and the steps that took the policy's mean under exploit_end (None when it was off).
+    gate: the reinforce update), and the steps exploit_end set instead of a draw (None when it was off).
     None where no adaptive policy ran."""
     last = next((r for r in reversed(rows) if "controller/beta_mean" in r), None)
     if last is None:

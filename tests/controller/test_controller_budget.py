@@ -307,9 +307,9 @@ def test_a_decision_informs_a_later_one_exactly_when_it_is_scored_before_one_sta
     assert informs_a_later_decision(10**6, 4, 8, None)  # unknown length: every decision may inform
 
 
-def test_exploit_end_takes_the_policys_mean_where_nothing_later_learns_and_draws_elsewhere():
+def test_exploit_end_mean_takes_the_policys_mean_where_nothing_later_learns_and_draws_elsewhere():
     steps = 60
-    plain, exploit = (BetaExposureController(total_steps=steps, seed=3, exploit_end=e) for e in (False, True))
+    plain, exploit = (BetaExposureController(total_steps=steps, seed=3, exploit_end=e) for e in ("off", "mean"))
     a_plain, a_exploit = drive(plain, steps, decreasing), []
     means, flags = [], []
     rng = random.Random(99)
@@ -336,10 +336,62 @@ def test_exploit_end_takes_the_policys_mean_where_nothing_later_learns_and_draws
 
 
 def test_exploit_end_needs_the_runs_length_and_is_off_in_the_paper_preset():
-    p = BetaExposureController(exploit_end=True, seed=0)  # total_steps unknown: every decision is a draw
+    p = BetaExposureController(exploit_end="mean", seed=0)  # total_steps unknown: every decision is a draw
     alphas = drive(p, 40, decreasing)
     assert len(set(alphas)) == 10 and p.metrics()["exploit"] == 0.0
-    assert PRESETS["paper"]["exploit_end"] is False
+    assert PRESETS["paper"]["exploit_end"] == "off"
     from atesd.controller.presets import LEGACY
 
-    assert LEGACY["exploit_end"] is False  # a checkpoint written before the setting continues without it
+    assert LEGACY["exploit_end"] == "off"  # a checkpoint written before the setting continues without it
+    with pytest.raises(ValueError, match="exploit_end must be one of 'off', 'mean', 'fit', got 'yes'"):
+        BetaExposureController(exploit_end="yes")
+
+
+def test_fitted_best_reads_the_peak_of_the_runs_reward_curve_and_stays_silent_on_noise():
+    from atesd.controller.beta import EXPLOIT_GRID
+
+    rng = random.Random(5)
+
+    def controller_with(reward_of, n):
+        p = BetaExposureController(total_steps=240, seed=0)
+        for _ in range(n):
+            a = rng.betavariate(2, 2)
+            p.history.append({"alpha": a, "progress": reward_of(a) + rng.gauss(0, 0.02), "credit": 0.0})
+        return p
+
+    peaked = controller_with(lambda a: 0.8 * math.log(a) + 0.2 * math.log1p(-a), 40)  # the curve's peak: 0.8
+    assert peaked.fitted_best() in EXPLOIT_GRID and abs(peaked.fitted_best() - 0.8) <= 0.05
+    # pure noise: the gate (F > 2 E0) passes about 13% of the time at 40 decisions, where alpha does not matter
+    passed = sum(controller_with(lambda a: 0.0, 40).fitted_best() is not None for _ in range(200))
+    assert 0.05 * 200 <= passed <= 0.25 * 200
+    assert controller_with(lambda a: a, 5).fitted_best() is None  # too few decisions to fit
+    rising = controller_with(lambda a: 2.0 * a, 40)  # best at full exposure: the grid's end, not beyond it
+    assert rising.fitted_best() == 0.95
+
+
+def test_exploit_end_fit_sets_the_last_decisions_where_the_run_shows_a_preference_and_draws_where_not():
+    steps = 240
+
+    def drive_rewarding(p, prefer):  # probe accuracy rising faster near `prefer` (None: whatever alpha)
+        rng, acc, out, flags = random.Random(1), 0.0, [], []
+        for t in range(steps):
+            measure = p.wants("probe_accuracy")
+            a = p.exposure()
+            out.append(a)
+            flags.append(p.metrics().get("exploit", 0.0))
+            gain = 0.004 if prefer is None else 0.004 * math.exp(-((a - prefer) ** 2) / 0.18)  # sd 0.3
+            s = {"loss": 1.0 + rng.gauss(0, 0.01), "mismatch": 0.1, "confidence": 0.5, "credit": -1.0,
+                 "progress": (t + 1) / steps}
+            if measure:
+                s["probe_accuracy"] = acc + rng.gauss(0, 0.001)
+            acc += gain
+            p.observe(s)
+        return out, flags
+
+    fit = BetaExposureController(total_steps=steps, seed=2, exploit_end="fit")
+    alphas, flags = drive_rewarding(fit, 0.8)
+    tail = [t for t in range(steps) if flags[t]]
+    assert tail == list(range(steps - len(tail), steps)) and len(tail) == 12  # the last 3 decisions of K=4
+    assert all(abs(alphas[t] - 0.8) <= 0.15 for t in tail)  # (a two-parameter curve through the run's draws)
+    off, noisy = (BetaExposureController(total_steps=steps, seed=2, exploit_end=e) for e in ("off", "fit"))
+    assert drive_rewarding(noisy, None) == (drive_rewarding(off, None)[0], [0.0] * steps)  # no preference: draws

@@ -198,7 +198,7 @@ def test_the_docs_grid_leaves_the_lab_like_student_out(capsys):
     assert "| lab-like | 60 |" in capsys.readouterr().out
 
 
-def test_exploit_end_on_tracking_students_bets_on_the_policys_mean():
+def test_exploit_end_mean_on_tracking_students_bets_on_the_policys_mean():
     """docs/controller.md, "Exploit at the end": at 60 steps the policy is still near Beta(2, 2), so the last
     decisions' mean is ~0.5: it lifts a tracking student whose best exposure is near 0.5 (lab-like, 0.55) and
     lowers one whose best is far from it (track-high, 0.9), against the same controller drawing to the end."""
@@ -209,5 +209,5 @@ def test_exploit_end_on_tracking_students_bets_on_the_policys_mean():
         return sum(run(make_policy(spec, 60, sd), TRACKING[name], 60, sd, 1.0)["final"] for sd in range(4)) / 4
 
     for name, sign in (("lab-like", 1), ("track-high", -1)):
-        gain = final(name, "adaptive?exploit_end=true") - final(name, "adaptive")
+        gain = final(name, "adaptive?exploit_end=mean") - final(name, "adaptive")
         assert sign * gain > 0.03, (name, gain)

@@ -217,10 +217,10 @@ def test_policy_summary_reads_the_controller_metrics_and_says_if_the_policy_lear
     assert "drawn from the prior" in describe_policy({**policy_summary(window), "gate_open_steps": 0})
     assert describe_policy(policy_summary(window)).endswith("noise gate open at 2 steps (max 0.70)")
     assert describe_policy(policy_summary(reinforce)) == "adaptive exposure: final Beta mean 0.60, concentration 5.0"
-    # --controller-exploit-end: the steps that took the policy's mean are counted and named
+    # --controller-exploit-end: the steps it set are counted and named
     tail = [{**r, "controller/exploit": float(i >= 2)} for i, r in enumerate(window)]
     assert policy_summary(tail)["exploit_steps"] == 2
     shut = describe_policy({**policy_summary(tail), "gate_open_steps": 0})
-    assert "every alpha but the last 2 steps' (its mean, --controller-exploit-end) was drawn from the prior" in shut
+    assert "every alpha but the last 2 steps' (--controller-exploit-end) was drawn from the prior" in shut
     assert describe_policy(policy_summary(tail)).endswith(
-        "(max 0.70); the last 2 steps took the policy's mean (--controller-exploit-end)")
+        "(max 0.70); the last 2 steps exploited, not drawn (--controller-exploit-end)")

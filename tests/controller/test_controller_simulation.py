@@ -211,3 +211,15 @@ def test_exploit_end_mean_on_tracking_students_bets_on_the_policys_mean():
     for name, sign in (("lab-like", 1), ("track-high", -1)):
         gain = final(name, "adaptive?exploit_end=mean") - final(name, "adaptive")
         assert sign * gain > 0.03, (name, gain)
+
+
+def test_exploit_end_fit_follows_the_runs_evidence_where_mean_bets_on_the_prior():
+    """docs/controller.md, "Exploit at the end by the run's own evidence": on track-high (best 0.9) with a clean
+    signal, fit ends the run near the best exposure (its fitted curve passes the gate) where mean parks it at ~0.5."""
+    d = TRACKING["track-high"]
+
+    def final(spec, steps):
+        return sum(run(make_policy(spec, steps, sd), d, steps, sd, 1.0)["final"] for sd in range(4)) / 4
+
+    off, mean, fit = (final(f"adaptive?exploit_end={e}", 240) for e in ("off", "mean", "fit"))
+    assert fit > off + 0.05 and fit > mean + 0.1, (off, mean, fit)

@@ -9,7 +9,9 @@ of the lookahead weighs 0.5, and the step size shrinks like sqrt(64 / (T / K)) w
 decisions than that. Its update (``update="window"``) is a natural-gradient step on the Beta along the running
 policy-gradient estimate of the last ~10 decisions, scaled by the evidence that rewards depend on alpha at all
 (``snr_gate``), capped in KL (``max_kl``) and in concentration (``min_sd``); its progress is a least-squares slope
-of the signal over the lookahead (``estimator="slope"``). docs/controller.md derives each rule.
+of the signal over the lookahead (``estimator="slope"``). The decisions no later decision can learn from (the last
+two or three) take the best alpha of the run's fitted reward curve where that fit passes the same noise gate, and
+are drawn otherwise (``exploit_end="fit"``). docs/controller.md derives each rule.
 
 ``paper`` is the paper's mechanism as written (sections 4.2-4.3): batch-normalised REINFORCE over batches of
 completed decisions, Adam, the discounted sum of loss decreases, no budget sizing. The paper prints no numbers
@@ -60,7 +62,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "estimator": "slope",
         "probe_points": 4,  # signal="accuracy": measurements per decision, at most one per 4 steps (1 at K < 8)
         "detrend": False,  # True: the window regression also fits a trend in time (measured, not adopted: docs)
-        "exploit_end": "off",  # decisions no later decision can learn from: off (draw), mean or fit (docs)
+        "exploit_end": "fit",  # decisions no later decision can learn from: the run's fitted best where it passes
+        # the noise gate, else a draw (chosen 2026-12-05 on val by a rule written first: docs/controller.md)
     },
     "paper": {
         "decisions": None,  # no budget sizing

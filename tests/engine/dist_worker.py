@@ -3,7 +3,7 @@ environment (nothing here is reachable from the engine itself):
 
     ATESD_TEST_KILL="<rank>:<step>"        that rank SIGKILLs itself as it begins that step
     ATESD_TEST_SIGTERM="<rank>:<step>"     that rank gets SIGTERM as it saves that step (after the step's stop check)
-    ATESD_TEST_SLOW_SAVE="<rank>:<step>"   that rank sleeps 2 s after saving that step (a slow disk)
+    ATESD_TEST_SLOW_SAVE="<rank>:<step>"   that rank's save of that step lasts until it gets SIGTERM (a slow disk)
     ATESD_TEST_RANK_ARGS="<rank>:<flags>"  that rank gets extra flags (ranks launched with different configs)
 """
 
@@ -42,6 +42,23 @@ def _around_save(at: int, before=None, after=None) -> None:
     train_mod.Trainer.save = wrapped
 
 
+def _wait_for_sigterm(limit_s: float = 60.0) -> None:
+    """A save that lasts until SIGTERM arrives (a slow disk while the launcher stops the rank): the handler in
+    force (the training loop's) runs as usual, then the save returns."""
+    handler, seen = signal.getsignal(signal.SIGTERM), []
+
+    def note(signum, frame):
+        seen.append(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    deadline = time.monotonic() + limit_s
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     argv, rank = sys.argv[1:], int(os.environ["RANK"])
@@ -61,7 +78,7 @@ def main() -> None:
     if (term_at := _fault_step("ATESD_TEST_SIGTERM", rank)) is not None:
         _around_save(term_at, before=lambda: os.kill(os.getpid(), signal.SIGTERM))
     if (slow_at := _fault_step("ATESD_TEST_SLOW_SAVE", rank)) is not None:
-        _around_save(slow_at, after=lambda: time.sleep(2))  # a signal meanwhile runs its handler; the sleep goes on
+        _around_save(slow_at, after=_wait_for_sigterm)
     train_mod.main(argv)
 
 

@@ -136,10 +136,10 @@ def test_other_parallel_modes_reproduce_one_process(one_process, tiny_model_dir,
 def test_killed_rank_then_resume_reproduces_the_run(one_process, two_full, tiny_model_dir, data, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, data, run, "--fsdp", "full")
-    # rank 1 dies as step 3 begins while rank 0 still saves step 2 (a slow disk); torchrun sees the death within
-    # 0.1 s and sends rank 0 SIGTERM mid-save. That request waits for step 3's stop check, which rank 0 never
-    # reaches: it reports the lost rank. (Stopping alone at once made it say "stopped by SIGTERM" instead: CI saw
-    # that once, when the save took longer than torchrun's polling interval.)
+    # rank 1 dies as step 3 begins while rank 0 still saves step 2 (a slow disk: the save lasts until torchrun,
+    # polling every 0.1 s, sees the death and sends rank 0 SIGTERM). That request waits for step 3's stop check,
+    # which rank 0 never reaches: it reports the lost rank. (Stopping alone at once made it say "stopped by SIGTERM"
+    # instead: CI saw that once, when the save took longer than torchrun's polling interval.)
     env = {"ATESD_TEST_KILL": "1:3", "ATESD_TEST_SLOW_SAVE": "0:2"}
     killed = torchrun(args, tmp_path, env=env)
     assert killed.returncode != 0

@@ -493,11 +493,11 @@ def describe_policy(p: dict) -> str:
         return line
     tail = p.get("exploit_steps")
     if p["gate_open_steps"] == 0:
-        drawn = "every alpha was drawn from" if not tail else f"every alpha but the last {tail} steps' " \
-            "(--controller-exploit-end) was drawn from"
-        return line + f"; its rewards never passed the noise gate, so {drawn} the prior Beta(2, 2) (docs/controller.md)"
+        but = f" except {tail} steps near the end, set by --controller-exploit-end" if tail else ""
+        return line + ("; its rewards never passed the noise gate, so every alpha was drawn from the prior Beta(2, 2)"
+                       f"{but} (docs/controller.md)")
     line += f"; noise gate open at {p['gate_open_steps']} steps (max {p['gate_max']:.2f})"
-    return line + (f"; the last {tail} steps exploited, not drawn (--controller-exploit-end)" if tail else "")
+    return line + (f"; {tail} steps near the end set by --controller-exploit-end instead of drawn" if tail else "")
 
 
 def run_summary(run_dir: str, cfg: Config, evaluator: Evaluator) -> dict:

@@ -221,6 +221,7 @@ def test_policy_summary_reads_the_controller_metrics_and_says_if_the_policy_lear
     tail = [{**r, "controller/exploit": float(i >= 2)} for i, r in enumerate(window)]
     assert policy_summary(tail)["exploit_steps"] == 2
     shut = describe_policy({**policy_summary(tail), "gate_open_steps": 0})
-    assert "every alpha but the last 2 steps' (--controller-exploit-end) was drawn from the prior" in shut
+    assert shut.endswith("drawn from the prior Beta(2, 2) except 2 steps near the end, set by "
+                         "--controller-exploit-end (docs/controller.md)")
     assert describe_policy(policy_summary(tail)).endswith(
-        "(max 0.70); the last 2 steps exploited, not drawn (--controller-exploit-end)")
+        "(max 0.70); 2 steps near the end set by --controller-exploit-end instead of drawn")
